@@ -1,0 +1,39 @@
+"""depthlens: see what a transformer language model predicts at every layer.
+
+The data flows model → hidden states → lens → distributions::
+
+    import depthlens
+    model, tokenizer = depthlens.load_model("smollm2-135m")
+    states = depthlens.capture(model, tokenizer("Fair is foul", return_tensors="pt").input_ids)
+    lens = depthlens.LogitLens(model)
+    for layer, logits in lens.iter_logits(states):   # logits: [batch, seq, vocab]
+        ...
+"""
+
+from depthlens._version import __version__
+from depthlens.architecture import FAMILY_RULES, FamilyRule, ModelParts, find_parts, register_family
+from depthlens.errors import DataError, DepthlensError, LensFileError, ModelLoadError, UnsupportedModelError
+from depthlens.hidden_states import HiddenStates, capture
+from depthlens.lens import Lens, LogitLens, TunedLens
+from depthlens.model import BUILTIN_MODELS, load_model
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "FAMILY_RULES",
+    "DataError",
+    "DepthlensError",
+    "FamilyRule",
+    "HiddenStates",
+    "Lens",
+    "LensFileError",
+    "LogitLens",
+    "ModelLoadError",
+    "ModelParts",
+    "TunedLens",
+    "UnsupportedModelError",
+    "__version__",
+    "capture",
+    "find_parts",
+    "load_model",
+    "register_family",
+]

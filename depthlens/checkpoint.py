@@ -1,0 +1,84 @@
+"""Training checkpoints: translators, optimizer state, RNG and progress, without the model.
+
+A checkpoint is a directory with ``state.safetensors`` (every tensor) and ``state.json``
+(everything else), written atomically, so an interrupted run always finds the last complete one.
+Like lens files, it never uses pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save
+
+from depthlens.atomic import write_dir
+from depthlens.errors import DepthlensError
+
+TENSORS_NAME = "state.safetensors"
+JSON_NAME = "state.json"
+
+
+class CheckpointError(DepthlensError):
+    """A checkpoint is missing, damaged, or from a run with another configuration."""
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    module: torch.nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    progress: dict[str, Any],
+) -> Path:
+    """Write ``module``'s parameters, the optimizers' states, the torch RNG state and the
+    JSON-serialisable ``progress`` (step, data position, elapsed time, config…)."""
+    tensors = {f"module.{name}": t.detach().cpu().contiguous() for name, t in module.state_dict().items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    optimizer_meta = []
+    for index, optimizer in enumerate(optimizers):
+        state = optimizer.state_dict()
+        scalars: dict[str, dict[str, Any]] = {}
+        for param_id, entries in state["state"].items():
+            for key, value in entries.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optim.{index}.{param_id}.{key}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars.setdefault(str(param_id), {})[key] = value
+        optimizer_meta.append({"param_groups": state["param_groups"], "scalars": scalars})
+    document = {"progress": progress, "optimizers": optimizer_meta}
+    return write_dir(directory, {TENSORS_NAME: save(tensors), JSON_NAME: json.dumps(document, indent=1).encode()})
+
+
+def load_checkpoint(
+    directory: str | os.PathLike,
+    module: torch.nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+) -> dict[str, Any]:
+    """Restore what :func:`save_checkpoint` wrote into ``module`` and ``optimizers`` (in place)
+    and the torch RNG; returns the saved ``progress``."""
+    path = Path(directory)
+    try:
+        document = json.loads((path / JSON_NAME).read_text())
+        tensors = load((path / TENSORS_NAME).read_bytes())
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint in {path}; start without --resume") from None
+    except (json.JSONDecodeError, SafetensorError) as error:
+        raise CheckpointError(f"the checkpoint in {path} is damaged ({error}); start without --resume") from None
+    if len(document["optimizers"]) != len(optimizers):
+        raise CheckpointError(f"the checkpoint in {path} was made with other optimizer settings; start without --resume")
+    module.load_state_dict({k.removeprefix("module."): v for k, v in tensors.items() if k.startswith("module.")})
+    for index, (optimizer, meta) in enumerate(zip(optimizers, document["optimizers"])):
+        state: dict[int, dict[str, Any]] = {}
+        for param_id, entries in meta["scalars"].items():
+            state.setdefault(int(param_id), {}).update(entries)
+        prefix = f"optim.{index}."
+        for name, tensor in tensors.items():
+            if name.startswith(prefix):
+                param_id, key = name[len(prefix):].split(".", 1)
+                state.setdefault(int(param_id), {})[key] = tensor
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    return document["progress"]

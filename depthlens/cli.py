@@ -1,0 +1,165 @@
+"""The ``depthlens`` command: a thin layer over the library API.
+
+Errors caused by the user's input (:class:`~depthlens.errors.DepthlensError`) are printed as one
+line and exit with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from collections.abc import Sequence
+
+from depthlens.errors import DepthlensError
+
+SAMPLE_PROMPT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"
+
+
+def _table(args: argparse.Namespace) -> None:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from depthlens.hidden_states import capture
+    from depthlens.lens import LogitLens, TunedLens
+    from depthlens.model import load_model
+    from depthlens.tokens import token_label
+
+    text = sys.stdin.read() if args.text == "-" else args.text
+    if not text.strip():
+        raise DepthlensError("the text is empty: pass some text, or - to read it from standard input")
+    model, tokenizer = load_model(args.model)
+    lens = LogitLens(model) if args.lens == "logit" else TunedLens.from_pretrained(args.lens, model)
+    input_ids = tokenizer(text, return_tensors="pt").input_ids[:, : args.max_tokens]
+    states = capture(model, input_ids, parts=lens.parts)
+    layers = sorted({*range(0, lens.num_layers + 1, args.every), lens.num_layers})
+    with torch.no_grad():
+        _, top1 = lens.top_k(states, k=1, layers=layers)
+
+    table = Table(title=f"{lens.kind} lens on {args.model}: top-1 next token per layer (rows) and input token (columns)")
+    table.add_column("layer", justify="right")
+    for token_id in input_ids[0].tolist():
+        table.add_column(token_label(tokenizer, token_id, args.width), no_wrap=True)
+    for layer, row in zip(layers, top1[:, 0, :, 0].tolist()):
+        name = "output" if layer == lens.num_layers else str(layer)
+        table.add_row(name, *(token_label(tokenizer, t, args.width) for t in row))
+    Console(width=max(120, 12 + (args.width + 3) * input_ids.shape[1])).print(table)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from depthlens.train import train
+
+    options = {name: value for name, value in vars(args).items() if name in _TRAIN_OPTIONS and value is not None}
+    if "tokens" in options:
+        options.setdefault("minutes", None)
+    result = train(resume=args.resume, **options)
+    if not args.no_eval and _is_first_process():
+        _evaluate_and_report(result.model, result.tokenizer, result.lens, args.data, args.eval_tokens,
+                             result.lens_path.parent / "eval")
+        Console().print(f"lens saved to {result.lens_path}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from depthlens.lens import TunedLens
+    from depthlens.model import load_model
+
+    lens_dir = args.lens or str(_default_run(args.model) / "lens")
+    model, tokenizer = load_model(args.model)
+    lens = TunedLens.from_pretrained(lens_dir, model)
+    _evaluate_and_report(model, tokenizer, lens, args.data, args.tokens, args.out or str(Path(lens_dir).parent / "eval"))
+
+
+def _evaluate_and_report(model, tokenizer, lens, data: str, tokens: int, out: str | Path) -> None:
+    from rich.console import Console
+
+    from depthlens.evaluate import evaluate_held_out
+    from depthlens.lens import LogitLens
+    from depthlens.report import comparison_table, write_report
+
+    report = evaluate_held_out(model, tokenizer, {"logit": LogitLens(model), "tuned": lens}, data, tokens=tokens)
+    files = write_report(report, out)
+    console = Console()
+    console.print(comparison_table(report))
+    console.print("evaluation written to " + ", ".join(str(path) for path in files.values()))
+
+
+def _is_first_process() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _default_run(model: str) -> Path:
+    from depthlens.train import run_dir
+
+    return run_dir(model)
+
+
+_TRAIN_OPTIONS = {"model", "data", "column", "out", "objective", "optimizer", "init", "init_tokens", "ridge",
+                  "chunk_len", "batch_tokens", "tokens", "minutes", "lr", "clip", "checkpoint_every", "seed"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``depthlens`` command."""
+    parser = argparse.ArgumentParser(prog="depthlens", description="See what a language model predicts at every layer.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    table = commands.add_parser("table", help="print the top-1 prediction of every layer at every position")
+    table.add_argument("text", nargs="?", default=SAMPLE_PROMPT, help="text to decode, or - for standard input")
+    table.add_argument("--model", default="smollm2-135m", help="built-in name, .gguf file, model directory or hub name")
+    table.add_argument("--lens", default="logit", help="'logit' or a tuned-lens directory")
+    table.add_argument("--every", type=int, default=1, help="show every N-th layer (the output row is always shown)")
+    table.add_argument("--max-tokens", type=int, default=24, help="decode at most this many tokens")
+    table.add_argument("--width", type=int, default=8, help="characters per token label")
+    table.set_defaults(run=_table)
+
+    training = commands.add_parser("train", help="train a tuned lens (defaults: smollm2-135m on Shakespeare, ~10 minutes)")
+    training.add_argument("--model", default="smollm2-135m", help="built-in name, .gguf file, model directory or hub name")
+    training.add_argument("--data", default="shakespeare", help="shakespeare, a .txt/.jsonl/.parquet file, folder or glob, or a datasets name")
+    training.add_argument("--column", help="text column of .jsonl/.parquet/datasets sources (default: text)")
+    training.add_argument("--out", help="run directory (default: runs/<model>); the lens goes to <out>/lens")
+    budget = training.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, help="wall-clock budget for training (default: 8)")
+    budget.add_argument("--tokens", type=int, help="token budget for the KL steps")
+    training.add_argument("--optimizer", choices=["muon", "sgd"], help="muon (default) or the paper's SGD recipe")
+    training.add_argument("--init", choices=["least_squares", "identity"], help="closed-form start (default) or identity")
+    training.add_argument("--objective", choices=["kl", "ce"], help="distillation KL (default) or next-token cross-entropy")
+    training.add_argument("--init-tokens", type=int, help="tokens for the closed-form start (default: 8192)")
+    training.add_argument("--ridge", type=float, help="ridge penalty of the closed-form start (default: 1e-4)")
+    training.add_argument("--chunk-len", type=int, help="tokens per chunk (default: 256)")
+    training.add_argument("--batch-tokens", type=int, help="tokens per step and process (default: 512)")
+    training.add_argument("--lr", type=float, help="learning rate (default: 0.02 for muon, 1.0 for sgd)")
+    training.add_argument("--clip", type=float, help="gradient-norm clipping (default: 1.0)")
+    training.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: 10)")
+    training.add_argument("--seed", type=int)
+    training.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
+    training.add_argument("--eval-tokens", type=int, default=1024, help="held-out tokens for the final evaluation")
+    training.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    training.set_defaults(run=_train)
+
+    evaluation = commands.add_parser("eval", help="per-layer evaluation of a tuned lens against the logit lens")
+    evaluation.add_argument("--model", default="smollm2-135m")
+    evaluation.add_argument("--lens", help="lens directory (default: runs/<model>/lens)")
+    evaluation.add_argument("--data", default="shakespeare")
+    evaluation.add_argument("--tokens", type=int, default=4096, help="held-out tokens to evaluate on")
+    evaluation.add_argument("--out", help="output directory (default: next to the lens, eval/)")
+    evaluation.set_defaults(run=_eval)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``depthlens`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except DepthlensError as error:
+        print(f"depthlens: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

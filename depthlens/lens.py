@@ -1,0 +1,190 @@
+"""Lenses: decode a layer's residual state into a next-token distribution.
+
+A lens maps hidden states ``[batch, seq, d]`` at layer ``l`` (``0 ≤ l ≤ L``, numbered as in
+:mod:`depthlens.hidden_states`) to logits ``[batch, seq, vocab]``:
+
+- :class:`LogitLens` decodes the state directly with the model's final norm and unembedding.
+- :class:`TunedLens` (Belrose et al. 2023) first applies a per-layer affine translator
+  ``h + A_l h + b_l``. Translators start at zero, so an untrained tuned lens *is* the logit lens;
+  layer ``L`` has no translator, since the model's own decoding is already exact there.
+
+:meth:`Lens.iter_logits` walks all layers one at a time, so ``[layers, tokens, vocab]`` is only
+materialised when :meth:`Lens.stack_logits` is asked for it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from depthlens._version import __version__
+from depthlens.architecture import ModelParts, find_parts
+from depthlens.errors import LensFileError
+from depthlens.lens_file import fingerprint, read_lens_dir, write_lens_dir
+
+
+def _parts(model: nn.Module | ModelParts) -> ModelParts:
+    return model if isinstance(model, ModelParts) else find_parts(model)
+
+
+class Lens(nn.Module):
+    """Base class: subclasses define :meth:`transform`; decoding is the model's own."""
+
+    kind = "lens"
+
+    def __init__(self, model: nn.Module | ModelParts) -> None:
+        super().__init__()
+        self.parts = _parts(model)
+
+    @property
+    def num_layers(self) -> int:
+        """Number of blocks ``L``; valid layers are ``0 … L``."""
+        return self.parts.num_layers
+
+    def transform(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+        """Map a state ``[..., d]`` at ``layer`` to the space of the final state ``[..., d]``."""
+        raise NotImplementedError
+
+    def forward(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+        """Logits ``[..., vocab]`` (natural-log units, unnormalised) for states at ``layer``."""
+        self._check_layer(layer)
+        return self.parts.decode(self.transform(hidden, layer))
+
+    def iter_logits(
+        self, states: Sequence[torch.Tensor], layers: Iterable[int] | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(layer, logits [batch, seq, vocab])`` for each layer, one layer at a time.
+
+        ``states`` is a :class:`~depthlens.hidden_states.HiddenStates` or any sequence of
+        ``L + 1`` tensors ``[batch, seq, d]``.
+        """
+        for layer in range(len(states)) if layers is None else layers:
+            yield layer, self(states[layer], layer)
+
+    def stack_logits(self, states: Sequence[torch.Tensor], layers: Iterable[int] | None = None) -> torch.Tensor:
+        """All layers' logits at once, ``[layers, batch, seq, vocab]``: mind the memory."""
+        return torch.stack([logits for _, logits in self.iter_logits(states, layers)])
+
+    def top_k(
+        self, states: Sequence[torch.Tensor], k: int = 1, layers: Iterable[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` most likely next tokens at every layer and position.
+
+        Returns ``(log_probs, token_ids)``, both ``[layers, batch, seq, k]``; log-probabilities are
+        in nats. Only one layer's logits exist at a time.
+        """
+        values, indices = [], []
+        for _, logits in self.iter_logits(states, layers):
+            top = logits.float().log_softmax(-1).topk(k, dim=-1)
+            values.append(top.values)
+            indices.append(top.indices)
+        return torch.stack(values), torch.stack(indices)
+
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer <= self.num_layers:
+            raise IndexError(f"layer {layer} is out of range: this model has layers 0 … {self.num_layers}")
+
+
+class LogitLens(Lens):
+    """Decode every layer with the model's final norm and unembedding, unchanged (nostalgebraist 2020)."""
+
+    kind = "logit"
+
+    def transform(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+        return hidden
+
+
+class TunedLens(Lens):
+    """One affine translator per layer, trained so each layer's decoding matches the final output.
+
+    ``translators[l]`` maps state ``l`` to ``h + A_l h + b_l`` (weights ``A_l: [d, d]``,
+    ``b_l: [d]``, float32). Save with :meth:`save_pretrained`, load with :meth:`from_pretrained`.
+    """
+
+    kind = "tuned"
+
+    def __init__(self, model: nn.Module | ModelParts, training: dict[str, Any] | None = None) -> None:
+        super().__init__(model)
+        d = self.parts.d_model
+        device = self.parts.unembedding.weight.device
+        self.translators = nn.ModuleList(nn.Linear(d, d, device=device) for _ in range(self.num_layers))
+        for translator in self.translators:
+            nn.init.zeros_(translator.weight)
+            nn.init.zeros_(translator.bias)
+        self.training_info: dict[str, Any] = dict(training or {})
+
+    def transform(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+        if layer == self.num_layers:
+            return hidden
+        translator = self.translators[layer]
+        hidden = hidden.to(translator.weight.device, translator.weight.dtype)
+        return hidden + translator(hidden)
+
+    def model_info(self) -> dict[str, Any]:
+        """What identifies the model this lens decodes (stored in ``config.json``)."""
+        return {
+            "name_or_path": self.parts.model_name,
+            "model_type": self.parts.model_type,
+            "num_layers": self.num_layers,
+            "d_model": self.parts.d_model,
+            "vocab_size": self.parts.vocab_size,
+            "fingerprint": fingerprint(self.parts),
+        }
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` atomically into ``directory``."""
+        config = {
+            "lens_type": self.kind,
+            "library_version": __version__,
+            "model": self.model_info(),
+            "training": self.training_info,
+        }
+        return write_lens_dir(directory, config, self.state_dict())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, model: nn.Module | ModelParts) -> TunedLens:
+        """Load a lens saved by :meth:`save_pretrained` onto ``model``.
+
+        Raises :class:`LensFileError` if the directory is damaged or the lens was trained for a
+        different model (its fingerprint names both).
+        """
+        config, tensors = read_lens_dir(directory)
+        lens = cls(model, training=config.get("training"))
+        if config.get("lens_type") != cls.kind:
+            raise LensFileError(f"{directory} holds a {config.get('lens_type')!r} lens, not a {cls.kind!r} lens")
+        expected, actual = config.get("model", {}), lens.model_info()
+        if expected.get("fingerprint") != actual["fingerprint"]:
+            raise LensFileError(
+                f"the lens in {directory} was trained for {_describe(expected)}, "
+                f"but the model given is {_describe(actual)}; load the model it was trained for "
+                "or train a new lens"
+            )
+        _check_tensors(directory, tensors, lens.state_dict())
+        lens.load_state_dict(tensors)
+        return lens
+
+
+def _describe(info: dict[str, Any]) -> str:
+    return (
+        f"{info.get('name_or_path', '?')!r} ({info.get('model_type', '?')}, "
+        f"{info.get('num_layers', '?')} layers, vocab {info.get('vocab_size', '?')}, "
+        f"fingerprint {str(info.get('fingerprint', '?'))[:12]})"
+    )
+
+
+def _check_tensors(directory: str | os.PathLike, found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    missing, extra = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    if missing or extra:
+        raise LensFileError(f"{directory} has the wrong tensors (missing {missing[:3]}, unexpected {extra[:3]})")
+    for name, tensor in found.items():
+        if tensor.shape != expected[name].shape:
+            raise LensFileError(
+                f"{directory}: tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}"
+            )
+        if not torch.isfinite(tensor).all():
+            raise LensFileError(f"{directory}: tensor {name} holds NaN or infinite values")

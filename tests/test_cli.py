@@ -1,0 +1,73 @@
+"""The command-line tool, on a tiny model saved to disk."""
+
+import pytest
+import torch
+from tiny_models import tiny_model
+
+from depthlens import LogitLens, TunedLens, capture
+from depthlens.cli import main
+from depthlens.tokens import token_label
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_tokenizer):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def _expected_rows(model, ids, lens, tokenizer):
+    _, top1 = lens.top_k(capture(model, ids), k=1)
+    return [[token_label(tokenizer, t, 8) for t in row] for row in top1[:, 0, :, 0].tolist()]
+
+
+def test_table_prints_top1_per_layer_and_position(model_dir, tiny_tokenizer, capsys):
+    assert main(["table", "Fair is foul", "--model", str(model_dir)]) == 0
+    out = capsys.readouterr().out
+    model = tiny_model("llama")
+    ids = tiny_tokenizer("Fair is foul", return_tensors="pt").input_ids
+    rows = _expected_rows(model, ids, LogitLens(model), tiny_tokenizer)
+    lines = [line for line in out.splitlines() if line.startswith("│")]
+    assert [line.split("│")[1].strip() for line in lines] == ["0", "1", "2", "output"]
+    for line, row in zip(lines, rows):
+        assert [cell.strip() for cell in line.split("│")[2:-1]] == row
+
+
+def test_table_reads_stdin_and_a_tuned_lens(model_dir, tiny_tokenizer, tmp_path, capsys, monkeypatch):
+    model = tiny_model("llama")
+    model.config._name_or_path = str(model_dir)
+    lens = TunedLens(model)
+    with torch.no_grad():
+        lens.translators[0].bias.normal_(0, 3.0, generator=torch.Generator().manual_seed(0))
+    lens.save_pretrained(tmp_path / "lens")
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("To be or not"))
+    assert main(["table", "-", "--model", str(model_dir), "--lens", str(tmp_path / "lens")]) == 0
+    first = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("│"))
+    ids = tiny_tokenizer("To be or not", return_tensors="pt").input_ids
+    assert [c.strip() for c in first.split("│")[2:-1]] == _expected_rows(model, ids, lens, tiny_tokenizer)[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["table", "hi", "--model", "/no/such.gguf"], "no such GGUF file"),
+        (["table", "   "], "the text is empty"),
+    ],
+)
+def test_bad_input_is_one_line_and_status_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("depthlens: error:") and message in err and "\n" not in err
+
+
+def test_token_labels_show_whitespace_and_shorten(tiny_tokenizer):
+    space = tiny_tokenizer(" ", add_special_tokens=False).input_ids[0]
+    newline = tiny_tokenizer("\n", add_special_tokens=False).input_ids[0]
+    assert token_label(tiny_tokenizer, space) == "·"
+    assert token_label(tiny_tokenizer, newline) == "⏎"
+    emoji_bytes = tiny_tokenizer("🎭", add_special_tokens=False).input_ids
+    assert all("\ufffd" not in token_label(tiny_tokenizer, t) for t in emoji_bytes)
+    long_id = max(range(len(tiny_tokenizer)), key=lambda t: len(tiny_tokenizer.decode([t])))
+    label = token_label(tiny_tokenizer, long_id, max_chars=3)
+    assert len(label) == 3 and label.endswith("…")

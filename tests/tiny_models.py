@@ -1,0 +1,132 @@
+"""Tiny random-weight causal LMs built from configs (no download), for every family we test."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+VOCAB = 320
+"""Matches the tiny tokenizer in conftest.py."""
+
+TINY = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=128,
+)
+
+FAMILY_DEFAULT = object()
+"""An override value meaning: leave this :data:`TINY` key at the family's own default."""
+
+_SMALL = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
+_MLA = dict(
+    num_key_value_heads=4,
+    kv_lora_rank=16,
+    q_lora_rank=16,
+    qk_rope_head_dim=4,
+    qk_nope_head_dim=4,
+    v_head_dim=8,
+    head_dim=4,
+)
+_MOE = dict(n_routed_experts=4, num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1, n_group=1, topk_group=1)
+
+FAMILY_OVERRIDES: dict[str, dict[str, object]] = {
+    "axk1": {**_MLA, **_MOE},
+    "axk2": {**_MLA, **_MOE},
+    "deepseek_v2": {**_MLA, **_MOE},
+    "deepseek_v3": {**_MLA, **_MOE, "first_k_dense_replace": 1},
+    "deepseek_v32": {**_MLA, **_MOE, "first_k_dense_replace": 1},
+    "glm_moe_dsa": {**_MLA, **_MOE},
+    "minicpm3": _MLA,
+    "youtu": _MLA,
+    "codegen": {"rotary_dim": 4},
+    "gptj": {"rotary_dim": 4},
+    "helium": {"head_dim": 8},
+    "hunyuan_v1_dense": {"head_dim": 8},
+    "hunyuan_v1_moe": {"head_dim": 8, "num_experts": 4, "moe_topk": 2},
+    "ministral": {"head_dim": 8},
+    "gpt_neo": {"attention_types": [[["global", "local"], 1], [["global"], 1]]},
+    "mamba2": {"num_heads": 8, "head_dim": 8, "n_groups": 1},
+    "bamba": {"mamba_n_heads": 8, "mamba_d_state": 16, "mamba_chunk_size": 8, "attn_layer_indices": [1]},
+    "granitemoehybrid": {
+        "mamba_n_heads": 8,
+        "mamba_d_state": 16,
+        "mamba_chunk_size": 8,
+        "num_local_experts": 4,
+        "shared_intermediate_size": 32,
+    },
+    "zamba": {"n_mamba_heads": 2, "layers_block_type": ["hybrid", "linear_attention", "hybrid"], "use_mamba_kernels": False},
+    "zamba2": {
+        "n_mamba_heads": 4,
+        "mamba_d_state": 16,
+        "chunk_size": 8,
+        "adapter_rank": 8,
+        "layers_block_type": ["linear_attention", "hybrid", "linear_attention"],
+        "use_mamba_kernels": False,
+    },
+    "gemma3n_text": {
+        "head_dim": 8,
+        "num_kv_shared_layers": 0,
+        "vocab_size_per_layer_input": VOCAB,
+        "hidden_size_per_layer_input": 8,
+        "laurel_rank": 8,
+    },
+    "dots1": {**_MOE, "first_k_dense_replace": 1},
+    "dots3_note_text": {**_MLA, **_MOE, "index_head_dim": 8, "index_n_heads": 2, "index_topk": 4, "shared_experts_intermediate_size": 16},
+    "lfm2_moe": {
+        "num_experts": 4,
+        "num_dense_layers": 1,
+        "moe_intermediate_size": 16,
+        "layer_types": ["conv", "full_attention", "conv"],
+    },
+    "dbrx": {
+        "d_model": 32,
+        "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+        "ffn_config": {"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2},
+    },
+    "blt": {
+        "encoder_hash_byte_group_vocab": 64,
+        "patcher_config": {**_SMALL, "vocab_size": VOCAB, "num_hidden_layers": 1},
+        "encoder_config": {**_SMALL, "vocab_size": VOCAB, "num_hidden_layers": 1, "hidden_size_global": 64},
+        "decoder_config": {**_SMALL, "vocab_size": VOCAB, "num_hidden_layers": 3, "hidden_size_global": 64},
+        "global_config": {**_SMALL, "hidden_size": 64, "num_hidden_layers": 2},
+    },
+    "longcat_flash": {
+        **_MLA,
+        "num_hidden_layers": 6,
+        "n_routed_experts": 4,
+        "zero_expert_num": 2,
+        "moe_topk": 2,
+        "expert_ffn_hidden_size": 16,
+    },
+    "xlnet": {"max_position_embeddings": FAMILY_DEFAULT},
+    "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
+}
+"""Per-family config values that a family needs to build small (one table for all families)."""
+
+_TOKEN_ID_NAMES = ("pad_token_id", "bos_token_id", "eos_token_id")
+
+
+def tiny_config(model_type: str, **overrides: object) -> PretrainedConfig:
+    """A config for ``model_type`` with 3 layers of width 32 and a 320-token vocabulary.
+
+    :data:`FAMILY_OVERRIDES` supplies what a family needs beyond :data:`TINY`; special token ids
+    that the default config puts outside the small vocabulary are moved to 0.
+    """
+    values = {**TINY, **FAMILY_OVERRIDES.get(model_type, {}), **overrides}
+    config = AutoConfig.for_model(model_type, **{k: v for k, v in values.items() if v is not FAMILY_DEFAULT})
+    for name in _TOKEN_ID_NAMES:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value >= VOCAB:
+            setattr(config, name, 0)
+    return config
+
+
+def tiny_model(model_type: str = "llama", seed: int = 0, **overrides: object) -> PreTrainedModel:
+    """A float32 model in eval mode with random weights from ``seed``."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=torch.float32)
+    return model.eval()

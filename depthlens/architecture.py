@@ -89,6 +89,7 @@ FAMILY_RULES: dict[str, FamilyRule] = {
     "xlstm": FamilyRule(logit_softcap="output_logit_soft_cap"),
     "openai-gpt": _POST_NORM,
     "bert-generation": _POST_NORM,
+    "xlnet": _POST_NORM,
     "trocr": FamilyRule(
         final_norm=(),
         note="Post-norm blocks; layernorm_embedding normalizes the embeddings, not the last state.",
@@ -213,7 +214,7 @@ def find_parts(model: nn.Module) -> ModelParts:
     norm_paths = rule.final_norm if rule.final_norm is not None else _find_final_norm(model, blocks_path)
     if norm_paths is None:
         raise _unsupported(model, model_type, f"the final norm (tried {', '.join(FINAL_NORM_NAMES)} beside {blocks_path})", "final_norm")
-    final_norm = tuple(m for m in (_optional_submodule(model, p) for p in norm_paths) if m is not None)
+    final_norm = tuple(m for m in (_optional_submodule(model, model_type, p) for p in norm_paths) if m is not None)
 
     def number(attribute: str | None) -> float | None:
         value = getattr(text_config, attribute, None) if attribute else None
@@ -258,12 +259,17 @@ def _find_final_norm(model: nn.Module, blocks_path: str) -> tuple[str, ...] | No
     return (prefix + norms[0],) if len(norms) == 1 else None
 
 
-def _optional_submodule(model: nn.Module, path: str) -> nn.Module | None:
+def _optional_submodule(model: nn.Module, model_type: str, path: str) -> nn.Module | None:
+    """The module at ``path``; ``None`` if the config switched it off (the attribute is ``None``,
+    as OPT's ``project_out``). A path that does not exist at all is an error."""
+    parent_path, _, name = path.rpartition(".")
     try:
-        module = model.get_submodule(path)
+        parent = model.get_submodule(parent_path) if parent_path else model
     except AttributeError:
-        return None
-    return module
+        parent = None
+    if parent is None or not hasattr(parent, name):
+        raise _unsupported(model, model_type, f"the module {path!r} named by its family rule", "final_norm")
+    return getattr(parent, name)
 
 
 def _unsupported(model: nn.Module, model_type: str, what: str, field_name: str = "") -> UnsupportedModelError:

@@ -176,7 +176,9 @@ def _check_data(source: TextSource, tokenizer: Any, config: TrainConfig) -> None
         )
 
 
-def _optimizers(lens: TunedLens, config: TrainConfig) -> list[torch.optim.Optimizer]:
+def make_optimizers(lens: TunedLens, config: TrainConfig) -> list[torch.optim.Optimizer]:
+    """The paper's SGD for all parameters, or Muon for the translator matrices and Adam for the
+    biases (Muon only orthogonalises matrices)."""
     weights = [t.weight for t in lens.translators]
     biases = [t.bias for t in lens.translators]
     lr = config.learning_rate
@@ -212,22 +214,23 @@ def _least_squares_start(
     return consumed
 
 
-def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
+def train(config: TrainConfig | None = None, *, loaded: tuple[Any, Any] | None = None, **overrides: Any) -> TrainResult:
     """Train a tuned lens as configured and save it to ``<run>/lens``.
 
     Keyword ``overrides`` replace fields of ``config`` (or of the defaults). ``resume=True``
-    continues from ``<run>/checkpoint``.
+    continues from ``<run>/checkpoint``. ``loaded=(model, tokenizer)`` reuses a model already in
+    memory instead of loading ``config.model``.
     """
     resume = bool(overrides.pop("resume", False))
     config = TrainConfig(**{**(asdict(config) if config else {}), **overrides})
     config.check()
     procs = _Processes()
     torch.manual_seed(config.seed)
-    model, tokenizer = load_model(config.model, device=procs.device)
+    model, tokenizer = loaded or load_model(config.model, device=procs.device)
     source = TextSource(config.data, column=config.column)
     _check_data(source, tokenizer, config)
     lens = TunedLens(model, training={"config": asdict(config)})
-    optimizers = _optimizers(lens, config)
+    optimizers = make_optimizers(lens, config)
     run = config.run_path
     progress: dict[str, Any] = {"step": 0, "chunks": 0, "tokens": 0, "seconds": 0.0, "initialised": False, "history": []}
     if resume:
@@ -303,7 +306,8 @@ def _step(
         optimizer.zero_grad(set_to_none=False)
     tokens = torch.tensor(float((target != -100).sum() if config.objective == "ce" else target.shape[0]))
     procs.sum_(tokens)
-    losses = accumulate_gradients(lens, flat, target, objective=config.objective, scale=1.0 / tokens.item())
+    with _autocast(flat[0].device):
+        losses = accumulate_gradients(lens, flat, target, objective=config.objective, scale=1.0 / tokens.item())
     procs.sum_(losses)
     losses /= tokens.item()
     for parameter in lens.parameters():
@@ -321,6 +325,12 @@ def _step(
             group["lr"] = config.learning_rate * lr_factor
         optimizer.step()
     return losses
+
+
+def _autocast(device: torch.device) -> torch.autocast:
+    """bf16 autocast where bf16 is fast (CUDA with bf16 support); float32 elsewhere, CPU included."""
+    fast = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast)
 
 
 def _checkpoint(run: Path, lens: TunedLens, optimizers: list[torch.optim.Optimizer], progress: dict[str, Any], procs: _Processes) -> None:

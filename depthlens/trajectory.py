@@ -39,11 +39,12 @@ from depthlens.hidden_states import HiddenStates, capture
 from depthlens.lens import Lens
 from depthlens.tokens import token_label
 
-CHUNK_ELEMENTS = 2**23
-"""Default working-set size: a chunk holds at most this many ``tokens × vocab`` floats (32 MiB)."""
+CHUNK_ELEMENTS = 2**22
+"""Default chunk size: a chunk holds at most this many ``tokens × vocab`` floats (16 MiB)."""
 
-BLOCK_ELEMENTS = 2**20
-"""Logits are scored in blocks of at most this many floats (4 MiB), which stay in the CPU cache."""
+_EXP_FLOOR = -80.0
+"""Shifted logits are raised to at least this before ``exp``: ``exp(-80) ≈ 2e-35`` is nothing next
+to the top token's 1, and it keeps ``exp`` off the very slow subnormal path."""
 
 LABEL_CHARS = 40
 """Token labels are stored up to this many characters; pictures shorten them further."""
@@ -476,13 +477,11 @@ class _Cell:
 
 class _FinalDistribution:
     """The model's distribution over one chunk of ``n`` tokens, and how each layer is scored
-    against it.
+    against it, reusing two scratch buffers ``[n, vocab]``.
 
-    A layer's logits are scored in blocks of about :data:`BLOCK_ELEMENTS` floats, small enough to
-    stay in the CPU cache across the half-dozen passes each block needs, with two reused scratch
-    buffers. With ``t = z − max z`` (``z`` the lens logits), ``S = Σ exp t`` and ``q = exp(t) / S``:
+    With ``t = z − max z`` (``z`` a layer's logits), ``S = Σ exp t`` and ``q = exp(t) / S``:
     ``H(q) = log S − Σ q t``, ``KL(p ‖ q) = Σ p log p − Σ p t + log S · Σ p`` and
-    ``−log q(x) = log S − t_x``.
+    ``−log q(x) = log S − t_x``; each sum is one pass over the chunk.
     """
 
     def __init__(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
@@ -493,40 +492,30 @@ class _FinalDistribution:
         self.neg_entropy = (self.probs * log_final).sum(-1)
         self.top1 = final.argmax(-1, keepdim=True)
         self.targets = targets.reshape(-1, 1).to(final.device)
-        self.block = max(1, BLOCK_ELEMENTS // final.shape[1])
-        self.shifted = torch.empty(min(self.block, final.shape[0]), final.shape[1], device=final.device)
-        self.work = torch.empty_like(self.shifted)
+        self.shifted = torch.empty_like(final)
+        self.work = torch.empty_like(final)
 
     def statistics(self, logits: torch.Tensor, k: int) -> _Cell:
         """Statistics of one layer's logits ``[..., vocab]`` over this chunk."""
         z = logits.reshape(-1, logits.shape[-1]).float()
-        n = z.shape[0]
-        cell = _Cell(
-            top_ids=torch.empty(n, k, dtype=torch.long, device=z.device),
-            top_probs=torch.empty(n, k, device=z.device),
-            **{name: torch.empty(n, device=z.device) for name in ("entropy", "kl_to_final", "ce", "rank", "max_prob")},
-        )
-        for start in range(0, n, self.block):
-            self._score(z[start : start + self.block], slice(start, start + self.block), k, cell)
-        cell.rank = cell.rank.long()
-        return cell
-
-    def _score(self, z: torch.Tensor, rows: slice, k: int, cell: _Cell) -> None:
-        shifted, work = self.shifted[: z.shape[0]], self.work[: z.shape[0]]
+        shifted, work = self.shifted, self.work
         top_logits, top_ids = z.topk(k, dim=-1)
-        cell.top_ids[rows] = top_ids
         torch.sub(z, top_logits[:, :1], out=shifted)
-        log_total = torch.exp(shifted, out=work).sum(-1).log()
-        lens_expectation = torch.mul(work, shifted, out=work).sum(-1)
-        final_expectation = torch.mul(self.probs[rows], shifted, out=work).sum(-1)
-        cell.entropy[rows] = log_total - lens_expectation * torch.exp(-log_total)
-        cell.kl_to_final[rows] = (self.neg_entropy[rows] - final_expectation + log_total * self.mass[rows]).clamp_min(0.0)
-        targets = self.targets[rows]
-        target_shifted = shifted.gather(-1, targets.clamp_min(0)).squeeze(-1)
-        cell.ce[rows] = torch.where(targets.squeeze(-1) >= 0, log_total - target_shifted, math.nan)
-        cell.rank[rows] = torch.gt(z, z.gather(-1, self.top1[rows]), out=work).sum(-1)
-        cell.top_probs[rows] = (top_logits - top_logits[:, :1] - log_total[:, None]).exp()
-        cell.max_prob[rows] = cell.top_probs[rows, 0]
+        log_total = torch.clamp(shifted, min=_EXP_FLOOR, out=work).exp_().sum(-1).log()
+        lens_expectation = work.mul_(shifted).sum(-1)
+        final_expectation = torch.mul(self.probs, shifted, out=work).sum(-1)
+        target_shifted = shifted.gather(-1, self.targets.clamp_min(0)).squeeze(-1)
+        rank = torch.gt(z, z.gather(-1, self.top1), out=work).sum(-1)
+        top_probs = (top_logits - top_logits[:, :1] - log_total[:, None]).exp()
+        return _Cell(
+            top_ids=top_ids,
+            top_probs=top_probs,
+            entropy=log_total - lens_expectation * torch.exp(-log_total),
+            kl_to_final=(self.neg_entropy - final_expectation + log_total * self.mass).clamp_min(0.0),
+            ce=torch.where(self.targets.squeeze(-1) >= 0, log_total - target_shifted, math.nan),
+            rank=rank.long(),
+            max_prob=top_probs[:, 0],
+        )
 
 
 def _rows(layers: Sequence[int] | None, num_layers: int) -> tuple[int, ...]:
@@ -552,7 +541,6 @@ def _labels(tokenizer: PreTrainedTokenizerBase | None, ids: torch.Tensor) -> dic
 
 
 __all__ = [
-    "BLOCK_ELEMENTS",
     "CHUNK_ELEMENTS",
     "LABEL_CHARS",
     "STATISTICS",

@@ -31,34 +31,108 @@ _MLA = dict(
     v_head_dim=8,
     head_dim=4,
 )
-_MOE = dict(n_routed_experts=4, num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1, n_group=1, topk_group=1)
+_MOE = dict(
+    n_routed_experts=4,
+    num_experts=4,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    n_shared_experts=1,
+    n_group=1,
+    topk_group=1,
+)
+_LINEAR_ATTENTION = dict(
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+)
+_MAMBA = dict(mamba_n_heads=8, mamba_d_state=16, mamba_chunk_size=8)
+_MUP = dict(embedding_multiplier=3.0, logits_scaling=2.5)
+_SWA = dict(head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8)
 
 FAMILY_OVERRIDES: dict[str, dict[str, object]] = {
     "axk1": {**_MLA, **_MOE},
     "axk2": {**_MLA, **_MOE},
+    "bamba": {**_MAMBA, "attn_layer_indices": [1]},
+    "blt": {
+        "encoder_hash_byte_group_vocab": 64,
+        "patcher_config": {**_SMALL, "vocab_size": VOCAB, "num_hidden_layers": 1},
+        "encoder_config": {**_SMALL, "vocab_size": VOCAB, "num_hidden_layers": 1, "hidden_size_global": 64},
+        "decoder_config": {**_SMALL, "vocab_size": VOCAB, "num_hidden_layers": 3, "hidden_size_global": 64},
+        "global_config": {**_SMALL, "hidden_size": 64, "num_hidden_layers": 2},
+    },
+    "codegen": {"rotary_dim": 4},
+    "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+    "dbrx": {
+        "d_model": 32,  # hidden_size arrives too late for ffn_config, which copies d_model
+        "attn_config": {"kv_n_heads": 2, "rope_theta": 1e4, "clip_qkv": 8.0},
+        "ffn_config": {"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2},
+    },
     "deepseek_v2": {**_MLA, **_MOE},
     "deepseek_v3": {**_MLA, **_MOE, "first_k_dense_replace": 1},
     "deepseek_v32": {**_MLA, **_MOE, "first_k_dense_replace": 1},
+    "dots1": {**_MOE, "first_k_dense_replace": 1},
+    "dots3_note_text": {
+        **_MLA,
+        **_MOE,
+        "index_head_dim": 8,
+        "index_n_heads": 2,
+        "index_topk": 4,
+        "shared_experts_intermediate_size": 16,
+    },
+    "falcon_h1": {**_MAMBA, "mamba_d_ssm": 64, "embedding_multiplier": 3.0, "lm_head_multiplier": 0.5},
+    "gemma3n_text": {
+        "head_dim": 8,
+        "num_kv_shared_layers": 0,
+        "vocab_size_per_layer_input": VOCAB,
+        "hidden_size_per_layer_input": 8,
+        "laurel_rank": 8,
+    },
     "glm_moe_dsa": {**_MLA, **_MOE},
-    "minicpm3": _MLA,
-    "youtu": _MLA,
-    "codegen": {"rotary_dim": 4},
+    "gpt_neo": {"attention_types": [[["global", "local"], 1], [["global"], 1]]},
     "gptj": {"rotary_dim": 4},
+    "granite": _MUP,
+    "granite_swa": _MUP,
+    "granitemoe": {**_MUP, "num_local_experts": 4},
+    "granitemoe_swa": {**_MUP, "num_local_experts": 4},
+    "granitemoehybrid": {**_MUP, **_MAMBA, "num_local_experts": 4, "shared_intermediate_size": 32},
+    "granitemoeshared": {**_MUP, "num_local_experts": 4, "shared_intermediate_size": 32},
     "helium": {"head_dim": 8},
     "hunyuan_v1_dense": {"head_dim": 8},
     "hunyuan_v1_moe": {"head_dim": 8, "num_experts": 4, "moe_topk": 2},
-    "ministral": {"head_dim": 8},
-    "gpt_neo": {"attention_types": [[["global", "local"], 1], [["global"], 1]]},
-    "mamba2": {"num_heads": 8, "head_dim": 8, "n_groups": 1},
-    "bamba": {"mamba_n_heads": 8, "mamba_d_state": 16, "mamba_chunk_size": 8, "attn_layer_indices": [1]},
-    "granitemoehybrid": {
-        "mamba_n_heads": 8,
-        "mamba_d_state": 16,
-        "mamba_chunk_size": 8,
-        "num_local_experts": 4,
-        "shared_intermediate_size": 32,
+    "hyperclovax": _MUP,
+    "inkling_text": {**_MOE, **_SWA},
+    "inkling2_text": {**_MOE, **_SWA},
+    "kimi_linear": {**_MLA, **_MOE, "linear_head_dim": 8, "linear_num_heads": 4},
+    "lfm2_moe": {
+        "num_experts": 4,
+        "num_dense_layers": 1,
+        "moe_intermediate_size": 16,
+        "layer_types": ["conv", "full_attention", "conv"],
     },
-    "zamba": {"n_mamba_heads": 2, "layers_block_type": ["hybrid", "linear_attention", "hybrid"], "use_mamba_kernels": False},
+    "longcat_flash": {
+        **_MLA,
+        "num_hidden_layers": 6,  # counts two attention sublayers per block: 3 blocks
+        "n_routed_experts": 4,
+        "zero_expert_num": 2,
+        "moe_topk": 2,
+        "expert_ffn_hidden_size": 16,
+    },
+    "mamba2": {"num_heads": 8, "head_dim": 8, "n_groups": 1},
+    "minicpm3": _MLA,
+    "ministral": {"head_dim": 8},
+    "mpt": {"logit_scale": 0.5},  # in the config, unused by the model
+    "qwen3_5_moe_text": {**_MOE, **_LINEAR_ATTENTION, "head_dim": 8, "shared_expert_intermediate_size": 16},
+    "qwen3_5_text": {**_LINEAR_ATTENTION, "head_dim": 8},
+    "qwen3_next": {**_MOE, **_LINEAR_ATTENTION, "head_dim": 8, "shared_expert_intermediate_size": 16},
+    "xlnet": {"max_position_embeddings": FAMILY_DEFAULT, "d_head": 8},
+    "youtu": _MLA,
+    "zamba": {
+        "n_mamba_heads": 2,
+        "layers_block_type": ["hybrid", "linear_attention", "hybrid"],
+        "use_mamba_kernels": False,
+    },
     "zamba2": {
         "n_mamba_heads": 4,
         "mamba_d_state": 16,
@@ -67,45 +141,10 @@ FAMILY_OVERRIDES: dict[str, dict[str, object]] = {
         "layers_block_type": ["linear_attention", "hybrid", "linear_attention"],
         "use_mamba_kernels": False,
     },
-    "gemma3n_text": {
-        "head_dim": 8,
-        "num_kv_shared_layers": 0,
-        "vocab_size_per_layer_input": VOCAB,
-        "hidden_size_per_layer_input": 8,
-        "laurel_rank": 8,
-    },
-    "dots1": {**_MOE, "first_k_dense_replace": 1},
-    "dots3_note_text": {**_MLA, **_MOE, "index_head_dim": 8, "index_n_heads": 2, "index_topk": 4, "shared_experts_intermediate_size": 16},
-    "lfm2_moe": {
-        "num_experts": 4,
-        "num_dense_layers": 1,
-        "moe_intermediate_size": 16,
-        "layer_types": ["conv", "full_attention", "conv"],
-    },
-    "dbrx": {
-        "d_model": 32,
-        "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
-        "ffn_config": {"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2},
-    },
-    "blt": {
-        "encoder_hash_byte_group_vocab": 64,
-        "patcher_config": {**_SMALL, "vocab_size": VOCAB, "num_hidden_layers": 1},
-        "encoder_config": {**_SMALL, "vocab_size": VOCAB, "num_hidden_layers": 1, "hidden_size_global": 64},
-        "decoder_config": {**_SMALL, "vocab_size": VOCAB, "num_hidden_layers": 3, "hidden_size_global": 64},
-        "global_config": {**_SMALL, "hidden_size": 64, "num_hidden_layers": 2},
-    },
-    "longcat_flash": {
-        **_MLA,
-        "num_hidden_layers": 6,
-        "n_routed_experts": 4,
-        "zero_expert_num": 2,
-        "moe_topk": 2,
-        "expert_ffn_hidden_size": 16,
-    },
-    "xlnet": {"max_position_embeddings": FAMILY_DEFAULT},
-    "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
 }
-"""Per-family config values that a family needs to build small (one table for all families)."""
+"""Per-family config values beyond :data:`TINY`: what a family needs to build small and fast
+(head dims, expert counts, layer type lists, SSM sizes), and scale factors set off 1 so that the
+lens must apply them. One table for all families."""
 
 _TOKEN_ID_NAMES = ("pad_token_id", "bos_token_id", "eos_token_id")
 

@@ -10,6 +10,9 @@ what it was before each run: the kernel's high-water mark (``VmHWM``) is reset t
 ``/proc/self/clear_refs`` just before the run, so it sees every allocation torch makes (which
 ``tracemalloc`` does not) and not the peak of loading the model. Linux only.
 
+On a machine whose cores are busy with other work, ``--threads 1`` gives steadier figures: with
+more threads, every one of the many small tensor operations waits for its slowest thread.
+
 Run: ``python benchmarks/trajectory.py [--model smollm2-135m] [--tokens 512] [--repeats 3]``.
 """
 
@@ -58,7 +61,10 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk-tokens", type=int, default=None, help="Trajectory chunk size (default: automatic)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     model, tokenizer = load_model(args.model)
     lens = LogitLens(model)

@@ -86,6 +86,57 @@ def _evaluate_and_report(model, tokenizer, lens, data: str, tokens: int, out: st
     console.print("evaluation written to " + ", ".join(str(path) for path in files.values()))
 
 
+def _show(args: argparse.Namespace) -> None:
+    from depthlens.errors import DataError
+    from depthlens.lens import LogitLens, TunedLens
+    from depthlens.model import load_model
+    from depthlens.pictures import output_kind, save_figure
+    from depthlens.trajectory import Trajectory, encode, statistic
+
+    statistic(args.stat)
+    if args.out:
+        output_kind(args.out)
+    if args.max_tokens < 1:
+        raise DepthlensError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if args.file and args.text is not None:
+        raise DepthlensError("give the text or --file, not both")
+    if args.file:
+        try:
+            text = Path(args.file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise DataError(f"cannot read {args.file}: {getattr(error, 'strerror', None) or error}") from None
+    else:
+        text = sys.stdin.read() if args.text == "-" else args.text or SAMPLE_PROMPT
+    if not text.strip():
+        raise DataError("the text is empty: pass some text, - to read standard input, or --file PATH")
+    trained = _default_run(args.model) / "lens"
+    lens_spec = args.lens or (str(trained) if trained.is_dir() else "logit")
+    if args.compare and lens_spec == "logit":
+        raise DepthlensError(f"--compare needs a tuned lens: pass --lens DIR (there is none at {trained})")
+
+    model, tokenizer = load_model(args.model)
+    lens = LogitLens(model) if lens_spec == "logit" else TunedLens.from_pretrained(lens_spec, model)
+    input_ids, attention_mask = encode(tokenizer, text)
+    if input_ids.shape[1] > args.max_tokens:
+        print(f"depthlens: showing the first {args.max_tokens} of {input_ids.shape[1]} tokens (--max-tokens)", file=sys.stderr)
+    lenses = [LogitLens(lens.parts), lens] if args.compare else [lens]
+    trajectories = [
+        Trajectory.from_ids(model, each, input_ids[:, : args.max_tokens], tokenizer=tokenizer, k=args.k)
+        for each in lenses
+    ]
+    if args.out:
+        options = {"stat": args.stat, "layer_stride": args.layer_stride, "plotlyjs": args.plotlyjs}
+        print(f"wrote {save_figure(trajectories, args.out, **options)}")
+    else:
+        print("\n\n".join(t.strided(args.layer_stride).summary() for t in trajectories))
+
+
+def _app(args: argparse.Namespace) -> None:
+    from depthlens.app import serve
+
+    serve(args.model, args.lens, host=args.host, port=args.port, max_tokens=args.max_tokens)
+
+
 def _is_first_process() -> bool:
     import os
 
@@ -131,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--ridge", type=float, help="ridge penalty of the closed-form start (default: 1e-4)")
     training.add_argument("--chunk-len", type=int, help="tokens per chunk (default: 256)")
     training.add_argument("--batch-tokens", type=int, help="tokens per step and process (default: 512)")
-    training.add_argument("--lr", type=float, help="learning rate (default: 0.02 for muon, 1.0 for sgd)")
+    training.add_argument("--lr", type=float, help="learning rate (default: 0.01 for muon, 1.0 for sgd)")
     training.add_argument("--clip", type=float, help="gradient-norm clipping (default: 1.0)")
     training.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: 10)")
     training.add_argument("--seed", type=int)
@@ -147,6 +198,31 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--tokens", type=int, default=4096, help="held-out tokens to evaluate on")
     evaluation.add_argument("--out", help="output directory (default: next to the lens, eval/)")
     evaluation.set_defaults(run=_eval)
+
+    show = commands.add_parser("show", help="picture (HTML, PNG, PDF, SVG) or table (CSV) of every layer's predictions")
+    show.add_argument("text", nargs="?", help="text to decode, or - for standard input (default: a line of Hamlet)")
+    show.add_argument("--file", help="read the text from this UTF-8 file")
+    show.add_argument("--model", default="smollm2-135m", help="built-in name, .gguf file, model directory or hub name")
+    show.add_argument("--lens", help="'logit' or a tuned-lens directory (default: runs/<model>/lens if trained, else logit)")
+    show.add_argument("--compare", action="store_true", help="the logit lens and the tuned lens side by side, and their difference")
+    show.add_argument("--stat", default="entropy", help="colour by entropy, kl, ce (nats), rank (log scale) or prob")
+    show.add_argument("--k", type=int, default=5, help="top tokens kept per cell (shown on hover)")
+    show.add_argument("--layer-stride", type=int, default=1, help="show every N-th layer (the output row is always shown)")
+    show.add_argument("--max-tokens", type=int, default=64, help="decode at most this many tokens")
+    show.add_argument("--out", help="write a .html, .png, .pdf or .svg picture or a .csv table (default: print a summary)")
+    show.add_argument("--plotlyjs", choices=["inline", "cdn"], default="inline",
+                      help="HTML only: embed plotly.js (~5 MB, opens offline) or load it from the web")
+    show.set_defaults(run=_show)
+
+    browser = commands.add_parser("app", help="explore every layer's predictions in the browser (a local web app)")
+    browser.add_argument("--model", default="smollm2-135m", help="built-in name, .gguf file, model directory or hub name")
+    browser.add_argument("--lens", action="append", metavar="DIR",
+                         help="a tuned-lens directory to offer, repeatable (default: runs/<model>/lens if trained); "
+                              "the logit lens is always offered")
+    browser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    browser.add_argument("--port", type=int, default=7860)
+    browser.add_argument("--max-tokens", type=int, default=64, help="longest text the app decodes, in tokens")
+    browser.set_defaults(run=_app)
     return parser
 
 

@@ -41,7 +41,7 @@ from depthlens.objective import Objective, accumulate_gradients
 Optimizer = Literal["muon", "sgd"]
 Init = Literal["least_squares", "identity"]
 
-DEFAULT_LR: dict[str, float] = {"muon": 0.02, "sgd": 1.0}
+DEFAULT_LR: dict[str, float] = {"muon": 0.01, "sgd": 1.0}
 
 
 class TrainingError(DepthlensError):
@@ -248,9 +248,7 @@ def train(config: TrainConfig | None = None, *, loaded: tuple[Any, Any] | None =
 
     per_rank_chunks = config.batch_tokens // config.chunk_len
     step_tokens = config.batch_tokens * procs.world
-    total = config.tokens if config.tokens is not None else config.minutes * 60
-    bar = tqdm(total=total, initial=min(progress["tokens"] if config.tokens else progress["seconds"], total),
-               desc="KL steps" if config.objective == "kl" else "CE steps",
+    bar = tqdm(total=config.tokens or round(config.minutes * 60), desc=f"{config.objective.upper()} steps",
                unit="tok" if config.tokens else "s", disable=procs.rank != 0)
     while True:
         done = procs.from_first(_budget_used(config, progress, step_tokens))
@@ -265,7 +263,8 @@ def train(config: TrainConfig | None = None, *, loaded: tuple[Any, Any] | None =
         progress["seconds"] = time.monotonic() - started
         progress["history"].append({"step": progress["step"], "tokens": progress["tokens"],
                                     "seconds": round(progress["seconds"], 3), "loss": losses.sum().item()})
-        bar.update(step_tokens if config.tokens else progress["seconds"] - bar.n)
+        bar.n = min(bar.total, progress["tokens"] if config.tokens else round(progress["seconds"]))
+        bar.refresh()
         bar.set_postfix(loss=f"{losses.sum().item():.3f}", mean_layer=f"{losses.mean().item():.3f}")
         if progress["step"] % config.checkpoint_every == 0:
             _checkpoint(run, lens, optimizers, progress, procs)

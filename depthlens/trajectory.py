@@ -12,7 +12,8 @@ the model's own output), batch item and position:
 Only these are stored, about ``rows × tokens × (12 k + 24)`` bytes, never full-vocabulary
 distributions. They are computed one chunk of positions at a time, and within a chunk one layer at
 a time through :meth:`~depthlens.lens.Lens.iter_logits`, so ``[layers, tokens, vocab]`` never
-exists and the working memory stays near ``4 × chunk_tokens × vocab`` floats.
+exists: besides the hidden states and the model's logits, the working memory is about six
+float32 buffers ``[chunk_tokens, vocab]``, 64 MiB each by default.
 
 Divergences between two lenses need both full distributions at once, so :func:`compare_lenses`
 computes them from the hidden states rather than from two trajectories.
@@ -23,8 +24,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -34,13 +34,16 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from depthlens.atomic import write_file
 from depthlens.errors import DataError, DepthlensError
 from depthlens.hidden_states import HiddenStates, capture
 from depthlens.lens import Lens
 from depthlens.tokens import token_label
 
-CHUNK_ELEMENTS = 2**22
-"""Default chunk size: a chunk holds at most this many ``tokens × vocab`` floats (16 MiB)."""
+CHUNK_ELEMENTS = 2**24
+"""Default chunk size: a chunk holds at most this many ``tokens × vocab`` floats (64 MiB). Smaller
+chunks use less memory; larger ones run fewer, longer tensor operations, which matters most when
+other processes compete for the cores."""
 
 _EXP_FLOOR = -80.0
 """Shifted logits are raised to at least this before ``exp``: ``exp(-80) ≈ 2e-35`` is nothing next
@@ -63,17 +66,19 @@ class Statistic:
     attribute: str
     """The :class:`Trajectory` field that holds it."""
     title: str
-    """What it is and its unit, for axes and colour bars."""
+    """What it is and its unit, for titles and hover text."""
+    short: str
+    """A short form of the title, for colour bars and table headers."""
 
 
 STATISTICS: dict[str, Statistic] = {
     stat.name: stat
     for stat in (
-        Statistic("entropy", "entropy", "entropy of the lens distribution (nats)"),
-        Statistic("kl", "kl_to_final", "KL(model ‖ lens) (nats)"),
-        Statistic("ce", "ce", "cross-entropy to the next token (nats)"),
-        Statistic("rank", "final_top1_rank", "rank of the model's top-1 token under the lens"),
-        Statistic("prob", "max_prob", "lens top-1 probability"),
+        Statistic("entropy", "entropy", "entropy of the lens distribution (nats)", "entropy (nats)"),
+        Statistic("kl", "kl_to_final", "KL(model ‖ lens) (nats)", "KL(model ‖ lens) (nats)"),
+        Statistic("ce", "ce", "cross-entropy to the next token (nats)", "cross-entropy (nats)"),
+        Statistic("rank", "final_top1_rank", "rank of the model's top-1 token under the lens", "rank of model's top-1"),
+        Statistic("prob", "max_prob", "top-1 probability of the lens", "top-1 probability"),
     )
 }
 """The statistics a trajectory holds, by short name."""
@@ -111,20 +116,6 @@ def encode(
     return input_ids, attention_mask
 
 
-def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(temporary_path)`` for a file beside ``path`` with the same suffix, then move it
-    onto ``path`` in one step, so ``path`` is never half-written. Creates missing folders."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}{target.suffix}")
-    try:
-        write(temporary)
-        os.replace(temporary, target)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return target
-
-
 @dataclass
 class Trajectory:
     """Top-``k`` predictions and scalar statistics of one lens at every layer and position.
@@ -151,7 +142,7 @@ class Trajectory:
     """Entropy of the lens distribution ``[rows, batch, seq]``, float32, nats."""
     kl_to_final: torch.Tensor
     """``KL(final ‖ lens) = Σ p_final (log p_final − log p_lens)`` ``[rows, batch, seq]``,
-    float32, nats; 0 on the last row."""
+    float32, nats; 0 (up to rounding) on the last row."""
     ce: torch.Tensor
     """``−log p_lens(next token)`` ``[rows, batch, seq]``, float32, nats; NaN at a text's last
     position, which has no next token."""
@@ -262,12 +253,12 @@ class Trajectory:
         positions = max(1, (chunk_tokens or max(1, CHUNK_ELEMENTS // vocab)) // batch)
         for start in range(0, seq, positions):
             window = slice(start, min(seq, start + positions))
+            width = window.stop - window.start
             final = _FinalDistribution(states.logits[:, window], targets[:, window])
             chunk_states = [state[:, window] for state in states.states]
             decoded = (logits for _, logits in lens.iter_logits(chunk_states, rows[:-1]))
             for row, logits in enumerate(itertools.chain(decoded, [states.logits[:, window]])):
                 cell = final.statistics(logits, k)
-                width = window.stop - window.start
                 top_ids[row, :, window] = cell.top_ids.view(batch, width, k).cpu()
                 top_probs[row, :, window] = cell.top_probs.view(batch, width, k).cpu()
                 rank[row, :, window] = cell.rank.view(batch, width).cpu()
@@ -378,7 +369,7 @@ class Trajectory:
 
     def to_csv(self, path: str | os.PathLike) -> Path:
         """Write :meth:`to_dataframe` to ``path`` as CSV, atomically; returns the path."""
-        return write_atomically(path, lambda temporary: self.to_dataframe().to_csv(temporary, index=False))
+        return write_file(path, self.to_dataframe().to_csv(index=False).encode())
 
     def summary(self, batch: int = 0) -> str:
         """A compact text table: per row, the mean of each statistic over the positions of batch
@@ -552,5 +543,4 @@ __all__ = [
     "encode",
     "shorten",
     "statistic",
-    "write_atomically",
 ]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -295,7 +296,8 @@ def build_app(
                 note, image, table, listed = evaluation(first)
                 eval_box = gr.Dropdown(list(evaluations), value=first, label="lens", elem_id="evaluation-lens")
                 eval_note = gr.Markdown(note, elem_id="evaluation-note")
-                eval_image = gr.Image(image, type="filepath", interactive=False, label="per-layer curves", elem_id="evaluation-curves")
+                eval_image = gr.Image(image, type="filepath", interactive=False, label="per-layer curves",
+                                      buttons=["download", "fullscreen"], elem_id="evaluation-curves")
                 eval_table = gr.Dataframe(table, interactive=False, label="per-layer table", elem_id="evaluation-table")
                 eval_files = gr.File(listed, file_count="multiple", interactive=False, label="files", elem_id="evaluation-files")
                 eval_box.change(evaluation, eval_box, [eval_note, eval_image, eval_table, eval_files], api_name="evaluation")
@@ -363,10 +365,17 @@ def serve(
     print(f"depthlens app: open {url} (Ctrl+C stops it)", flush=True)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"depthlens app: listening on {host}: anyone who can reach this address can use the app", flush=True)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         demo.block_thread()
     finally:
         demo.close()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """Stop on SIGTERM as on Ctrl+C, so the server closes and its temporary files are removed."""
+    raise KeyboardInterrupt
 
 
 __all__ = [

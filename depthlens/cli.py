@@ -81,7 +81,7 @@ def _evaluate_and_report(model, tokenizer, lens, data: str, tokens: int, out: st
 
     report = evaluate_held_out(model, tokenizer, {"logit": LogitLens(model), "tuned": lens}, data, tokens=tokens)
     files = write_report(report, out)
-    console = Console()
+    console = Console(width=max(Console().width, 100))
     console.print(comparison_table(report))
     console.print("evaluation written to " + ", ".join(str(path) for path in files.values()))
 

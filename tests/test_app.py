@@ -276,7 +276,7 @@ def test_the_command_serves_the_app(tmp_path, run, model, tiny_tokenizer):
         assert heatmap_labels(plot) == [expected_labels(model, tiny_tokenizer, lens, TEXT) for lens in (LogitLens(model), tuned)]
     finally:
         process.terminate()
-        process.wait(timeout=30)
+        assert process.wait(timeout=30) == 0, log.read_text()
 
 
 def test_a_taken_port_is_a_one_line_error(model, tiny_tokenizer):

@@ -112,11 +112,12 @@ def _show(args: argparse.Namespace) -> None:
     trained = _default_run(args.model) / "lens"
     lens_spec = args.lens or (str(trained) if trained.is_dir() else "logit")
     if args.compare and lens_spec == "logit":
-        raise DepthlensError(f"--compare needs a tuned lens: pass --lens DIR (there is none at {trained})")
+        missing = "" if trained.is_dir() else f" (there is none at {trained})"
+        raise DepthlensError(f"--compare needs a tuned lens: pass --lens DIR{missing}")
 
     model, tokenizer = load_model(args.model)
     lens = LogitLens(model) if lens_spec == "logit" else TunedLens.from_pretrained(lens_spec, model)
-    input_ids, attention_mask = encode(tokenizer, text)
+    input_ids, _ = encode(tokenizer, text)
     if input_ids.shape[1] > args.max_tokens:
         print(f"depthlens: showing the first {args.max_tokens} of {input_ids.shape[1]} tokens (--max-tokens)", file=sys.stderr)
     lenses = [LogitLens(lens.parts), lens] if args.compare else [lens]

@@ -11,11 +11,24 @@ The data flows model → hidden states → lens → distributions::
 """
 
 from depthlens._version import __version__
-from depthlens.architecture import FAMILY_RULES, FamilyRule, ModelParts, find_parts, register_family
-from depthlens.errors import DataError, DepthlensError, LensFileError, ModelLoadError, UnsupportedModelError
+from depthlens.architecture import (
+    FAMILY_RULES,
+    FamilyRule,
+    ModelParts,
+    find_parts,
+    register_family,
+)
+from depthlens.errors import (
+    DataError,
+    DepthlensError,
+    LensFileError,
+    ModelLoadError,
+    UnsupportedModelError,
+)
 from depthlens.hidden_states import HiddenStates, capture
 from depthlens.lens import Lens, LogitLens, TunedLens
 from depthlens.model import BUILTIN_MODELS, load_model
+from depthlens.trajectory import Trajectory, compare_lenses
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -29,10 +42,12 @@ __all__ = [
     "LogitLens",
     "ModelLoadError",
     "ModelParts",
+    "Trajectory",
     "TunedLens",
     "UnsupportedModelError",
     "__version__",
     "capture",
+    "compare_lenses",
     "find_parts",
     "load_model",
     "register_family",

@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Literal
 
 import matplotlib
-from matplotlib.colors import Normalize
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from matplotlib.axes import Axes
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 from plotly.subplots import make_subplots

@@ -1,6 +1,12 @@
-"""Shared fixtures: a tiny byte-level BPE tokenizer built in memory (no download)."""
+"""Shared fixtures: one torch thread, a tiny byte-level BPE tokenizer built in memory (no download),
+and a tiny model saved to disk with it."""
+
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import torch
+from tiny_models import tiny_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -31,3 +37,22 @@ def build_tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny tensors gain nothing from threads, and on a busy machine thread barriers cost more
+    than the work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """``tiny_model("llama")`` and the tiny tokenizer saved as a model directory (a model spec)."""
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path

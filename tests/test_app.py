@@ -43,14 +43,6 @@ TEXT = "Fair is foul, and foul is fair"
 MAX_TOKENS = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from threads, and on a busy machine thread barriers cost more
-    than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_run(tmp: Path, tokenizer) -> Path:

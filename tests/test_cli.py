@@ -9,21 +9,13 @@ from depthlens.cli import main
 from depthlens.tokens import token_label
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_tokenizer):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
 def _expected_rows(model, ids, lens, tokenizer):
     _, top1 = lens.top_k(capture(model, ids), k=1)
     return [[token_label(tokenizer, t, 8) for t in row] for row in top1[:, 0, :, 0].tolist()]
 
 
-def test_table_prints_top1_per_layer_and_position(model_dir, tiny_tokenizer, capsys):
-    assert main(["table", "Fair is foul", "--model", str(model_dir)]) == 0
+def test_table_prints_top1_per_layer_and_position(tiny_model_dir, tiny_tokenizer, capsys):
+    assert main(["table", "Fair is foul", "--model", str(tiny_model_dir)]) == 0
     out = capsys.readouterr().out
     model = tiny_model("llama")
     ids = tiny_tokenizer("Fair is foul", return_tensors="pt").input_ids
@@ -34,15 +26,15 @@ def test_table_prints_top1_per_layer_and_position(model_dir, tiny_tokenizer, cap
         assert [cell.strip() for cell in line.split("│")[2:-1]] == row
 
 
-def test_table_reads_stdin_and_a_tuned_lens(model_dir, tiny_tokenizer, tmp_path, capsys, monkeypatch):
+def test_table_reads_stdin_and_a_tuned_lens(tiny_model_dir, tiny_tokenizer, tmp_path, capsys, monkeypatch):
     model = tiny_model("llama")
-    model.config._name_or_path = str(model_dir)
+    model.config._name_or_path = str(tiny_model_dir)
     lens = TunedLens(model)
     with torch.no_grad():
         lens.translators[0].bias.normal_(0, 3.0, generator=torch.Generator().manual_seed(0))
     lens.save_pretrained(tmp_path / "lens")
     monkeypatch.setattr("sys.stdin", __import__("io").StringIO("To be or not"))
-    assert main(["table", "-", "--model", str(model_dir), "--lens", str(tmp_path / "lens")]) == 0
+    assert main(["table", "-", "--model", str(tiny_model_dir), "--lens", str(tmp_path / "lens")]) == 0
     first = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("│"))
     ids = tiny_tokenizer("To be or not", return_tensors="pt").input_ids
     assert [c.strip() for c in first.split("│")[2:-1]] == _expected_rows(model, ids, lens, tiny_tokenizer)[0]

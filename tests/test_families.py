@@ -28,7 +28,13 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
 )
 
-from depthlens.architecture import FAMILY_RULES, FamilyRule, ModelParts, find_parts, register_family
+from depthlens.architecture import (
+    FAMILY_RULES,
+    FamilyRule,
+    ModelParts,
+    find_parts,
+    register_family,
+)
 from depthlens.errors import UnsupportedModelError
 from depthlens.hidden_states import capture
 

@@ -6,11 +6,10 @@ import struct
 
 import pytest
 import torch
+from safetensors.torch import save
 from tiny_models import VOCAB, tiny_model
 
 from depthlens import LensFileError, TunedLens, capture, find_parts
-from safetensors.torch import save
-
 from depthlens.lens_file import fingerprint
 
 

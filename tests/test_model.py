@@ -13,26 +13,18 @@ from depthlens import LogitLens, ModelLoadError, capture, find_parts, load_model
 from depthlens.model import resolve_builtin
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_tokenizer):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
-def test_local_directory_loads_in_eval_mode_without_gradients(model_dir, tiny_tokenizer):
-    model, tokenizer = load_model(model_dir)
+def test_local_directory_loads_in_eval_mode_without_gradients(tiny_model_dir, tiny_tokenizer):
+    model, tokenizer = load_model(tiny_model_dir)
     assert not model.training
     assert not any(p.requires_grad for p in model.parameters())
     assert tokenizer("Fair is foul").input_ids == tiny_tokenizer("Fair is foul").input_ids
-    assert model.config._name_or_path == str(model_dir)
+    assert model.config._name_or_path == str(tiny_model_dir)
     ids = torch.tensor([[5, 6, 7]])
     assert torch.allclose(model(ids).logits, tiny_model("llama")(ids).logits, atol=1e-6)
 
 
-def test_dtype_is_honoured(model_dir):
-    model, _ = load_model(model_dir, dtype=torch.bfloat16)
+def test_dtype_is_honoured(tiny_model_dir):
+    model, _ = load_model(tiny_model_dir, dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16
 
 

@@ -23,14 +23,6 @@ from depthlens.trajectory import Trajectory, TrajectoryError, encode
 TEXTS = ["Fair is foul, and foul is fair", "When shall we three meet again"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine thread barriers cost more
-    than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -14,28 +14,14 @@ from depthlens.trajectory import Trajectory
 TEXT = "Fair is foul, and foul is fair"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine thread barriers cost more
-    than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
+
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_tokenizer):
-    path = tmp_path_factory.mktemp("models") / "tiny-llama"
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def lens_dir(model_dir, tmp_path_factory):
+def lens_dir(tiny_model_dir, tmp_path_factory):
     model = tiny_model("llama")
-    model.config._name_or_path = str(model_dir)
+    model.config._name_or_path = str(tiny_model_dir)
     lens = TunedLens(model)
     with torch.no_grad():
         for translator in lens.translators:
@@ -43,60 +29,60 @@ def lens_dir(model_dir, tmp_path_factory):
     return lens.save_pretrained(tmp_path_factory.mktemp("lens") / "lens")
 
 
-def _expected(model_dir, tiny_tokenizer, lens_dir=None):
+def _expected(tiny_model_dir, tiny_tokenizer, lens_dir=None):
     model = tiny_model("llama")
     lens = LogitLens(model) if lens_dir is None else TunedLens.from_pretrained(lens_dir, model)
     return Trajectory.from_text(model, tiny_tokenizer, lens, TEXT)
 
 
-def test_summary_without_out(model_dir, capsys):
-    assert main(["show", TEXT, "--model", str(model_dir), "--layer-stride", "2"]) == 0
+def test_summary_without_out(tiny_model_dir, capsys):
+    assert main(["show", TEXT, "--model", str(tiny_model_dir), "--layer-stride", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("logit lens on ")
     assert [line.split()[0] for line in lines[2:]] == ["0", "2", "output"]
 
 
-def test_csv_holds_the_lens_predictions(model_dir, tiny_tokenizer, tmp_path, capsys):
+def test_csv_holds_the_lens_predictions(tiny_model_dir, tiny_tokenizer, tmp_path, capsys):
     out = tmp_path / "table.csv"
-    assert main(["show", TEXT, "--model", str(model_dir), "--lens", "logit", "--out", str(out)]) == 0
+    assert main(["show", TEXT, "--model", str(tiny_model_dir), "--lens", "logit", "--out", str(out)]) == 0
     assert capsys.readouterr().out.strip() == f"wrote {out}"
     table = pd.read_csv(out, keep_default_na=False, na_values=[""])
-    expected = _expected(model_dir, tiny_tokenizer).to_dataframe()
+    expected = _expected(tiny_model_dir, tiny_tokenizer).to_dataframe()
     assert table.prediction.tolist() == expected.prediction.tolist()
     assert table.value.to_numpy() == pytest.approx(expected.value.to_numpy(), nan_ok=True, abs=1e-6)
 
 
-def test_compare_draws_logit_and_tuned(model_dir, lens_dir, tiny_tokenizer, tmp_path):
+def test_compare_draws_logit_and_tuned(tiny_model_dir, lens_dir, tiny_tokenizer, tmp_path):
     png, csv = tmp_path / "pair.png", tmp_path / "pair.csv"
     for out in (png, csv):
-        assert main(["show", TEXT, "--model", str(model_dir), "--lens", str(lens_dir), "--compare",
+        assert main(["show", TEXT, "--model", str(tiny_model_dir), "--lens", str(lens_dir), "--compare",
                      "--stat", "rank", "--out", str(out)]) == 0
     assert png.read_bytes()[:4] == b"\x89PNG"
     table = pd.read_csv(csv, keep_default_na=False, na_values=[""])
     tuned = table[table.lens == "tuned lens"]
-    assert tuned.prediction.tolist() == _expected(model_dir, tiny_tokenizer, lens_dir).to_dataframe().prediction.tolist()
+    assert tuned.prediction.tolist() == _expected(tiny_model_dir, tiny_tokenizer, lens_dir).to_dataframe().prediction.tolist()
     assert set(table.lens) == {"logit lens", "tuned lens"}
 
 
-def test_text_from_stdin_and_file(model_dir, tmp_path, monkeypatch, capsys):
+def test_text_from_stdin_and_file(tiny_model_dir, tmp_path, monkeypatch, capsys):
     (tmp_path / "text.txt").write_text(TEXT + "\n", encoding="utf-8")
-    assert main(["show", "--file", str(tmp_path / "text.txt"), "--model", str(model_dir)]) == 0
+    assert main(["show", "--file", str(tmp_path / "text.txt"), "--model", str(tiny_model_dir)]) == 0
     from_file = capsys.readouterr().out
     monkeypatch.setattr("sys.stdin", io.StringIO(TEXT + "\n"))
-    assert main(["show", "-", "--model", str(model_dir)]) == 0
+    assert main(["show", "-", "--model", str(tiny_model_dir)]) == 0
     assert capsys.readouterr().out == from_file
 
 
-def test_long_text_is_cut_with_a_note(model_dir, capsys):
-    assert main(["show", TEXT, "--model", str(model_dir), "--max-tokens", "3"]) == 0
+def test_long_text_is_cut_with_a_note(tiny_model_dir, capsys):
+    assert main(["show", TEXT, "--model", str(tiny_model_dir), "--max-tokens", "3"]) == 0
     captured = capsys.readouterr()
     assert "showing the first 3 of" in captured.err
     assert ", 3 tokens:" in captured.out
 
 
-def test_the_trained_lens_is_the_default(model_dir, lens_dir, tmp_path, monkeypatch):
+def test_the_trained_lens_is_the_default(tiny_model_dir, lens_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    argv = ["show", TEXT, "--model", str(model_dir), "--out", "table.csv"]
+    argv = ["show", TEXT, "--model", str(tiny_model_dir), "--out", "table.csv"]
     assert main(argv) == 0
     assert set(pd.read_csv("table.csv").lens) == {"logit lens"}
     TunedLens.from_pretrained(lens_dir, tiny_model("llama")).save_pretrained(tmp_path / "runs" / "tiny-llama" / "lens")

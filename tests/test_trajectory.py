@@ -8,19 +8,17 @@ import torch
 from tiny_models import VOCAB, tiny_model
 
 from depthlens import DataError, LogitLens, TunedLens, capture
-from depthlens.trajectory import STATISTICS, Trajectory, TrajectoryError, compare_lenses, encode
+from depthlens.trajectory import (
+    STATISTICS,
+    Trajectory,
+    TrajectoryError,
+    compare_lenses,
+    encode,
+)
 
 TEXTS = ["Fair is foul, and foul is fair: hover through the fog", "When shall we three meet"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine thread barriers cost more
-    than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -79,7 +79,6 @@ class TrainConfig:
     clip: float | None = 1.0
     checkpoint_every: int = 10
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def run_path(self) -> Path:

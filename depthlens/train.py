@@ -37,6 +37,7 @@ from depthlens.hidden_states import capture
 from depthlens.lens import TunedLens
 from depthlens.model import DEFAULT_MODEL, load_model
 from depthlens.objective import Objective, accumulate_gradients
+from depthlens.optim import muon
 
 Optimizer = Literal["muon", "sgd"]
 Init = Literal["least_squares", "identity"]
@@ -185,7 +186,7 @@ def make_optimizers(lens: TunedLens, config: TrainConfig) -> list[torch.optim.Op
         return [torch.optim.SGD(weights + biases, lr=lr, momentum=config.momentum, nesterov=True,
                                 weight_decay=config.weight_decay)]
     return [
-        torch.optim.Muon(weights, lr=lr, momentum=0.95, weight_decay=0.0, adjust_lr_fn="match_rms_adamw"),
+        muon(weights, lr),
         torch.optim.Adam(biases, lr=lr),
     ]
 

@@ -1,0 +1,57 @@
+"""Muon that orthogonalises in float32, for machines without fast bfloat16.
+
+``torch.optim.Muon`` runs its Newton–Schulz iteration in bfloat16. That is right for GPUs, but on
+a CPU without bf16 units it is about 50× slower than the same iteration in float32 (measured
+here: 49 s against 0.9 s for one step over 30 matrices of 576 × 576).
+:func:`muon` picks ``torch.optim.Muon`` where bf16 is fast and :class:`Float32Muon` elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
+"""Coefficients of the quintic Newton–Schulz iteration (the ones ``torch.optim.Muon`` uses)."""
+
+
+def orthogonalise(matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately ``U Vᵀ`` for ``matrix = U S Vᵀ`` ``[m, n]``, in ``matrix``'s dtype."""
+    a, b, c = NEWTON_SCHULZ
+    x = matrix / (matrix.norm() + eps)
+    wide = x.shape[0] <= x.shape[1]
+    x = x if wide else x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x if wide else x.T
+
+
+class Float32Muon(torch.optim.Optimizer):
+    """Muon for 2-D parameters: Nesterov momentum, then an orthogonalised update scaled by
+    ``0.2·√max(m, n)`` so that learning rates match AdamW's (as ``adjust_lr_fn="match_rms_adamw"``)."""
+
+    def __init__(self, params: Iterable[torch.Tensor], lr: float = 0.01, momentum: float = 0.95, ns_steps: int = 5) -> None:
+        super().__init__(params, {"lr": lr, "momentum": momentum, "ns_steps": ns_steps})
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:
+        for group in self.param_groups:
+            for parameter in group["params"]:
+                if parameter.grad is None:
+                    continue
+                buffer = self.state[parameter].setdefault("momentum_buffer", torch.zeros_like(parameter))
+                buffer.mul_(group["momentum"]).add_(parameter.grad)
+                update = parameter.grad.add(buffer, alpha=group["momentum"])
+                scale = 0.2 * math.sqrt(max(parameter.shape))
+                parameter.add_(orthogonalise(update, group["ns_steps"]), alpha=-group["lr"] * scale)
+
+
+def muon(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    """``torch.optim.Muon`` on CUDA with bf16 support, :class:`Float32Muon` everywhere else."""
+    device = params[0].device
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.optim.Muon(params, lr=lr, momentum=0.95, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
+    return Float32Muon(params, lr=lr)

@@ -153,12 +153,23 @@ class ModelParts:
         """Number of logits the unembedding produces."""
         return self.unembedding.weight.shape[0]
 
-    def decode(self, hidden: torch.Tensor) -> torch.Tensor:
+    def decode(self, hidden: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
         """Decode residual states ``[..., d]`` into logits ``[..., vocab]`` exactly as the model
-        decodes its last state: final norm, unembedding, then scaling and soft-capping."""
+        decodes its last state: final norm, unembedding, then scaling and soft-capping.
+
+        With ``vocab`` (token ids ``[k]``) only those logits are computed, ``[..., k]``, at
+        ``k / vocab_size`` of the unembedding's cost when it is a linear layer.
+        """
         for module in self.final_norm:
             hidden = module(_to_module(hidden, module))
-        logits = self.unembedding(_to_module(hidden, self.unembedding))
+        hidden = _to_module(hidden, self.unembedding)
+        if vocab is None:
+            logits = self.unembedding(hidden)
+        elif isinstance(self.unembedding, nn.Linear):
+            bias = None if self.unembedding.bias is None else self.unembedding.bias[vocab]
+            logits = nn.functional.linear(hidden, self.unembedding.weight[vocab], bias)
+        else:
+            logits = self.unembedding(hidden)[..., vocab]
         if self.logit_multiplier is not None:
             logits = logits * self.logit_multiplier
         if self.logit_divisor is not None:

@@ -151,7 +151,8 @@ def _default_run(model: str) -> Path:
 
 
 _TRAIN_OPTIONS = {"model", "data", "column", "out", "objective", "optimizer", "init", "init_tokens", "ridge",
-                  "chunk_len", "batch_tokens", "tokens", "minutes", "lr", "clip", "checkpoint_every", "seed"}
+                  "chunk_len", "batch_tokens", "shortlist", "negatives", "tokens", "minutes", "lr", "clip", "warmup_steps", "layer_lr_decay",
+                  "checkpoint_every", "seed"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,15 +177,21 @@ def build_parser() -> argparse.ArgumentParser:
     budget = training.add_mutually_exclusive_group()
     budget.add_argument("--minutes", type=float, help="wall-clock budget for training (default: 8)")
     budget.add_argument("--tokens", type=int, help="token budget for the KL steps")
-    training.add_argument("--optimizer", choices=["muon", "sgd"], help="muon (default) or the paper's SGD recipe")
+    training.add_argument("--optimizer", choices=["adam", "muon", "sgd"], help="adam (default), muon, or the paper's SGD recipe")
     training.add_argument("--init", choices=["least_squares", "identity"], help="closed-form start (default) or identity")
     training.add_argument("--objective", choices=["kl", "ce"], help="distillation KL (default) or next-token cross-entropy")
     training.add_argument("--init-tokens", type=int, help="tokens for the closed-form start (default: 8192)")
     training.add_argument("--ridge", type=float, help="ridge penalty of the closed-form start (default: 1e-4)")
     training.add_argument("--chunk-len", type=int, help="tokens per chunk (default: 256)")
-    training.add_argument("--batch-tokens", type=int, help="tokens per step and process (default: 512)")
-    training.add_argument("--lr", type=float, help="learning rate (default: 0.01 for muon, 1.0 for sgd)")
+    training.add_argument("--batch-tokens", type=int, help="tokens per step and process (default: 256)")
+    training.add_argument("--shortlist", type=int, metavar="K",
+                          help="estimate the KL on each position's K likeliest final tokens plus sampled ones "
+                               "(default: 8); 0 for the exact KL over the whole vocabulary")
+    training.add_argument("--negatives", type=int, help="tokens sampled uniformly into each batch's shortlist (default: 512)")
+    training.add_argument("--lr", type=float, help="peak learning rate (default: 5e-3 for adam, 0.01 for muon, 1.0 for sgd)")
     training.add_argument("--clip", type=float, help="gradient-norm clipping (default: 1.0)")
+    training.add_argument("--warmup-steps", type=int, help="steps of linear learning-rate warmup (default: 20)")
+    training.add_argument("--layer-lr-decay", type=float, help="layer l's learning rate is lr·(1 − this·l/L) (default: 0.7)")
     training.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: 10)")
     training.add_argument("--seed", type=int)
     training.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")

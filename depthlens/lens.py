@@ -50,10 +50,11 @@ class Lens(nn.Module):
         """Map a state ``[..., d]`` at ``layer`` to the space of the final state ``[..., d]``."""
         raise NotImplementedError
 
-    def forward(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
-        """Logits ``[..., vocab]`` (natural-log units, unnormalised) for states at ``layer``."""
+    def forward(self, hidden: torch.Tensor, layer: int, vocab: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[..., vocab]`` (natural-log units, unnormalised) for states at ``layer``;
+        only those of the token ids ``vocab [k]`` if given (``[..., k]``)."""
         self._check_layer(layer)
-        return self.parts.decode(self.transform(hidden, layer))
+        return self.parts.decode(self.transform(hidden, layer), vocab)
 
     def iter_logits(
         self, states: Sequence[torch.Tensor], layers: Iterable[int] | None = None

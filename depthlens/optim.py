@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -33,7 +34,7 @@ class Float32Muon(torch.optim.Optimizer):
     """Muon for 2-D parameters: Nesterov momentum, then an orthogonalised update scaled by
     ``0.2·√max(m, n)`` so that learning rates match AdamW's (as ``adjust_lr_fn="match_rms_adamw"``)."""
 
-    def __init__(self, params: Iterable[torch.Tensor], lr: float = 0.01, momentum: float = 0.95, ns_steps: int = 5) -> None:
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float = 0.01, momentum: float = 0.95, ns_steps: int = 5) -> None:
         super().__init__(params, {"lr": lr, "momentum": momentum, "ns_steps": ns_steps})
 
     @torch.no_grad()
@@ -49,9 +50,11 @@ class Float32Muon(torch.optim.Optimizer):
                 parameter.add_(orthogonalise(update, group["ns_steps"]), alpha=-group["lr"] * scale)
 
 
-def muon(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
-    """``torch.optim.Muon`` on CUDA with bf16 support, :class:`Float32Muon` everywhere else."""
-    device = params[0].device
+def muon(params: list[torch.Tensor] | list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+    """``torch.optim.Muon`` on CUDA with bf16 support, :class:`Float32Muon` everywhere else;
+    ``params`` are tensors or parameter groups."""
+    first = params[0]
+    device = (first["params"][0] if isinstance(first, dict) else first).device
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.optim.Muon(params, lr=lr, momentum=0.95, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
     return Float32Muon(params, lr=lr)

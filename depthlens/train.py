@@ -20,7 +20,7 @@ import itertools
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,13 +36,13 @@ from depthlens.errors import DepthlensError
 from depthlens.hidden_states import capture
 from depthlens.lens import TunedLens
 from depthlens.model import DEFAULT_MODEL, load_model
-from depthlens.objective import Objective, accumulate_gradients
+from depthlens.objective import Objective, Shortlist, accumulate_gradients
 from depthlens.optim import muon
 
-Optimizer = Literal["muon", "sgd"]
+Optimizer = Literal["muon", "adam", "sgd"]
 Init = Literal["least_squares", "identity"]
 
-DEFAULT_LR: dict[str, float] = {"muon": 0.01, "sgd": 1.0}
+DEFAULT_LR: dict[str, float] = {"muon": 0.01, "adam": 0.01, "sgd": 1.0}
 
 
 class TrainingError(DepthlensError):
@@ -64,12 +64,17 @@ class TrainConfig:
     out: str | None = None
     """Run directory (``lens/``, ``checkpoint/``, ``eval/`` go inside); default ``runs/<model>``."""
     objective: Objective = "kl"
-    optimizer: Optimizer = "muon"
+    optimizer: Optimizer = "adam"
     init: Init = "least_squares"
     init_tokens: int = 8192
     ridge: float = 1e-4
     chunk_len: int = 256
-    batch_tokens: int = 512
+    batch_tokens: int = 256
+    shortlist: int = 8
+    """Estimate the KL on a shortlist of the vocabulary: the final distribution's ``shortlist``
+    most likely tokens at every position of a batch, plus ``negatives`` sampled ones
+    (:class:`~depthlens.objective.Shortlist`); 0 computes the exact KL over the whole vocabulary."""
+    negatives: int = 512
     tokens: int | None = None
     """Budget of KL-step tokens (all processes together); exclusive with ``minutes``."""
     minutes: float | None = 8.0
@@ -78,6 +83,10 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-3
     clip: float | None = 1.0
+    warmup_steps: int = 20
+    """Steps over which the learning rate rises linearly to its peak (then it decays linearly to 0)."""
+    layer_lr_decay: float = 0.7
+    """Layer ``l``'s learning rate is ``lr · (1 − layer_lr_decay · l / L)``."""
     checkpoint_every: int = 10
     seed: int = 0
 
@@ -100,7 +109,11 @@ class TrainConfig:
         if self.batch_tokens % self.chunk_len or self.init_tokens % self.chunk_len:
             raise TrainingError(f"batch_tokens and init_tokens must be multiples of chunk_len ({self.chunk_len})")
         if self.optimizer not in DEFAULT_LR:
-            raise TrainingError(f"unknown optimizer {self.optimizer!r}; use muon or sgd")
+            raise TrainingError(f"unknown optimizer {self.optimizer!r}; use muon, adam or sgd")
+        if not 0.0 <= self.layer_lr_decay < 1.0:
+            raise TrainingError(f"layer_lr_decay must be in [0, 1), got {self.layer_lr_decay}")
+        if self.shortlist < 0 or self.negatives < 0:
+            raise TrainingError(f"--shortlist and --negatives must be ≥ 0, got {self.shortlist} and {self.negatives}")
         if self.objective not in ("kl", "ce"):
             raise TrainingError(f"unknown objective {self.objective!r}; use kl or ce")
         if self.init not in ("least_squares", "identity"):
@@ -177,18 +190,26 @@ def _check_data(source: TextSource, tokenizer: Any, config: TrainConfig) -> None
 
 
 def make_optimizers(lens: TunedLens, config: TrainConfig) -> list[torch.optim.Optimizer]:
-    """The paper's SGD for all parameters, or Muon for the translator matrices and Adam for the
-    biases (Muon only orthogonalises matrices)."""
-    weights = [t.weight for t in lens.translators]
-    biases = [t.bias for t in lens.translators]
+    """The paper's SGD for all parameters, Adam for all parameters, or Muon for the translator
+    matrices and Adam for the biases (Muon only orthogonalises matrices).
+
+    Every layer's parameters form their own group whose learning rate is scaled by
+    ``1 − layer_lr_decay · l / L`` (the ``layer_scale`` of the group): late layers start close to
+    the final layer and want smaller steps than early ones.
+    """
+    def groups(parameters: list[torch.Tensor]) -> list[dict[str, Any]]:
+        return [{"params": [p], "layer_scale": 1.0 - config.layer_lr_decay * layer / lens.num_layers}
+                for layer, p in enumerate(parameters)]
+
+    weights = groups([t.weight for t in lens.translators])
+    biases = groups([t.bias for t in lens.translators])
     lr = config.learning_rate
     if config.optimizer == "sgd":
         return [torch.optim.SGD(weights + biases, lr=lr, momentum=config.momentum, nesterov=True,
                                 weight_decay=config.weight_decay)]
-    return [
-        muon(weights, lr),
-        torch.optim.Adam(biases, lr=lr),
-    ]
+    if config.optimizer == "adam":
+        return [torch.optim.Adam(weights + biases, lr=lr)]
+    return [muon(weights, lr), torch.optim.Adam(biases, lr=lr)]
 
 
 def _least_squares_start(
@@ -214,12 +235,21 @@ def _least_squares_start(
     return consumed
 
 
-def train(config: TrainConfig | None = None, *, loaded: tuple[Any, Any] | None = None, **overrides: Any) -> TrainResult:
+def train(
+    config: TrainConfig | None = None,
+    *,
+    loaded: tuple[Any, Any] | None = None,
+    on_step: Callable[[TunedLens, dict[str, Any]], None] | None = None,
+    **overrides: Any,
+) -> TrainResult:
     """Train a tuned lens as configured and save it to ``<run>/lens``.
 
     Keyword ``overrides`` replace fields of ``config`` (or of the defaults). ``resume=True``
     continues from ``<run>/checkpoint``. ``loaded=(model, tokenizer)`` reuses a model already in
-    memory instead of loading ``config.model``.
+    memory instead of loading ``config.model``. ``on_step(lens, progress)`` is called after the
+    closed-form start (step 0) and after every step, with ``progress["seconds"]`` the training
+    time so far; the time it takes is not counted against the budget (use it to evaluate along
+    the way).
     """
     resume = bool(overrides.pop("resume", False))
     config = TrainConfig(**{**(asdict(config) if config else {}), **overrides})
@@ -245,6 +275,7 @@ def train(config: TrainConfig | None = None, *, loaded: tuple[Any, Any] | None =
         progress["chunks"] += _least_squares_start(lens, model, batches, config, procs)
         progress["initialised"] = True
     progress["seconds"] = time.monotonic() - started
+    started += _call(on_step, lens, progress)
 
     per_rank_chunks = config.batch_tokens // config.chunk_len
     step_tokens = config.batch_tokens * procs.world
@@ -256,7 +287,8 @@ def train(config: TrainConfig | None = None, *, loaded: tuple[Any, Any] | None =
             break
         group = list(itertools.islice(batches, per_rank_chunks * procs.world))
         batch = torch.stack(group[procs.rank * per_rank_chunks : (procs.rank + 1) * per_rank_chunks])
-        losses = _step(lens, model, batch, optimizers, config, procs, lr_factor=1.0 - done)
+        warmup = min(1.0, (progress["step"] + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+        losses = _step(lens, model, batch, optimizers, config, procs, lr_factor=warmup * (1.0 - done))
         progress["step"] += 1
         progress["chunks"] += len(group)
         progress["tokens"] += step_tokens
@@ -268,6 +300,7 @@ def train(config: TrainConfig | None = None, *, loaded: tuple[Any, Any] | None =
         bar.set_postfix(loss=f"{losses.sum().item():.3f}", mean_layer=f"{losses.mean().item():.3f}")
         if progress["step"] % config.checkpoint_every == 0:
             _checkpoint(run, lens, optimizers, progress, procs)
+        started += _call(on_step, lens, progress)
     bar.close()
     _checkpoint(run, lens, optimizers, progress, procs)
     lens.training_info = {"config": asdict(config), "steps": progress["step"], "tokens": progress["tokens"],
@@ -276,6 +309,15 @@ def train(config: TrainConfig | None = None, *, loaded: tuple[Any, Any] | None =
         lens.save_pretrained(run / "lens")
     procs.barrier()
     return TrainResult(lens, run / "lens", model, tokenizer, progress["step"], progress["tokens"], progress["seconds"], progress["history"])
+
+
+def _call(on_step: Callable[[TunedLens, dict[str, Any]], None] | None, lens: TunedLens, progress: dict[str, Any]) -> float:
+    """Run the callback, if any; returns the seconds it took."""
+    if on_step is None:
+        return 0.0
+    begun = time.monotonic()
+    on_step(lens, progress)
+    return time.monotonic() - begun
 
 
 def _budget_used(config: TrainConfig, progress: dict[str, Any], step_tokens: int) -> float:
@@ -306,7 +348,9 @@ def _step(
     tokens = torch.tensor(float((target != -100).sum() if config.objective == "ce" else target.shape[0]))
     procs.sum_(tokens)
     with _autocast(flat[0].device):
-        losses = accumulate_gradients(lens, flat, target, objective=config.objective, scale=1.0 / tokens.item())
+        shortlist = Shortlist(config.shortlist, config.negatives) if config.shortlist else None
+        losses = accumulate_gradients(lens, flat, target, objective=config.objective, scale=1.0 / tokens.item(),
+                                      shortlist=shortlist)
     procs.sum_(losses)
     losses /= tokens.item()
     for parameter in lens.parameters():
@@ -321,7 +365,7 @@ def _step(
         torch.nn.utils.clip_grad_norm_(lens.parameters(), config.clip)
     for optimizer in optimizers:
         for group in optimizer.param_groups:
-            group["lr"] = config.learning_rate * lr_factor
+            group["lr"] = config.learning_rate * lr_factor * group["layer_scale"]
         optimizer.step()
     return losses
 

@@ -160,7 +160,7 @@ def test_resume_refuses_a_checkpoint_with_other_settings(model_dir, text, tmp_pa
 
 
 def test_torchrun_with_two_processes_matches_one(model_dir, text, tmp_path):
-    config = _config(model_dir, text, tmp_path / "single", tokens=640, batch_tokens=64, optimizer="sgd", lr=0.5)
+    config = _config(model_dir, text, tmp_path / "single", tokens=640, batch_tokens=64, optimizer="sgd", lr=0.5, shortlist=0)
     train(**config)
     ddp = {**config, "out": str(tmp_path / "ddp"), "batch_tokens": 32}
     args = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in ddp.items() if k not in ("minutes",))

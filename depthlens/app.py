@@ -37,7 +37,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from depthlens.cli import SAMPLE_PROMPT
-from depthlens.errors import DepthlensError
+from depthlens.errors import AppError, DepthlensError
 from depthlens.lens import Lens, LogitLens, TunedLens
 from depthlens.pictures import heatmap_figure, save_figure, side_by_side
 from depthlens.trajectory import STATISTICS, Trajectory, encode
@@ -60,11 +60,6 @@ _ANALYTICS = "GRADIO_ANALYTICS_ENABLED"
 _DOWNLOADS = {"png": "PNG figure", "html": "HTML figure (interactive)", "csv": "CSV table"}
 _EVAL_METRICS = ("kl", "ce", "top1")
 _CSS = "#heatmap { overflow-x: auto !important; }"
-
-
-class AppError(DepthlensError):
-    """A request the app refuses: a text that is empty or too long, or a lens, statistic or top-k
-    that it does not offer."""
 
 
 class Explorer:

@@ -1,4 +1,8 @@
-"""Atomic writes: a file or a whole directory appears complete or not at all."""
+"""Atomic writes: a file or a whole directory appears complete or not at all.
+
+Staging files and folders get the permissions an ordinary ``open`` or ``mkdir`` would give
+(0666 or 0777 less the umask), not the private 0600/0700 of :mod:`tempfile`.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
+
+def _umasked(mode: int) -> int:
+    """``mode`` less the process's umask (read by setting it and putting it back)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return mode & ~umask
 
 
 def write_file(path: str | os.PathLike, data: bytes) -> Path:
@@ -18,6 +29,7 @@ def write_file(path: str | os.PathLike, data: bytes) -> Path:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
+        os.chmod(staging, _umasked(0o666))
         os.replace(staging, target)
     except BaseException:
         Path(staging).unlink(missing_ok=True)
@@ -35,6 +47,7 @@ def write_dir(directory: str | os.PathLike, files: dict[str, bytes]) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        os.chmod(staging, _umasked(0o777))
         for name, data in files.items():
             with open(staging / name, "wb") as file:
                 file.write(data)

@@ -17,14 +17,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from depthlens.atomic import write_dir
-from depthlens.errors import DepthlensError
+from depthlens.errors import CheckpointError
 
 TENSORS_NAME = "state.safetensors"
 JSON_NAME = "state.json"
-
-
-class CheckpointError(DepthlensError):
-    """A checkpoint is missing, damaged, or from a run with another configuration."""
 
 
 def save_checkpoint(

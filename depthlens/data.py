@@ -378,14 +378,18 @@ def _parquet_documents(file: Path, column: str) -> Iterator[str]:
 def _hub_documents(name: str, config: str | None, split: str, column: str) -> Iterator[str]:
     import datasets
 
+    from depthlens.model import hub_reachable
+
     where = f"hub dataset {name!r}"
+    unreachable = DataError(
+        f"{where}: the Hugging Face hub is unreachable (offline, or HF_HUB_OFFLINE=1 is set); {_ALTERNATIVES}"
+    )
+    if not hub_reachable():
+        raise unreachable
     try:
         dataset = datasets.load_dataset(name, config, split=split, streaming=True)
     except ConnectionError:
-        raise DataError(
-            f"{where}: the Hugging Face hub is unreachable (offline, or HF_HUB_OFFLINE=1 is set); "
-            f"{_ALTERNATIVES}"
-        ) from None
+        raise unreachable from None
     except (FileNotFoundError, ValueError) as error:
         reason = (str(error).strip() or type(error).__name__).splitlines()[0]
         raise DataError(f"{where}: cannot be loaded ({reason}); {_ALTERNATIVES}") from None

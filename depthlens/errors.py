@@ -23,3 +23,20 @@ class LensFileError(DepthlensError):
 
 class DataError(DepthlensError):
     """A text source is empty, unreadable, or too small for what was asked."""
+
+
+class TrajectoryError(DepthlensError):
+    """A statistic, layer selection, output path or pair of trajectories that cannot be used."""
+
+
+class CheckpointError(DepthlensError):
+    """A checkpoint is missing, damaged, or from a run with another configuration."""
+
+
+class AppError(DepthlensError):
+    """A request the app refuses: a text that is empty or too long, or a lens, statistic or top-k
+    that it does not offer."""
+
+
+class TrainingError(DepthlensError):
+    """Training cannot start or cannot go on (bad budget, non-finite loss)."""

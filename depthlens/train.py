@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from depthlens.checkpoint import load_checkpoint, save_checkpoint
 from depthlens.closed_form import LeastSquares
 from depthlens.data import TextSource, token_chunks
-from depthlens.errors import DepthlensError
+from depthlens.errors import TrainingError
 from depthlens.hidden_states import capture
 from depthlens.lens import TunedLens
 from depthlens.model import DEFAULT_MODEL, load_model
@@ -43,10 +43,6 @@ Optimizer = Literal["muon", "adam", "sgd"]
 Init = Literal["least_squares", "identity"]
 
 DEFAULT_LR: dict[str, float] = {"muon": 0.01, "adam": 0.01, "sgd": 1.0}
-
-
-class TrainingError(DepthlensError):
-    """Training cannot start or cannot go on (bad budget, non-finite loss)."""
 
 
 def run_dir(model: str) -> Path:

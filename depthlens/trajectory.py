@@ -35,7 +35,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from depthlens.atomic import write_file
-from depthlens.errors import DataError, DepthlensError
+from depthlens.errors import DataError, TrajectoryError
 from depthlens.hidden_states import HiddenStates, capture
 from depthlens.lens import Lens
 from depthlens.tokens import token_label
@@ -51,10 +51,6 @@ to the top token's 1, and it keeps ``exp`` off the very slow subnormal path."""
 
 LABEL_CHARS = 40
 """Token labels are stored up to this many characters; pictures shorten them further."""
-
-
-class TrajectoryError(DepthlensError):
-    """A statistic, layer selection, output path or pair of trajectories that cannot be used."""
 
 
 @dataclass(frozen=True)

@@ -63,3 +63,22 @@ def test_token_labels_show_whitespace_and_shorten(tiny_tokenizer):
     long_id = max(range(len(tiny_tokenizer)), key=lambda t: len(tiny_tokenizer.decode([t])))
     label = token_label(tiny_tokenizer, long_id, max_chars=3)
     assert len(label) == 3 and label.endswith("…")
+
+
+class _Pieces:
+    """A stand-in tokenizer whose token ``i`` decodes to ``pieces[i]``."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def decode(self, ids):
+        return self.pieces[ids[0]]
+
+    def convert_ids_to_tokens(self, token_id):
+        return f"<{token_id}>"
+
+
+def test_token_labels_make_invisible_characters_visible():
+    tokenizer = _Pieces(["\u00a0a", "\x00", "\x1b[", "a\u200bb", "\u2028", "\x7f", "plain"])
+    labels = [token_label(tokenizer, i) for i in range(7)]
+    assert labels == ["⍽a", "␀", "␛[", "a\\u200bb", "\\u2028", "␡", "plain"]

@@ -53,6 +53,12 @@ def offline_hub(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
+def reachable_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub probe says yes (the tests that use this fake ``datasets.load_dataset`` too)."""
+    monkeypatch.setattr("depthlens.model.hub_reachable", lambda: True)
+
+
+@pytest.fixture
 def no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
     """Any hub lookup is a test failure."""
 
@@ -143,6 +149,7 @@ def test_sources_describe_themselves_briefly(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.usefixtures("reachable_hub")
 def test_hub_dataset_is_streamed_from_its_text_column(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
@@ -373,6 +380,7 @@ def test_unreadable_parquet_is_an_error(tmp_path: Path) -> None:
         docs(path)
 
 
+@pytest.mark.usefixtures("reachable_hub")
 def test_missing_hub_column_lists_the_columns(monkeypatch: pytest.MonkeyPatch) -> None:
     rows = datasets.Dataset.from_dict({"content": ["a"], "id": [1]}).to_iterable_dataset()
     monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: rows)
@@ -382,6 +390,7 @@ def test_missing_hub_column_lists_the_columns(monkeypatch: pytest.MonkeyPatch) -
         TextSource("corpus").documents("train")
 
 
+@pytest.mark.usefixtures("reachable_hub")
 def test_missing_hub_column_is_found_when_columns_are_unknown_up_front(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -467,6 +476,13 @@ def test_validation_fraction_must_be_in_unit_interval(fraction: float) -> None:
         TextSource(validation_fraction=fraction)
 
 
+@pytest.mark.usefixtures("no_hub")
+def test_an_unreachable_hub_fails_at_once_without_trying_to_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("depthlens.model.hub_reachable", lambda: False)
+    with pytest.raises(DataError, match="hub dataset 'someone/corpus': the Hugging Face hub is unreachable"):
+        TextSource("someone/corpus").documents("train")
+
+
 @pytest.mark.usefixtures("offline_hub")
 def test_unreachable_hub_dataset_names_offline_mode_and_alternatives() -> None:
     with pytest.raises(DataError) as raised:
@@ -478,6 +494,7 @@ def test_unreachable_hub_dataset_names_offline_mode_and_alternatives() -> None:
     assert ".txt/.md/.jsonl/.parquet" in message and "'shakespeare'" in message
 
 
+@pytest.mark.usefixtures("reachable_hub")
 def test_hub_dataset_that_cannot_be_loaded_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
     def not_found(*args: object, **kwargs: object) -> None:
         raise datasets.exceptions.DatasetNotFoundError(

@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import os
+import stat
 import struct
 
 import pytest
@@ -10,6 +12,7 @@ from safetensors.torch import save
 from tiny_models import VOCAB, tiny_model
 
 from depthlens import LensFileError, TunedLens, capture, find_parts
+from depthlens.atomic import write_file
 from depthlens.lens_file import fingerprint
 
 
@@ -145,3 +148,15 @@ def test_failed_save_leaves_the_previous_lens_intact(model, trained, saved, monk
     assert (saved / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in saved.parent.iterdir()) == ["lens"]
     TunedLens.from_pretrained(saved, model)
+
+
+def test_saved_files_get_ordinary_permissions(trained, tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = trained.save_pretrained(tmp_path / "lens")
+        write_file(tmp_path / "eval.json", b"{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    assert stat.S_IMODE((path / "model.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "eval.json").stat().st_mode) == 0o644

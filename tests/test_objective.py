@@ -53,7 +53,7 @@ def test_the_shortlist_estimate_is_close_to_the_exact_kl_on_average(setup):
 
 
 def test_the_shortlist_always_holds_every_positions_top_tokens(setup):
-    lens, states, target = setup
+    _, _, target = setup
     sample = Shortlist(top_k=3, negatives=10).sample(target)
     top = set(target.topk(3, dim=-1).indices.flatten().tolist())
     assert top <= set(sample.vocab[: len(sample.vocab) - 10].tolist())

@@ -47,6 +47,8 @@ class FamilyRule:
     """Config attribute by which the model divides its logits."""
     logit_softcap: str | None = "final_logit_softcapping"
     """Config attribute ``c`` of the soft cap ``c * tanh(logits / c)``."""
+    vocab_limit: str | None = "unpadded_vocab_size"
+    """Config attribute ``n``: the model keeps only its first ``n`` logits (a padded unembedding)."""
     note: str = ""
 
 
@@ -132,6 +134,7 @@ class ModelParts:
     logit_multiplier: float | None = None
     logit_divisor: float | None = None
     logit_softcap: float | None = None
+    vocab_limit: int | None = None
     paths: dict[str, str | tuple[str, ...]] = field(default_factory=dict)
 
     @property
@@ -150,21 +153,23 @@ class ModelParts:
 
     @property
     def vocab_size(self) -> int:
-        """Number of logits the unembedding produces."""
-        return self.unembedding.weight.shape[0]
+        """Number of logits the model produces (the unembedding's rows, less any padding)."""
+        rows = self.unembedding.weight.shape[0]
+        return rows if self.vocab_limit is None else min(rows, self.vocab_limit)
 
     def decode(self, hidden: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
         """Decode residual states ``[..., d]`` into logits ``[..., vocab]`` exactly as the model
         decodes its last state: final norm, unembedding, then scaling and soft-capping.
 
-        With ``vocab`` (token ids ``[k]``) only those logits are computed, ``[..., k]``, at
-        ``k / vocab_size`` of the unembedding's cost when it is a linear layer.
+        With ``vocab`` (token ids ``[k]``, each below :attr:`vocab_size`) only those logits are
+        computed, ``[..., k]``, at ``k / vocab_size`` of the unembedding's cost when it is a
+        linear layer.
         """
         for module in self.final_norm:
             hidden = module(_to_module(hidden, module))
         hidden = _to_module(hidden, self.unembedding)
         if vocab is None:
-            logits = self.unembedding(hidden)
+            logits = self.unembedding(hidden)[..., : self.vocab_size]
         elif isinstance(self.unembedding, nn.Linear):
             bias = None if self.unembedding.bias is None else self.unembedding.bias[vocab]
             logits = nn.functional.linear(hidden, self.unembedding.weight[vocab], bias)
@@ -242,6 +247,7 @@ def find_parts(model: nn.Module) -> ModelParts:
         logit_multiplier=number(rule.logit_multiplier),
         logit_divisor=number(rule.logit_divisor),
         logit_softcap=number(rule.logit_softcap),
+        vocab_limit=None if (limit := number(rule.vocab_limit)) is None else int(limit),
         paths={"blocks": blocks_path, "final_norm": tuple(norm_paths)},
     )
 

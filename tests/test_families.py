@@ -104,7 +104,7 @@ def head_input(parts: ModelParts, state: torch.Tensor) -> torch.Tensor:
 
 
 def gap(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
+    return (a - b).abs().max().item() if a.shape == b.shape else float("inf")
 
 
 # --------------------------------------------------------------------------- named families
@@ -140,6 +140,7 @@ CASES = {
     ),
     "opt-project-out": Case("opt", {"word_embed_proj_dim": 16}, embeds_exactly=False),
     "opt-post-norm": Case("opt", {"do_layer_norm_before": False}, embeds_exactly=False),
+    "inkling-padded-vocab": Case("inkling_text", {"unpadded_vocab_size": 300}, ("vocab_limit",)),
 }
 
 

@@ -273,6 +273,7 @@ def train(
     progress["seconds"] = time.monotonic() - started
     started += _call(on_step, lens, progress)
 
+    exact = config.objective == "ce" or not config.shortlist
     per_rank_chunks = config.batch_tokens // config.chunk_len
     step_tokens = config.batch_tokens * procs.world
     bar = tqdm(total=config.tokens or round(config.minutes * 60), desc=f"{config.objective.upper()} steps",
@@ -293,7 +294,8 @@ def train(
                                     "seconds": round(progress["seconds"], 3), "loss": losses.sum().item()})
         bar.n = min(bar.total, progress["tokens"] if config.tokens else round(progress["seconds"]))
         bar.refresh()
-        bar.set_postfix(loss=f"{losses.sum().item():.3f}", mean_layer=f"{losses.mean().item():.3f}")
+        bar.set_postfix({"loss" if exact else "loss (estimate)": f"{losses.sum().item():.3f}",
+                         "mean_layer": f"{losses.mean().item():.3f}"})
         if progress["step"] % config.checkpoint_every == 0:
             _checkpoint(run, lens, optimizers, progress, procs)
         started += _call(on_step, lens, progress)

@@ -159,7 +159,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/train_efficiency.json")
     args = parser.parse_args()
 
-    results: dict[str, Any] = {"eval_tokens": args.eval_tokens, "rates": rates(args.eval_tokens), "dedicated": [], "curves": []}
+    results: dict[str, Any] = {"eval_tokens": args.eval_tokens, "marks": [*args.marks, args.minutes],
+                               "rates": rates(args.eval_tokens), "dedicated": [], "curves": []}
     cores = torch.get_num_threads()
     for minutes in args.dedicated:
         for method in args.dedicated_methods:
@@ -186,7 +187,7 @@ def print_tables(results: dict[str, Any]) -> None:
     if not results["curves"]:
         return
     curves = {c["method"]: c["points"] for c in results["curves"]}
-    marks = sorted({round(p["minutes"]) for points in curves.values() for p in points[1:]})
+    marks = results["marks"]
     print("\n| minutes | " + " | ".join(curves) + (" | default / sgd |" if {"sgd", "default"} <= curves.keys() else " |"))
     print("|---|" + "---|" * (len(curves) + ({"sgd", "default"} <= curves.keys())))
     for mark in marks:
@@ -194,7 +195,7 @@ def print_tables(results: dict[str, Any]) -> None:
         cells = [f"{row[m]['kl']:.3f} ({row[m]['steps']})" for m in curves]
         if {"sgd", "default"} <= curves.keys():
             cells.append(f"{row['default']['kl'] / row['sgd']['kl']:.2f}")
-        print(f"| {mark} | " + " | ".join(cells) + " |")
+        print(f"| {mark:g} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -160,7 +160,8 @@ def test_resume_refuses_a_checkpoint_with_other_settings(model_dir, text, tmp_pa
 
 
 def test_torchrun_with_two_processes_matches_one(model_dir, text, tmp_path):
-    config = _config(model_dir, text, tmp_path / "single", tokens=640, batch_tokens=64, optimizer="sgd", lr=0.5, shortlist=0)
+    config = _config(model_dir, text, tmp_path / "single", tokens=640, batch_tokens=64, optimizer="sgd", lr=0.5,
+                     shortlist=0)
     train(**config)
     ddp = {**config, "out": str(tmp_path / "ddp"), "batch_tokens": 32}
     args = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in ddp.items() if k not in ("minutes",))
@@ -171,3 +172,37 @@ def test_torchrun_with_two_processes_matches_one(model_dir, text, tmp_path):
     a, b = _translators(tmp_path / "single"), _translators(tmp_path / "ddp")
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-5), name
+
+
+def test_on_step_sees_every_step_and_its_time_is_not_charged(model_dir, text, tmp_path):
+    seen = []
+
+    def slow_callback(lens, progress):
+        seen.append(progress["step"])
+        time.sleep(0.2)
+
+    result = train(**_config(model_dir, text, tmp_path / "run", tokens=320), on_step=slow_callback)
+    assert seen == list(range(result.steps + 1))
+    assert result.seconds < 0.2 * len(seen)
+
+
+def test_learning_rates_shrink_with_depth_warm_up_and_decay(model_dir, text, tmp_path, monkeypatch):
+    import depthlens.train as training
+
+    model, _ = load_model(model_dir)
+    lens = TunedLens(model)
+    (adam,) = training.make_optimizers(lens, training.TrainConfig(optimizer="adam", layer_lr_decay=0.6))
+    scales = [group["layer_scale"] for group in adam.param_groups[: lens.num_layers]]
+    assert scales == pytest.approx([1.0 - 0.6 * layer / lens.num_layers for layer in range(lens.num_layers)])
+
+    factors = []
+    real = training._step
+
+    def recording(*args, lr_factor, **kwargs):
+        factors.append(lr_factor)
+        return real(*args, lr_factor=lr_factor, **kwargs)
+
+    monkeypatch.setattr(training, "_step", recording)
+    train(**_config(model_dir, text, tmp_path / "run", tokens=320, warmup_steps=4))
+    expected = [min(1.0, (step + 1) / 4) * (1.0 - step / 10) for step in range(10)]
+    assert factors == pytest.approx(expected)

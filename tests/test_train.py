@@ -90,6 +90,8 @@ def test_kl_steps_improve_on_the_closed_form_start(model_dir, text, tmp_path):
         ({"tokens": 320, "minutes": 1.0}, "exactly one budget"),
         ({"optimizer": "adamw"}, "unknown optimizer"),
         ({"batch_tokens": 20}, "multiples of chunk_len"),
+        ({"shortlist": -1}, "--shortlist and --negatives must be ≥ 0"),
+        ({"layer_lr_decay": 1.5}, r"layer_lr_decay must be in \[0, 1\)"),
     ],
 )
 def test_bad_budgets_fail_before_any_work(model_dir, text, tmp_path, changes, message):

@@ -1,6 +1,6 @@
 """Held-out KL versus wall time for three ways to train a tuned lens, measured in one run.
 
-Methods (all on smollm2-135m and the built-in Shakespeare corpus, through ``depthlens.train``):
+Methods (all on smollm2-135m and the built-in Shakespeare corpus, through ``depthlens.training.train``):
 
 - ``sgd``: the paper's recipe: identity start, exact KL, SGD with Nesterov momentum 0.9, lr 1.0,
   weight decay 1e-3, gradient clipping 1.0, linear decay;
@@ -41,9 +41,9 @@ from typing import Any
 import torch
 
 from depthlens import LogitLens, TunedLens, capture, load_model
-from depthlens.data import load_chunks
-from depthlens.objective import Shortlist, accumulate_gradients
-from depthlens.train import TrainConfig, train
+from depthlens.text.data import load_chunks
+from depthlens.training.objective import Shortlist, accumulate_gradients
+from depthlens.training.train import TrainConfig, train
 
 METHODS: dict[str, dict[str, Any]] = {
     "sgd": {"optimizer": "sgd", "init": "identity", "shortlist": 0, "batch_tokens": 512, "warmup_steps": 0,

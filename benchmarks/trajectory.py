@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from depthlens.data import load_chunks
-from depthlens.hidden_states import capture
-from depthlens.lens import LogitLens
-from depthlens.model import DEFAULT_MODEL, load_model
-from depthlens.trajectory import Trajectory
+from depthlens.text.data import load_chunks
+from depthlens.model.hidden_states import capture
+from depthlens.lenses.lens import LogitLens
+from depthlens.model.load import DEFAULT_MODEL, load_model
+from depthlens.analysis.trajectory import Trajectory
 
 MIB = 2**20
 

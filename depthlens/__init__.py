@@ -11,7 +11,7 @@ The data flows model → hidden states → lens → distributions::
 """
 
 from depthlens._version import __version__
-from depthlens.architecture import (
+from depthlens.model.architecture import (
     FAMILY_RULES,
     FamilyRule,
     ModelParts,
@@ -25,10 +25,10 @@ from depthlens.errors import (
     ModelLoadError,
     UnsupportedModelError,
 )
-from depthlens.hidden_states import HiddenStates, capture
-from depthlens.lens import Lens, LogitLens, TunedLens
-from depthlens.model import BUILTIN_MODELS, load_model
-from depthlens.trajectory import Trajectory, compare_lenses
+from depthlens.model.hidden_states import HiddenStates, capture
+from depthlens.lenses.lens import Lens, LogitLens, TunedLens
+from depthlens.model.load import BUILTIN_MODELS, load_model
+from depthlens.analysis.trajectory import Trajectory, compare_lenses
 
 __all__ = [
     "BUILTIN_MODELS",

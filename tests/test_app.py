@@ -23,7 +23,7 @@ import torch
 from tiny_models import VOCAB, tiny_model
 
 from depthlens import LogitLens, TunedLens
-from depthlens.app import (
+from depthlens.apps.web import (
     AppError,
     Explorer,
     build_app,
@@ -32,12 +32,12 @@ from depthlens.app import (
     start,
     write_downloads,
 )
-from depthlens.cli import build_parser, main
+from depthlens.apps.cli import build_parser, main
 from depthlens.errors import LensFileError
-from depthlens.evaluate import evaluate
-from depthlens.report import write_report
-from depthlens.tokens import token_label
-from depthlens.trajectory import LABEL_CHARS, Trajectory, shorten
+from depthlens.analysis.evaluate import evaluate
+from depthlens.viz.report import write_report
+from depthlens.text.tokens import token_label
+from depthlens.analysis.trajectory import LABEL_CHARS, Trajectory, shorten
 
 TEXT = "Fair is foul, and foul is fair"
 MAX_TOKENS = 16
@@ -141,7 +141,7 @@ def test_the_command_binds_to_loopback_by_default():
 
 def test_the_command_passes_its_options_to_serve(monkeypatch):
     seen = {}
-    monkeypatch.setattr("depthlens.app.serve", lambda *args, **kwargs: seen.update(args=args, kwargs=kwargs))
+    monkeypatch.setattr("depthlens.apps.web.serve", lambda *args, **kwargs: seen.update(args=args, kwargs=kwargs))
     assert main(["app", "--model", "m", "--lens", "a", "--lens", "b", "--host", "::1", "--port", "9000", "--max-tokens", "8"]) == 0
     assert seen == {"args": ("m", ["a", "b"]), "kwargs": {"host": "::1", "port": 9000, "max_tokens": 8}}
 
@@ -250,7 +250,7 @@ def test_50_concurrent_requests_are_all_answered_correctly(url, model, tiny_toke
 
 def test_the_command_serves_the_app(tmp_path, run, model, tiny_tokenizer):
     port = free_port()
-    command = [sys.executable, "-m", "depthlens.cli", "app", "--model", str(run.parent / "model"),
+    command = [sys.executable, "-m", "depthlens.apps.cli", "app", "--model", str(run.parent / "model"),
                "--lens", str(run / "lens"), "--port", str(port), "--max-tokens", str(MAX_TOKENS)]
     log = tmp_path / "app.log"
     with log.open("w") as output:
@@ -282,7 +282,7 @@ def test_a_taken_port_is_a_one_line_error(model, tiny_tokenizer):
 
 @pytest.mark.slow
 def test_the_app_works_on_the_embedded_model(tmp_path):
-    from depthlens.model import load_model
+    from depthlens.model.load import load_model
 
     model, tokenizer = load_model("smollm2-135m")
     text = "To be, or not to be, that is"

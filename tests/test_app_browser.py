@@ -13,7 +13,7 @@ from test_app import MAX_TOKENS, TEXT, make_run, running_app
 from tiny_models import tiny_model
 
 from depthlens import LogitLens, TunedLens
-from depthlens.trajectory import Trajectory
+from depthlens.analysis.trajectory import Trajectory
 
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]

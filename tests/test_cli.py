@@ -5,8 +5,8 @@ import torch
 from tiny_models import tiny_model
 
 from depthlens import LogitLens, TunedLens, capture
-from depthlens.cli import main
-from depthlens.tokens import token_label
+from depthlens.apps.cli import main
+from depthlens.text.tokens import token_label
 
 
 def _expected_rows(model, ids, lens, tokenizer):

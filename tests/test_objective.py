@@ -5,7 +5,7 @@ import torch
 from tiny_models import VOCAB, tiny_model
 
 from depthlens import TunedLens
-from depthlens.objective import Shortlist, accumulate_gradients
+from depthlens.training.objective import Shortlist, accumulate_gradients
 
 
 @pytest.fixture(scope="module")

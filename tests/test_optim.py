@@ -2,7 +2,7 @@
 
 import torch
 
-from depthlens.optim import Float32Muon, orthogonalise
+from depthlens.training.optim import Float32Muon, orthogonalise
 
 
 def test_newton_schulz_flattens_the_spectrum():

@@ -11,14 +11,14 @@ import torch
 from tiny_models import tiny_model
 
 from depthlens import LogitLens, TunedLens, capture
-from depthlens.pictures import (
+from depthlens.viz.pictures import (
     heatmap_figure,
     heatmap_matplotlib,
     save_figure,
     side_by_side,
     side_by_side_matplotlib,
 )
-from depthlens.trajectory import Trajectory, TrajectoryError, encode
+from depthlens.analysis.trajectory import Trajectory, TrajectoryError, encode
 
 TEXTS = ["Fair is foul, and foul is fair", "When shall we three meet again"]
 

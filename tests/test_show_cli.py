@@ -8,8 +8,8 @@ import torch
 from tiny_models import tiny_model
 
 from depthlens import LogitLens, TunedLens
-from depthlens.cli import main
-from depthlens.trajectory import Trajectory
+from depthlens.apps.cli import main
+from depthlens.analysis.trajectory import Trajectory
 
 TEXT = "Fair is foul, and foul is fair"
 

@@ -13,10 +13,10 @@ import torch
 from tiny_models import tiny_model
 
 from depthlens import LogitLens, TunedLens, load_model
-from depthlens.closed_form import LeastSquares
-from depthlens.data import TextSource
-from depthlens.evaluate import evaluate_held_out
-from depthlens.train import TrainingError, train
+from depthlens.training.closed_form import LeastSquares
+from depthlens.text.data import TextSource
+from depthlens.analysis.evaluate import evaluate_held_out
+from depthlens.training.train import TrainingError, train
 
 SMALL = dict(chunk_len=16, batch_tokens=32, init_tokens=256, checkpoint_every=1, lr=0.01)
 
@@ -101,7 +101,7 @@ def test_bad_budgets_fail_before_any_work(model_dir, text, tmp_path, changes, me
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(model_dir, text, tmp_path, monkeypatch):
-    import depthlens.train as training
+    import depthlens.training.train as training
 
     real = training.accumulate_gradients
     calls = {"n": 0}
@@ -120,7 +120,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(model_dir, tex
 
 
 def _train_in_subprocess(config: dict, resume: bool = False) -> subprocess.Popen:
-    code = f"from depthlens.train import train; train(**{config!r}, resume={resume})"
+    code = f"from depthlens.training.train import train; train(**{config!r}, resume={resume})"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -168,7 +168,7 @@ def test_torchrun_with_two_processes_matches_one(model_dir, text, tmp_path):
     ddp = {**config, "out": str(tmp_path / "ddp"), "batch_tokens": 32}
     args = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in ddp.items() if k not in ("minutes",))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29512",
-               "-m", "depthlens.cli", "train", *args.split(), "--no-eval"]
+               "-m", "depthlens.apps.cli", "train", *args.split(), "--no-eval"]
     done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     a, b = _translators(tmp_path / "single"), _translators(tmp_path / "ddp")
@@ -189,7 +189,7 @@ def test_on_step_sees_every_step_and_its_time_is_not_charged(model_dir, text, tm
 
 
 def test_learning_rates_shrink_with_depth_warm_up_and_decay(model_dir, text, tmp_path, monkeypatch):
-    import depthlens.train as training
+    import depthlens.training.train as training
 
     model, _ = load_model(model_dir)
     lens = TunedLens(model)

@@ -8,7 +8,7 @@ import torch
 from tiny_models import VOCAB, tiny_model
 
 from depthlens import DataError, LogitLens, TunedLens, capture
-from depthlens.trajectory import (
+from depthlens.analysis.trajectory import (
     STATISTICS,
     Trajectory,
     TrajectoryError,

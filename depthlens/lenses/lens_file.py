@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from depthlens.architecture import ModelParts
+from depthlens.model.architecture import ModelParts
 from depthlens.atomic import write_dir
 from depthlens.errors import LensFileError
 

@@ -27,7 +27,7 @@ from typing import Literal
 
 import torch
 
-from depthlens.lens import Lens
+from depthlens.lenses.lens import Lens
 
 Objective = Literal["kl", "ce"]
 

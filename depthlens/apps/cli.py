@@ -21,10 +21,10 @@ def _table(args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from depthlens.hidden_states import capture
-    from depthlens.lens import LogitLens, TunedLens
-    from depthlens.model import load_model
-    from depthlens.tokens import token_label
+    from depthlens.model.hidden_states import capture
+    from depthlens.lenses.lens import LogitLens, TunedLens
+    from depthlens.model.load import load_model
+    from depthlens.text.tokens import token_label
 
     text = sys.stdin.read() if args.text == "-" else args.text
     if not text.strip():
@@ -50,7 +50,7 @@ def _table(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     from rich.console import Console
 
-    from depthlens.train import train
+    from depthlens.training.train import train
 
     options = {name: value for name, value in vars(args).items() if name in _TRAIN_OPTIONS and value is not None}
     if "tokens" in options:
@@ -63,8 +63,8 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from depthlens.lens import TunedLens
-    from depthlens.model import load_model
+    from depthlens.lenses.lens import TunedLens
+    from depthlens.model.load import load_model
 
     lens_dir = args.lens or str(_default_run(args.model) / "lens")
     model, tokenizer = load_model(args.model)
@@ -75,9 +75,9 @@ def _eval(args: argparse.Namespace) -> None:
 def _evaluate_and_report(model, tokenizer, lens, data: str, tokens: int, out: str | Path) -> None:
     from rich.console import Console
 
-    from depthlens.evaluate import evaluate_held_out
-    from depthlens.lens import LogitLens
-    from depthlens.report import comparison_table, write_report
+    from depthlens.analysis.evaluate import evaluate_held_out
+    from depthlens.lenses.lens import LogitLens
+    from depthlens.viz.report import comparison_table, write_report
 
     report = evaluate_held_out(model, tokenizer, {"logit": LogitLens(model), "tuned": lens}, data, tokens=tokens)
     files = write_report(report, out)
@@ -88,10 +88,10 @@ def _evaluate_and_report(model, tokenizer, lens, data: str, tokens: int, out: st
 
 def _show(args: argparse.Namespace) -> None:
     from depthlens.errors import DataError
-    from depthlens.lens import LogitLens, TunedLens
-    from depthlens.model import load_model
-    from depthlens.pictures import output_kind, save_figure
-    from depthlens.trajectory import Trajectory, encode, statistic
+    from depthlens.lenses.lens import LogitLens, TunedLens
+    from depthlens.model.load import load_model
+    from depthlens.viz.pictures import output_kind, save_figure
+    from depthlens.analysis.trajectory import Trajectory, encode, statistic
 
     statistic(args.stat)
     if args.out:
@@ -133,7 +133,7 @@ def _show(args: argparse.Namespace) -> None:
 
 
 def _app(args: argparse.Namespace) -> None:
-    from depthlens.app import serve
+    from depthlens.apps.web import serve
 
     serve(args.model, args.lens, host=args.host, port=args.port, max_tokens=args.max_tokens)
 
@@ -145,7 +145,7 @@ def _is_first_process() -> bool:
 
 
 def _default_run(model: str) -> Path:
-    from depthlens.train import run_dir
+    from depthlens.training.train import run_dir
 
     return run_dir(model)
 

@@ -38,7 +38,7 @@ from matplotlib.image import AxesImage
 from plotly.subplots import make_subplots
 
 from depthlens.atomic import write_file
-from depthlens.trajectory import Trajectory, TrajectoryError, statistic
+from depthlens.analysis.trajectory import Trajectory, TrajectoryError, statistic
 
 FIGURE_SUFFIXES = {".html": "plotly", ".png": "matplotlib", ".pdf": "matplotlib", ".svg": "matplotlib", ".csv": "table"}
 """What :func:`save_figure` writes for each file suffix."""

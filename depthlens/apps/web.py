@@ -3,7 +3,7 @@
 The page has two tabs:
 
 - **Layers**: type or paste a text, pick a lens (or two lenses side by side), a statistic and how
-  many top tokens the hover shows; the trajectory heatmap of :mod:`depthlens.pictures` appears,
+  many top tokens the hover shows; the trajectory heatmap of :mod:`depthlens.viz.pictures` appears,
   and the figure (PNG, HTML) and the tidy table (CSV) can be downloaded.
 - **Evaluation**: the per-layer curves and table that ``depthlens train``/``depthlens eval`` wrote
   next to a lens, when there are any.
@@ -36,11 +36,11 @@ import plotly.graph_objects as go
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from depthlens.cli import SAMPLE_PROMPT
+from depthlens.apps.cli import SAMPLE_PROMPT
 from depthlens.errors import AppError, DepthlensError
-from depthlens.lens import Lens, LogitLens, TunedLens
-from depthlens.pictures import heatmap_figure, save_figure, side_by_side
-from depthlens.trajectory import STATISTICS, Trajectory, encode
+from depthlens.lenses.lens import Lens, LogitLens, TunedLens
+from depthlens.viz.pictures import heatmap_figure, save_figure, side_by_side
+from depthlens.analysis.trajectory import STATISTICS, Trajectory, encode
 
 DEFAULT_HOST = "127.0.0.1"
 """The app listens on this machine only unless another host is given."""
@@ -345,8 +345,8 @@ def serve(
     Without ``lens_dirs`` the app offers the logit lens and, if the main training job has written
     one, the tuned lens in ``runs/<model>/lens``.
     """
-    from depthlens.model import load_model
-    from depthlens.train import run_dir
+    from depthlens.model.load import load_model
+    from depthlens.training.train import run_dir
 
     if not 1 <= port <= 65535:
         raise AppError(f"the port must be between 1 and 65535, got {port}")

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from depthlens.lens import TunedLens
+from depthlens.lenses.lens import TunedLens
 
 
 class LeastSquares:

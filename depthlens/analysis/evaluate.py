@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from depthlens.architecture import find_parts
-from depthlens.data import TextSource, load_chunks
-from depthlens.hidden_states import capture
-from depthlens.lens import Lens
+from depthlens.model.architecture import find_parts
+from depthlens.text.data import TextSource, load_chunks
+from depthlens.model.hidden_states import capture
+from depthlens.lenses.lens import Lens
 
 SUMMED_METRICS = ("kl", "ce", "entropy", "top1")
 NATS_METRICS = ("kl", "ce", "entropy", "bias")

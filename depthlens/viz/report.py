@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.table import Table
 
 from depthlens.atomic import write_file
-from depthlens.evaluate import EvalReport
+from depthlens.analysis.evaluate import EvalReport
 
 CURVE_METRICS = (("kl", "nats"), ("ce", "nats"), ("entropy", "nats"), ("bias", "nats"), ("top1", "fraction"))
 TITLES = {

@@ -4,9 +4,9 @@ The job, in order:
 
 1. load the model and stream the training split of the text source as packed chunks;
 2. ``init="least_squares"``: fit every translator by ridge regression onto the last residual
-   state from the first ``init_tokens`` tokens (:mod:`depthlens.closed_form`);
+   state from the first ``init_tokens`` tokens (:mod:`depthlens.training.closed_form`);
 3. KL steps until the budget (tokens or wall-clock minutes) is spent: one model forward per batch,
-   then a per-layer forward/backward of the lens (:mod:`depthlens.objective`), an optimizer step
+   then a per-layer forward/backward of the lens (:mod:`depthlens.training.objective`), an optimizer step
    and a linearly decaying learning rate;
 4. save the lens, and checkpoint periodically so that ``resume=True`` continues exactly.
 
@@ -29,15 +29,15 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from depthlens.checkpoint import load_checkpoint, save_checkpoint
-from depthlens.closed_form import LeastSquares
-from depthlens.data import TextSource, token_chunks
+from depthlens.training.checkpoint import load_checkpoint, save_checkpoint
+from depthlens.training.closed_form import LeastSquares
+from depthlens.text.data import TextSource, token_chunks
 from depthlens.errors import TrainingError
-from depthlens.hidden_states import capture
-from depthlens.lens import TunedLens
-from depthlens.model import DEFAULT_MODEL, load_model
-from depthlens.objective import Objective, Shortlist, accumulate_gradients
-from depthlens.optim import muon
+from depthlens.model.hidden_states import capture
+from depthlens.lenses.lens import TunedLens
+from depthlens.model.load import DEFAULT_MODEL, load_model
+from depthlens.training.objective import Objective, Shortlist, accumulate_gradients
+from depthlens.training.optim import muon
 
 Optimizer = Literal["muon", "adam", "sgd"]
 Init = Literal["least_squares", "identity"]
@@ -69,7 +69,7 @@ class TrainConfig:
     shortlist: int = 8
     """Estimate the KL on a shortlist of the vocabulary: the final distribution's ``shortlist``
     most likely tokens at every position of a batch, plus ``negatives`` sampled ones
-    (:class:`~depthlens.objective.Shortlist`); 0 computes the exact KL over the whole vocabulary."""
+    (:class:`~depthlens.training.objective.Shortlist`); 0 computes the exact KL over the whole vocabulary."""
     negatives: int = 512
     tokens: int | None = None
     """Budget of KL-step tokens (all processes together); exclusive with ``minutes``."""

@@ -378,7 +378,7 @@ def _parquet_documents(file: Path, column: str) -> Iterator[str]:
 def _hub_documents(name: str, config: str | None, split: str, column: str) -> Iterator[str]:
     import datasets
 
-    from depthlens.model import hub_reachable
+    from depthlens.model.load import hub_reachable
 
     where = f"hub dataset {name!r}"
     unreachable = DataError(

@@ -11,7 +11,7 @@ the model's own output), batch item and position:
 
 Only these are stored, about ``rows × tokens × (12 k + 24)`` bytes, never full-vocabulary
 distributions. They are computed one chunk of positions at a time, and within a chunk one layer at
-a time through :meth:`~depthlens.lens.Lens.iter_logits`, so ``[layers, tokens, vocab]`` never
+a time through :meth:`~depthlens.lenses.lens.Lens.iter_logits`, so ``[layers, tokens, vocab]`` never
 exists: besides the hidden states and the model's logits, the working memory is about six
 float32 buffers ``[chunk_tokens, vocab]``, 64 MiB each by default.
 
@@ -36,9 +36,9 @@ from transformers import PreTrainedTokenizerBase
 
 from depthlens.atomic import write_file
 from depthlens.errors import DataError, TrajectoryError
-from depthlens.hidden_states import HiddenStates, capture
-from depthlens.lens import Lens
-from depthlens.tokens import token_label
+from depthlens.model.hidden_states import HiddenStates, capture
+from depthlens.lenses.lens import Lens
+from depthlens.text.tokens import token_label
 
 CHUNK_ELEMENTS = 2**24
 """Default chunk size: a chunk holds at most this many ``tokens × vocab`` floats (64 MiB). Smaller
@@ -148,7 +148,7 @@ class Trajectory:
     max_prob: torch.Tensor
     """The lens's top-1 probability ``[rows, batch, seq]``, float32."""
     labels: dict[int, str]
-    """A readable label (:func:`~depthlens.tokens.token_label`) for every id in
+    """A readable label (:func:`~depthlens.text.tokens.token_label`) for every id in
     :attr:`input_ids` and :attr:`top_ids`."""
     lens_kind: str
     """``Lens.kind`` of the lens, e.g. ``"logit"`` or ``"tuned"``."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from depthlens.architecture import ModelParts, find_parts
+from depthlens.model.architecture import ModelParts, find_parts
 
 
 @dataclass

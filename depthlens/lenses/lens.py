@@ -1,7 +1,7 @@
 """Lenses: decode a layer's residual state into a next-token distribution.
 
 A lens maps hidden states ``[batch, seq, d]`` at layer ``l`` (``0 ≤ l ≤ L``, numbered as in
-:mod:`depthlens.hidden_states`) to logits ``[batch, seq, vocab]``:
+:mod:`depthlens.model.hidden_states`) to logits ``[batch, seq, vocab]``:
 
 - :class:`LogitLens` decodes the state directly with the model's final norm and unembedding.
 - :class:`TunedLens` (Belrose et al. 2023) first applies a per-layer affine translator
@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from depthlens._version import __version__
-from depthlens.architecture import ModelParts, find_parts
+from depthlens.model.architecture import ModelParts, find_parts
 from depthlens.errors import LensFileError
-from depthlens.lens_file import fingerprint, read_lens_dir, write_lens_dir
+from depthlens.lenses.lens_file import fingerprint, read_lens_dir, write_lens_dir
 
 
 def _parts(model: nn.Module | ModelParts) -> ModelParts:
@@ -61,7 +61,7 @@ class Lens(nn.Module):
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(layer, logits [batch, seq, vocab])`` for each layer, one layer at a time.
 
-        ``states`` is a :class:`~depthlens.hidden_states.HiddenStates` or any sequence of
+        ``states`` is a :class:`~depthlens.model.hidden_states.HiddenStates` or any sequence of
         ``L + 1`` tensors ``[batch, seq, d]``.
         """
         for layer in range(len(states)) if layers is None else layers:

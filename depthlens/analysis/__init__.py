@@ -1,0 +1,1 @@
+"""Analyses over readouts: trajectories, evaluation, comparisons."""

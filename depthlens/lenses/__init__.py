@@ -1,0 +1,1 @@
+"""Readouts: the readout protocol, the logit and tuned lenses, lens files."""

@@ -1,0 +1,1 @@
+"""Load a model, discover its parts, and read or write its forward pass through hooks."""

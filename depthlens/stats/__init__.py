@@ -1,0 +1,1 @@
+"""Statistics: divergences in nats, bootstrap intervals, grids of per-layer values."""

@@ -1,0 +1,1 @@
+"""Text: data sources, packed token chunks, readable token labels."""

@@ -1,0 +1,1 @@
+"""Training a tuned lens: config, loop, objective, closed-form start, optimisers, checkpoints."""

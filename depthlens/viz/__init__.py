@@ -1,0 +1,1 @@
+"""Pictures: heatmaps and curves drawn with plotly and matplotlib, and reports."""

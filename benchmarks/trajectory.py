@@ -29,7 +29,7 @@ import torch
 
 from depthlens.text.data import load_chunks
 from depthlens.model.hidden_states import capture
-from depthlens.lenses.lens import LogitLens
+from depthlens.lenses import LogitLens
 from depthlens.model.load import DEFAULT_MODEL, load_model
 from depthlens.analysis.trajectory import Trajectory
 

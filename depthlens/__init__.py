@@ -21,14 +21,16 @@ from depthlens.model.architecture import (
 from depthlens.errors import (
     DataError,
     DepthlensError,
+    LayerError,
     LensFileError,
     ModelLoadError,
     UnsupportedModelError,
 )
 from depthlens.model.hidden_states import HiddenStates, capture
-from depthlens.lenses.lens import Lens, LogitLens, TunedLens
+from depthlens.lenses import Lens, LogitLens, Readout, TunedLens
 from depthlens.model.load import BUILTIN_MODELS, load_model
-from depthlens.analysis.trajectory import Trajectory, compare_lenses
+from depthlens.analysis.compare import LensDivergence, compare_lenses
+from depthlens.analysis.trajectory import Trajectory
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -37,11 +39,14 @@ __all__ = [
     "DepthlensError",
     "FamilyRule",
     "HiddenStates",
+    "LayerError",
     "Lens",
+    "LensDivergence",
     "LensFileError",
     "LogitLens",
     "ModelLoadError",
     "ModelParts",
+    "Readout",
     "Trajectory",
     "TunedLens",
     "UnsupportedModelError",

@@ -55,9 +55,12 @@ class EditError(DepthlensError):
     position out of range, a value of the wrong shape, an erasure without what it needs."""
 
 
-class OutputError(DepthlensError):
+class OutputError(DepthlensError, OSError):
     """An output file or folder cannot be written: its folder cannot be made (a file stands in
-    the way, no permission, a read-only disk), the disk is full, or the path names a folder."""
+    the way, no permission, a read-only disk), the disk is full, or the path names a folder.
+
+    Also an :class:`OSError`, which is what :mod:`depthlens.atomic` raised before, so code that
+    catches ``OSError`` around a write keeps working."""
 
 
 class ReportError(DepthlensError):
@@ -74,3 +77,50 @@ class GridError(TrajectoryError):
 class UsageError(DepthlensError):
     """A command-line option or argument with a value the command cannot use (an empty text, a
     count below 1, two options that exclude each other)."""
+
+
+class TaskError(DepthlensError):
+    """Task data that cannot be used: a missing field, a gold index out of range, an empty or
+    mixed-size choice list, an unknown built-in task, or built-in task files that are not
+    installed. The message names the example (file and line, or task and index)."""
+
+
+class ScoreError(DepthlensError):
+    """Scores and labels that cannot give an AUROC or a correlation (different lengths, one class
+    only, NaN, too few values)."""
+
+
+class RelationError(DataError):
+    """A relation (templates and subject–object pairs) that cannot be used: a malformed relation
+    file, too few examples for what was asked, a template without its ``{}``, or a subject that does
+    not occur in the prompt."""
+
+
+class AttributionError(DepthlensError):
+    """A logit attribution that cannot be computed as asked: a target that is not exactly one
+    token, a position outside the text, or a model whose final norm cannot be linearised."""
+
+
+class PatchscopeError(EditError):
+    """A Patchscope that cannot run: source and target widths that differ without a map, a source
+    or target position outside its prompt, a map of the wrong shape."""
+
+
+class GenerationError(DepthlensError):
+    """Generation that cannot run as asked: no tokens to generate, a bad temperature, top-k or
+    top-p, or a prompt batch without an attention mask for its padding."""
+
+
+class CausalError(DepthlensError):
+    """A causal analysis that cannot run as asked: more directions than the residual width, too
+    few positions for the statistics, an unknown erasure, or a basis file made for another model
+    or layer."""
+
+
+class DriftError(DepthlensError):
+    """A drift analysis that cannot run as asked: too few positions or layers, or a transfer
+    matrix without a tuned lens."""
+
+
+class ModelCacheError(DepthlensError):
+    """A model cache entry fails its check, or a cache command was given nothing to act on."""

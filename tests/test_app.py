@@ -23,6 +23,9 @@ import torch
 from tiny_models import VOCAB, tiny_model
 
 from depthlens import LogitLens, TunedLens
+from depthlens.analysis.evaluate import evaluate
+from depthlens.analysis.trajectory import LABEL_CHARS, Trajectory, shorten
+from depthlens.apps.cli import build_parser, main
 from depthlens.apps.web import (
     AppError,
     Explorer,
@@ -32,12 +35,9 @@ from depthlens.apps.web import (
     start,
     write_downloads,
 )
-from depthlens.apps.cli import build_parser, main
 from depthlens.errors import LensFileError
-from depthlens.analysis.evaluate import evaluate
-from depthlens.viz.report import write_report
 from depthlens.text.tokens import token_label
-from depthlens.analysis.trajectory import LABEL_CHARS, Trajectory, shorten
+from depthlens.viz.report import write_report
 
 TEXT = "Fair is foul, and foul is fair"
 MAX_TOKENS = 16
@@ -229,6 +229,34 @@ def test_without_an_evaluation_the_tab_says_so(model, tiny_tokenizer):
     demo = build_app(model, tiny_tokenizer, {"logit": LogitLens(model)})
     notes = [block.value for block in demo.blocks.values() if getattr(block, "elem_id", None) == "evaluation-note"]
     assert len(notes) == 1 and "No evaluation was found" in notes[0]
+
+
+def test_the_report_reads_back_as_written(run, tmp_path):
+    from depthlens.errors import ReportError
+    from depthlens.viz.report import REPORT_FILES, read_report, report_files, wide_table
+
+    report = read_report(run / "eval")
+    written = json.loads((run / "eval" / "eval.json").read_text())
+    assert (report.table, report.tokens, report.bytes, report.meta) == (
+        written["table"], written["tokens"], written["bytes"], written["meta"])
+    assert report_files(run / "eval") == {kind: run / "eval" / name for kind, name in REPORT_FILES.items()}
+    assert list(wide_table(report).columns)[:3] == ["layer", "kl · logit", "kl · tuned"]
+    with pytest.raises(ReportError, match="run depthlens eval to make one"):
+        read_report(tmp_path)
+    (tmp_path / "eval.json").write_text("{not json")
+    with pytest.raises(ReportError, match="cannot be read"):
+        read_report(tmp_path)
+    (tmp_path / "eval.json").write_text('{"tokens": 3, "table": [{"lens": "logit"}]}')
+    with pytest.raises(ReportError, match="not an evaluation report"):
+        read_report(tmp_path)
+
+
+def test_a_damaged_evaluation_is_a_note_not_a_crash(model, tiny_tokenizer, run, tmp_path):
+    shutil.copytree(run / "eval", tmp_path / "eval")
+    (tmp_path / "eval" / "eval.json").write_text("[]")
+    demo = build_app(model, tiny_tokenizer, {"logit": LogitLens(model)}, {"logit": tmp_path / "eval"})
+    notes = [block.value for block in demo.blocks.values() if getattr(block, "elem_id", None) == "evaluation-note"]
+    assert len(notes) == 1 and "is not an evaluation report" in notes[0] and "the curves are shown as written" in notes[0]
 
 
 def test_50_concurrent_requests_are_all_answered_correctly(url, model, tiny_tokenizer, tuned):

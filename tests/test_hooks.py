@@ -32,10 +32,11 @@ def test_reads_match_the_models_own_hidden_states(llama):
     assert _hooks(llama) == before
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "olmo2", "bloom", "gpt_neox", "phi", "mixtral", "gptj"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "olmo2", "bloom", "gpt_neox", "phi", "mixtral", "gptj", "falcon", "mpt"])
 def test_branches_add_up_to_the_next_residual_state(family):
     """resid.{i+1} = resid.{i} + attn.{i} + mlp.{i}: the branch values are exactly what each
-    block adds (sandwich norms included, BLOOM's built-in residual subtracted)."""
+    block adds (sandwich norms included, BLOOM's and MPT's built-in residual subtracted, Falcon's in-place
+    sum not leaking into what was read)."""
     model = tiny_model(family)
     parts = find_parts(model)
     run = run_with_hooks(model, IDS, read=points(parts))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from tiny_models import VOCAB, tiny_model
 
-from depthlens import LogitLens, TunedLens, capture, find_parts
+from depthlens import LayerError, LogitLens, TunedLens, capture, find_parts
 
 
 @pytest.fixture(scope="module")
@@ -71,5 +71,5 @@ def test_top_k_matches_full_distribution(model, states):
 
 
 def test_layer_out_of_range_is_a_clear_error(model, states):
-    with pytest.raises(IndexError, match="layers 0 … 3"):
+    with pytest.raises(LayerError, match="layers 0 … 3"):
         LogitLens(model)(states[0], layer=4)

@@ -11,6 +11,7 @@ import torch
 from tiny_models import tiny_model
 
 from depthlens import LogitLens, TunedLens, capture
+from depthlens.analysis.trajectory import Trajectory, TrajectoryError, encode
 from depthlens.viz.pictures import (
     heatmap_figure,
     heatmap_matplotlib,
@@ -18,7 +19,6 @@ from depthlens.viz.pictures import (
     side_by_side,
     side_by_side_matplotlib,
 )
-from depthlens.analysis.trajectory import Trajectory, TrajectoryError, encode
 
 TEXTS = ["Fair is foul, and foul is fair", "When shall we three meet again"]
 

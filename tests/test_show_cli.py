@@ -8,8 +8,8 @@ import torch
 from tiny_models import tiny_model
 
 from depthlens import LogitLens, TunedLens
-from depthlens.apps.cli import main
 from depthlens.analysis.trajectory import Trajectory
+from depthlens.apps.cli import main
 
 TEXT = "Fair is foul, and foul is fair"
 
@@ -106,3 +106,50 @@ def test_bad_input_is_one_line_and_status_2(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("depthlens: error: ") and message in err and "\n" not in err
+
+
+def _one_line_error(capsys) -> str:
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("depthlens: error: ") and "\n" not in err and "Traceback" not in captured.err
+    return err
+
+
+def test_an_empty_text_is_refused_wherever_it_comes_from(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    (tmp_path / "empty.txt").write_text("", encoding="utf-8")
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    for argv in (["show", ""], ["show", "-"], ["show", "--file", str(tmp_path / "empty.txt")], ["table", ""]):
+        assert main([*argv, "--model", str(tiny_model_dir)]) == 2
+        assert "the text is empty" in _one_line_error(capsys)
+
+
+def test_an_unwritable_output_path_is_one_line(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "somefile.txt").write_text("x")
+    (tmp_path / "folder.csv").mkdir()
+    for out, reason in ((tmp_path / "somefile.txt" / "out.png", "somefile.txt is a file, not a folder"),
+                        (tmp_path / "somefile.txt" / "deeper" / "t.csv", "somefile.txt is a file, not a folder"),
+                        (tmp_path / "folder.csv", "a folder of that name exists")):
+        assert main(["show", TEXT, "--model", str(tiny_model_dir), "--out", str(out)]) == 2
+        err = _one_line_error(capsys)
+        assert f"cannot write the file {out}" in err and reason in err
+    assert main(["show", TEXT, "--model", str(tiny_model_dir), "--out", str(tmp_path / "new" / "t.csv")]) == 0
+    assert (tmp_path / "new" / "t.csv").is_file()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["show", TEXT, "--lens", "no-such-lens"], "lens 'no-such-lens' is neither 'logit' nor an existing directory"),
+        (["show", TEXT, "--k", "0"], "--k must be at least 1"),
+        (["show", TEXT, "--layer-stride", "0"], "--layer-stride must be at least 1"),
+        (["table", TEXT, "--every", "0"], "--every must be at least 1"),
+        (["table", TEXT, "--lens", "no-such-lens"], "pass --lens logit, or the directory a tuned lens was saved to"),
+        (["eval", "--lens", "logit"], "pass --lens DIR"),
+        (["eval", "--model", "nothing-trained"], "there is no trained lens in runs/nothing-trained/lens"),
+        (["app", "--lens", "no-such-lens"], "is neither 'logit' nor an existing directory"),
+    ],
+)
+def test_more_bad_input_is_one_line_and_status_2(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert message in _one_line_error(capsys)

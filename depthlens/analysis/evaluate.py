@@ -1,6 +1,7 @@
-"""Per-layer evaluation of lenses on held-out text, with bootstrap confidence intervals.
+"""Per-layer evaluation of readouts on held-out text, with bootstrap confidence intervals.
 
-For every lens and layer ``l`` (0 … L) and every position that has a next token:
+For every readout (any :class:`~depthlens.lenses.readout.Readout`, e.g. a lens) and layer ``l``
+(0 … L) and every position that has a next token:
 
 - ``kl``: KL(p_L ‖ q_l), the distillation loss, in nats;
 - ``ce``: cross-entropy of q_l to the actual next token;
@@ -9,14 +10,19 @@ For every lens and layer ``l`` (0 … L) and every position that has a next toke
 - ``bias``: KL between the *marginal* (token-averaged) final distribution and the marginal lens
   distribution, as in the paper.
 
-Nats are also reported as bits per byte of the predicted text (``nats / ln 2 / bytes``). Intervals
-come from a bootstrap over groups of chunks (chunks are assigned round-robin to ``groups``), so
-tokens of one document are resampled together.
+The divergences are those of :mod:`depthlens.stats.divergences`. Nats are also reported as bits
+per byte of the predicted text (``nats / ln 2 / bytes``). Intervals come from a bootstrap over
+groups of chunks, centred on the point estimate (:mod:`depthlens.stats.bootstrap`; chunks are assigned round-robin to
+``min(groups, chunks)`` groups, so no group is ever empty and tokens of one chunk are resampled
+together). With fewer than :data:`MIN_GROUPS` chunks there is no interval: a warning says so, the
+rows hold ``ci_low = ci_high = None`` and ``meta["interval"]`` is ``None`` with the reason in
+``meta["interval_note"]``. An interval is never NaN.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,13 +30,22 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from depthlens.model.architecture import find_parts
-from depthlens.text.data import TextSource, load_chunks
+from depthlens.errors import EvaluationError
+from depthlens.lenses.readout import Readout
+from depthlens.model.architecture import ModelParts, find_parts
 from depthlens.model.hidden_states import capture
-from depthlens.lenses.lens import Lens
+from depthlens.stats.bootstrap import bootstrap_samples, centred_interval
+from depthlens.stats.divergences import cross_entropy, entropy, kl, log_probs
+from depthlens.text.data import Split, TextSource, load_chunks
 
 SUMMED_METRICS = ("kl", "ce", "entropy", "top1")
+MIN_GROUPS = 8
+"""Fewest groups of chunks a bootstrap interval is computed from; with fewer chunks there is none."""
+LEVEL = 0.95
+"""Coverage of the bootstrap intervals."""
 NATS_METRICS = ("kl", "ce", "entropy", "bias")
+DEFAULT_EVAL_TOKENS = 4096
+"""Held-out tokens of the default evaluation: 16 chunks of 256, 16 bootstrap groups."""
 
 
 @dataclass
@@ -40,6 +55,26 @@ class _Sums:
 
     values: torch.Tensor
     marginals: torch.Tensor
+
+
+@dataclass
+class _Totals:
+    """Everything :func:`evaluate` accumulates: per-lens sums, the summed final probabilities
+    ``final_marginal [groups, vocab]`` and the tokens per group ``token_counts [groups]``."""
+
+    sums: dict[str, _Sums]
+    final_marginal: torch.Tensor
+    token_counts: torch.Tensor
+    bytes: int = 0
+
+    @classmethod
+    def zeros(cls, names: Iterable[str], groups: int, num_layers: int, vocab: int) -> _Totals:
+        sums = {
+            name: _Sums(torch.zeros(len(SUMMED_METRICS), groups, num_layers, dtype=torch.float64),
+                        torch.zeros(groups, num_layers, vocab))
+            for name in names
+        }
+        return cls(sums, torch.zeros(groups, vocab), torch.zeros(groups, dtype=torch.float64))
 
 
 @dataclass
@@ -60,11 +95,26 @@ class EvalReport:
         """Everything as one JSON-serialisable dict."""
         return {"tokens": self.tokens, "bytes": self.bytes, "meta": self.meta, "table": self.table}
 
+    @property
+    def has_intervals(self) -> bool:
+        """Whether the rows carry bootstrap intervals (``ci_low``/``ci_high`` not ``None``)."""
+        return any(row.get("ci_low") is not None for row in self.table)
+
+    def interval_label(self) -> str:
+        """How the report's intervals were made, or why there are none, for titles and tables."""
+        interval = self.meta.get("interval")
+        if self.has_intervals and isinstance(interval, dict):
+            return (f"{round(100 * interval.get('level', LEVEL))}% bootstrap intervals over "
+                    f"{interval.get('groups')} groups of chunks")
+        if self.has_intervals:
+            return "bootstrap intervals"
+        return "no intervals: " + str(self.meta.get("interval_note") or "too little data")
+
 
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
-    lenses: Mapping[str, Lens],
+    lenses: Mapping[str, Readout],
     chunks: Iterable[torch.Tensor],
     byte_counts: Iterable[int],
     *,
@@ -74,121 +124,161 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
 ) -> EvalReport:
-    """Evaluate ``lenses`` (name → lens) on token ``chunks`` (each ``[chunk_len]``).
+    """Evaluate ``lenses`` (name → readout of ``model``) on token ``chunks`` (each ``[chunk_len]``).
 
     ``byte_counts`` gives, per chunk, the UTF-8 bytes of its predicted tokens (all but the
-    first), which converts nats to bits per byte.
+    first), which converts nats to bits per byte. Chunks go round-robin to ``min(groups, chunks)``
+    bootstrap groups; with fewer than :data:`MIN_GROUPS` chunks the report has no intervals (and
+    a warning says so). Raises :class:`EvaluationError` if a readout decodes with another model
+    object than ``model``, or for no chunks at all.
     """
     parts = find_parts(model)
     for name, lens in lenses.items():
         if lens.parts.unembedding is not parts.unembedding:
-            raise ValueError(f"lens {name!r} is bound to another model object; build or load it onto this model")
-    num_layers, vocab = parts.num_layers + 1, parts.vocab_size
-    sums = {
-        name: _Sums(torch.zeros(len(SUMMED_METRICS), groups, num_layers, dtype=torch.float64),
-                    torch.zeros(groups, num_layers, vocab))
-        for name in lenses
-    }
-    final_marginal = torch.zeros(groups, vocab)
-    token_counts = torch.zeros(groups, dtype=torch.float64)
-    total_bytes = 0
+            raise EvaluationError(f"lens {name!r} is bound to another model object; build or load it onto this model")
     chunk_list, bytes_list = list(chunks), list(byte_counts)
+    if not chunk_list:
+        raise EvaluationError("there are no chunks to evaluate on; pass some text")
+    if groups < 1:
+        raise EvaluationError(f"groups must be at least 1, got {groups}")
+    groups = min(groups, len(chunk_list))
+    totals = _Totals.zeros(lenses, groups, parts.num_layers + 1, parts.vocab_size)
     bar = tqdm(total=len(chunk_list) * (chunk_list[0].numel() - 1) if chunk_list else 0,
                desc="evaluating", unit="tok", disable=not progress)
     for start in range(0, len(chunk_list), batch_size):
         batch = torch.stack(chunk_list[start : start + batch_size])
-        states = capture(model, batch, parts=parts)
-        positions = batch[:, :-1].numel()
-        final = states.logits[:, :-1].reshape(positions, -1).float().log_softmax(-1)
-        next_ids = batch[:, 1:].reshape(-1).to(final.device)
-        final_top1 = final.argmax(-1)
-        for offset in range(batch.shape[0]):
-            group = (start + offset) % groups
-            rows = slice(offset * (batch.shape[1] - 1), (offset + 1) * (batch.shape[1] - 1))
-            token_counts[group] += batch.shape[1] - 1
-            final_marginal[group] += final[rows].exp().sum(0).cpu()
-        for name, lens in lenses.items():
-            for layer, logits in lens.iter_logits(states.states):
-                log_q = logits[:, :-1].reshape(positions, -1).float().log_softmax(-1)
-                q = log_q.exp()
-                per_token = torch.stack([
-                    (final.exp() * (final - log_q)).sum(-1),
-                    -log_q.gather(-1, next_ids[:, None])[:, 0],
-                    -(q * log_q).sum(-1),
-                    (log_q.argmax(-1) == final_top1).double(),
-                ]).double().cpu()
-                for offset in range(batch.shape[0]):
-                    group = (start + offset) % groups
-                    rows = slice(offset * (batch.shape[1] - 1), (offset + 1) * (batch.shape[1] - 1))
-                    sums[name].values[:, group, layer] += per_token[:, rows].sum(-1)
-                    sums[name].marginals[group, layer] += q[rows].sum(0).cpu()
-        total_bytes += sum(bytes_list[start : start + batch_size])
-        bar.update(positions)
+        _add_batch(totals, model, parts, lenses, batch, start)
+        totals.bytes += sum(bytes_list[start : start + batch_size])
+        bar.update(batch[:, :-1].numel())
     bar.close()
-    tokens = int(token_counts.sum())
-    table = _table(sums, final_marginal, token_counts, tokens, total_bytes, resamples, seed)
-    return EvalReport(table=table, tokens=tokens, bytes=total_bytes)
+    tokens = int(totals.token_counts.sum())
+    with_intervals = groups >= MIN_GROUPS
+    meta: dict[str, Any] = {"interval": {"level": LEVEL, "groups": groups, "resamples": resamples, "seed": seed}}
+    if not with_intervals:
+        note = (f"only {len(chunk_list)} chunks ({tokens} tokens), and an interval needs at least {MIN_GROUPS}; "
+                f"evaluate on more text")
+        warnings.warn(f"no bootstrap intervals: {note}", stacklevel=2)
+        meta = {"interval": None, "interval_note": note}
+    table = _table(totals, tokens, resamples if with_intervals else 0, seed)
+    if with_intervals and not all(row["ci_low"] is not None for row in table):
+        meta["interval_note"] = "some rows have no interval: their resamples were not finite"
+    return EvalReport(table=table, tokens=tokens, bytes=totals.bytes, meta=meta)
 
 
-def _table(
-    sums: dict[str, _Sums],
-    final_marginal: torch.Tensor,
-    token_counts: torch.Tensor,
-    tokens: int,
-    total_bytes: int,
-    resamples: int,
-    seed: int,
-) -> list[dict[str, Any]]:
-    generator = torch.Generator().manual_seed(seed)
-    groups = token_counts.numel()
-    weights = torch.multinomial(torch.ones(groups), groups * resamples, replacement=True, generator=generator)
-    weights = torch.nn.functional.one_hot(weights.view(resamples, groups), groups).sum(1).double()
-    nats_per_byte = tokens / (total_bytes * math.log(2)) if total_bytes else float("nan")
+def _add_batch(
+    totals: _Totals, model: torch.nn.Module, parts: ModelParts, lenses: Mapping[str, Readout],
+    batch: torch.Tensor, first: int,
+) -> None:
+    """Add the statistics of the chunks ``batch [chunks, chunk_len]`` (chunk ``first`` onwards)."""
+    groups = totals.token_counts.numel()
+    states = capture(model, batch, parts=parts)
+    positions, per_chunk = batch[:, :-1].numel(), batch.shape[1] - 1
+    final = log_probs(states.logits[:, :-1].reshape(positions, -1))
+    next_ids = batch[:, 1:].reshape(-1)
+    final_top1 = final.argmax(-1)
+    spans = [((first + offset) % groups, slice(offset * per_chunk, (offset + 1) * per_chunk))
+             for offset in range(batch.shape[0])]
+    for group, rows in spans:
+        totals.token_counts[group] += per_chunk
+        totals.final_marginal[group] += final[rows].exp().sum(0).cpu()
+    for name, lens in lenses.items():
+        for layer, logits in lens.iter_logits(states.states):
+            log_q = log_probs(logits[:, :-1].reshape(positions, -1))
+            per_token = torch.stack([
+                kl(final, log_q),
+                cross_entropy(log_q, next_ids),
+                entropy(log_q),
+                (log_q.argmax(-1) == final_top1).float(),
+            ]).double().cpu()
+            q = log_q.exp()
+            for group, rows in spans:
+                totals.sums[name].values[:, group, layer] += per_token[:, rows].sum(-1)
+                totals.sums[name].marginals[group, layer] += q[rows].sum(0).cpu()
+
+
+def _table(totals: _Totals, tokens: int, resamples: int, seed: int) -> list[dict[str, Any]]:
+    """One row per lens, layer, metric and unit, with point value and 95% bootstrap interval
+    (``None`` bounds for ``resamples=0``, or where the resamples are not finite)."""
+    nats_per_byte = tokens / (totals.bytes * math.log(2)) if totals.bytes else float("nan")
     table = []
-    for name, s in sums.items():
-        num_layers = s.values.shape[-1]
-        for layer in range(num_layers):
-            estimates = {}
-            for index, metric in enumerate(SUMMED_METRICS):
-                point = s.values[index, :, layer].sum() / tokens
-                boot = (weights @ s.values[index, :, layer]) / (weights @ token_counts)
-                estimates[metric] = (point.item(), boot)
-            estimates["bias"] = (
-                _marginal_kl(final_marginal.sum(0), s.marginals[:, layer].sum(0)).item(),
-                _marginal_kl(weights.float() @ final_marginal, weights.float() @ s.marginals[:, layer]).double(),
-            )
-            for metric, (point, boot) in estimates.items():
-                low, high = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    for name, s in totals.sums.items():
+        for layer in range(s.values.shape[-1]):
+            for metric, (point, low, high) in _estimates(totals, s, layer, tokens, resamples, seed).items():
                 units = [("nats", 1.0)] + ([("bits_per_byte", nats_per_byte)] if metric in NATS_METRICS else [])
                 if metric == "top1":
                     units = [("fraction", 1.0)]
                 for unit, factor in units:
-                    table.append({"lens": name, "layer": layer, "metric": metric, "unit": unit,
-                                  "value": point * factor, "ci_low": low * factor, "ci_high": high * factor})
+                    table.append({"lens": name, "layer": layer, "metric": metric, "unit": unit, "value": point * factor,
+                                  "ci_low": _scaled(low, factor), "ci_high": _scaled(high, factor)})
     return table
 
 
+def _scaled(bound: float | None, factor: float) -> float | None:
+    value = None if bound is None else bound * factor
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _interval(samples: torch.Tensor | None, point: float) -> tuple[float | None, float | None]:
+    """The :data:`LEVEL` bootstrap interval around ``point``
+    (:func:`~depthlens.stats.bootstrap.centred_interval`), or ``(None, None)`` when there are no
+    samples or any is not finite."""
+    if samples is None or not bool(torch.isfinite(samples).all()) or not math.isfinite(point):
+        return None, None
+    return centred_interval(samples, point, LEVEL)
+
+
+def _estimates(
+    totals: _Totals, s: _Sums, layer: int, tokens: int, resamples: int, seed: int
+) -> dict[str, tuple[float, float, float]]:
+    """``metric → (point, ci_low, ci_high)`` for one lens and layer; every metric's interval comes
+    from the same resampled groups (no interval, ``None`` bounds, for ``resamples=0``)."""
+    estimates: dict[str, tuple[float, float | None, float | None]] = {}
+    for index, metric in enumerate(SUMMED_METRICS):
+        values = s.values[index, :, layer]
+        samples = bootstrap_samples(values, totals.token_counts, resamples=resamples, seed=seed) if resamples else None
+        point = (values.sum() / tokens).item()
+        estimates[metric] = (point, *_interval(samples, point))
+    marginals = torch.stack([totals.final_marginal, s.marginals[:, layer]], 1)
+    samples = None
+    if resamples:
+        samples = bootstrap_samples(marginals, resamples=resamples, seed=seed,
+                                    statistic=lambda sums, _: _marginal_kl(sums[:, 0], sums[:, 1]))
+    point = _marginal_kl(totals.final_marginal.sum(0), s.marginals[:, layer].sum(0)).item()
+    estimates["bias"] = (point, *_interval(samples, point))
+    return estimates
+
+
 def _marginal_kl(p_sum: torch.Tensor, q_sum: torch.Tensor) -> torch.Tensor:
-    """KL between the normalised sums ``[..., vocab]`` (nats)."""
+    """KL between the normalised sums ``[..., vocab]`` (nats); probabilities are floored at
+    ``1e-30``, so a token that no position gives any probability leaves it finite."""
     p = p_sum / p_sum.sum(-1, keepdim=True)
     q = q_sum / q_sum.sum(-1, keepdim=True)
-    return (p * (p.clamp_min(1e-30).log() - q.clamp_min(1e-30).log())).sum(-1)
+    return kl(p.clamp_min(1e-30).log(), q.clamp_min(1e-30).log())
 
 
 def evaluate_held_out(
     model: torch.nn.Module,
     tokenizer: Any,
-    lenses: Mapping[str, Lens],
+    lenses: Mapping[str, Readout],
     source: TextSource | str | None = None,
     *,
-    tokens: int = 4096,
+    tokens: int = DEFAULT_EVAL_TOKENS,
     chunk_len: int = 256,
+    split: Split = "validation",
+    shuffle_seed: int | None = 0,
     **options: Any,
 ) -> EvalReport:
-    """Evaluate ``lenses`` on ``tokens`` tokens of the validation split of ``source`` (default:
-    the built-in Shakespeare), in chunks of ``chunk_len``; ``options`` go to :func:`evaluate`."""
-    chunks = load_chunks(source, tokenizer, chunk_len, max(1, tokens // chunk_len), split="validation")
+    """Evaluate ``lenses`` on ``tokens`` tokens of the ``split`` of ``source`` (default: the
+    validation split, 8 whole plays, of the built-in Shakespeare), in chunks of ``chunk_len``.
+
+    The documents come in the seeded order of ``shuffle_seed`` (``None``: source order), so the
+    tokens spread over many plays or documents instead of the first few. ``split="all"`` reads the
+    whole source, for out-of-domain text the lens never trained on. ``options`` go to
+    :func:`evaluate`.
+    """
+    chunks = load_chunks(source, tokenizer, chunk_len, max(1, tokens // chunk_len), split=split,
+                         shuffle_seed=shuffle_seed)
     byte_counts = [len(tokenizer.decode(chunk[1:].tolist()).encode("utf-8")) for chunk in chunks]
     report = evaluate(model, lenses, list(chunks), byte_counts, **options)
-    report.meta.update({"source": str(source or "shakespeare"), "split": "validation", "chunk_len": chunk_len})
+    report.meta.update({"source": str(source or "shakespeare"), "split": split, "chunk_len": chunk_len})
     return report

@@ -1,32 +1,33 @@
-"""Prediction trajectories: what a lens predicts at every layer and position, in bounded memory.
+"""Prediction trajectories: what a readout predicts at every layer and position, in bounded memory.
 
 A :class:`Trajectory` holds, for each row (a layer ``0 … L``; the last row is always layer ``L``,
 the model's own output), batch item and position:
 
-- the ``k`` most likely next tokens under the lens and their probabilities,
-- the entropy of the lens distribution, its KL divergence from the model's final distribution
-  ``KL(final ‖ lens)``, and the cross-entropy to the actual next token, all in nats,
-- the rank, under the lens, of the model's top-1 token (0 = the lens agrees with the model),
-- the lens's top-1 probability.
+- the ``k`` most likely next tokens under the readout and their probabilities,
+- the entropy of the readout's distribution, its KL divergence from the model's final
+  distribution ``KL(final ‖ lens)``, and the cross-entropy to the actual next token, all in nats
+  (defined in :mod:`depthlens.stats.divergences`),
+- the rank, under the readout, of the model's top-1 token (0 = the readout agrees with the model),
+- the readout's top-1 probability.
 
 Only these are stored, about ``rows × tokens × (12 k + 24)`` bytes, never full-vocabulary
 distributions. They are computed one chunk of positions at a time, and within a chunk one layer at
-a time through :meth:`~depthlens.lenses.lens.Lens.iter_logits`, so ``[layers, tokens, vocab]`` never
-exists: besides the hidden states and the model's logits, the working memory is about six
+a time through :meth:`~depthlens.lenses.readout.Readout.iter_logits`, so ``[layers, tokens, vocab]``
+never exists: besides the hidden states and the model's logits, the working memory is about six
 float32 buffers ``[chunk_tokens, vocab]``, 64 MiB each by default.
 
-Divergences between two lenses need both full distributions at once, so :func:`compare_lenses`
-computes them from the hidden states rather than from two trajectories.
+Any :class:`~depthlens.lenses.readout.Readout` works, not only lenses. Divergences between two
+readouts are in :mod:`depthlens.analysis.compare`.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -34,82 +35,24 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from depthlens.analysis.cells import CHUNK_ELEMENTS, STATISTICS, Cells, Statistic, layer_rows, position_mask, statistic
 from depthlens.atomic import write_file
 from depthlens.errors import DataError, TrajectoryError
+from depthlens.lenses.readout import Readout
 from depthlens.model.hidden_states import HiddenStates, capture
-from depthlens.lenses.lens import Lens
+from depthlens.text.encode import encode
 from depthlens.text.tokens import token_label
 
-CHUNK_ELEMENTS = 2**24
-"""Default chunk size: a chunk holds at most this many ``tokens × vocab`` floats (64 MiB). Smaller
-chunks use less memory; larger ones run fewer, longer tensor operations, which matters most when
-other processes compete for the cores."""
-
-_EXP_FLOOR = -80.0
-"""Shifted logits are raised to at least this before ``exp``: ``exp(-80) ≈ 2e-35`` is nothing next
-to the top token's 1, and it keeps ``exp`` off the very slow subnormal path."""
+if TYPE_CHECKING:
+    from depthlens.stats.grid import Grid
 
 LABEL_CHARS = 40
 """Token labels are stored up to this many characters; pictures shorten them further."""
 
 
-@dataclass(frozen=True)
-class Statistic:
-    """One per-cell statistic of a :class:`Trajectory`."""
-
-    name: str
-    """Short name, as in the ``--stat`` option and the tidy table."""
-    attribute: str
-    """The :class:`Trajectory` field that holds it."""
-    title: str
-    """What it is and its unit, for titles and hover text."""
-    short: str
-    """A short form of the title, for colour bars and table headers."""
-
-
-STATISTICS: dict[str, Statistic] = {
-    stat.name: stat
-    for stat in (
-        Statistic("entropy", "entropy", "entropy of the lens distribution (nats)", "entropy (nats)"),
-        Statistic("kl", "kl_to_final", "KL(model ‖ lens) (nats)", "KL(model ‖ lens) (nats)"),
-        Statistic("ce", "ce", "cross-entropy to the next token (nats)", "cross-entropy (nats)"),
-        Statistic("rank", "final_top1_rank", "rank of the model's top-1 token under the lens", "rank of model's top-1"),
-        Statistic("prob", "max_prob", "top-1 probability of the lens", "top-1 probability"),
-    )
-}
-"""The statistics a trajectory holds, by short name."""
-
-
-def statistic(name: str) -> Statistic:
-    """The :class:`Statistic` called ``name``; :class:`TrajectoryError` naming the valid ones if
-    there is none."""
-    if name not in STATISTICS:
-        raise TrajectoryError(f"unknown statistic {name!r}: choose one of {', '.join(STATISTICS)}")
-    return STATISTICS[name]
-
-
 def shorten(label: str, max_chars: int) -> str:
     """``label`` cut to ``max_chars`` characters, the last one ``…``, if it is longer."""
     return label if len(label) <= max_chars else label[: max_chars - 1] + "…"
-
-
-def encode(
-    tokenizer: PreTrainedTokenizerBase, text: str | Sequence[str], max_tokens: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenize one text or a batch, keeping at most ``max_tokens`` tokens of each.
-
-    Returns ``(input_ids, attention_mask)``, both ``[batch, seq]``; shorter texts are padded on
-    the right and their padding has mask ``False``. Raises :class:`DataError` for an empty text.
-    """
-    texts = [text] if isinstance(text, str) else list(text)
-    if not texts or any(not t.strip() for t in texts):
-        raise DataError("the text is empty: give at least one non-blank text")
-    encoded = [tokenizer(t).input_ids[:max_tokens] for t in texts]
-    width = max(len(ids) for ids in encoded)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in encoded], dtype=torch.long)
-    attention_mask = torch.tensor([[True] * len(ids) + [False] * (width - len(ids)) for ids in encoded])
-    return input_ids, attention_mask
 
 
 @dataclass
@@ -151,7 +94,7 @@ class Trajectory:
     """A readable label (:func:`~depthlens.text.tokens.token_label`) for every id in
     :attr:`input_ids` and :attr:`top_ids`."""
     lens_kind: str
-    """``Lens.kind`` of the lens, e.g. ``"logit"`` or ``"tuned"``."""
+    """``kind`` of the readout, e.g. ``"logit"`` or ``"tuned"``."""
     lens_name: str
     """How pictures and tables name the lens."""
     model_name: str
@@ -162,7 +105,7 @@ class Trajectory:
         cls,
         model: nn.Module,
         tokenizer: PreTrainedTokenizerBase,
-        lens: Lens,
+        lens: Readout,
         text: str | Sequence[str],
         *,
         k: int = 5,
@@ -172,7 +115,8 @@ class Trajectory:
         lens_name: str | None = None,
     ) -> Trajectory:
         """Tokenize ``text`` (one string or a batch, see :func:`encode`), run ``model`` once and
-        build the trajectory of ``lens``; the other arguments are those of :meth:`from_states`."""
+        build the trajectory of ``lens`` (any :class:`Readout`); the other arguments are those of
+        :meth:`from_states`."""
         input_ids, attention_mask = encode(tokenizer, text, max_tokens)
         return cls.from_ids(
             model, lens, input_ids, attention_mask, tokenizer=tokenizer, k=k, layers=layers,
@@ -183,7 +127,7 @@ class Trajectory:
     def from_ids(
         cls,
         model: nn.Module,
-        lens: Lens,
+        lens: Readout,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         *,
@@ -213,7 +157,7 @@ class Trajectory:
     @torch.no_grad()
     def from_states(
         cls,
-        lens: Lens,
+        lens: Readout,
         states: HiddenStates,
         attention_mask: torch.Tensor | None = None,
         *,
@@ -228,59 +172,24 @@ class Trajectory:
         ``layers`` picks the rows (default: every layer ``0 … L``); layer ``L`` is always added
         and is read from ``states.logits``. Positions are processed ``chunk_tokens`` tokens at a
         time (default: :data:`CHUNK_ELEMENTS` divided by the vocabulary size). Statistics are
-        computed in float32 from finite logits. Without a ``tokenizer``, labels are ``#id``.
+        computed in float32 by :class:`~depthlens.stats.divergences.LogitStatistics`. Without a
+        ``tokenizer``, labels are ``#id``. ``lens`` may be any :class:`Readout`.
         """
-        rows = _rows(layers, lens.num_layers)
+        rows = layer_rows(layers, lens.num_layers)
         input_ids = states.input_ids.to(states.logits.device)
-        batch, seq = input_ids.shape
-        vocab = states.logits.shape[-1]
-        if not 1 <= k <= vocab:
-            raise TrajectoryError(f"k must be between 1 and the vocabulary size {vocab}, got {k}")
-        mask = _mask(attention_mask, input_ids)
-        targets = torch.full_like(input_ids, -1)
-        targets[:, :-1] = torch.where(mask[:, 1:], input_ids[:, 1:], -1)
-
-        shape = (len(rows), batch, seq)
-        top_ids = torch.empty(*shape, k, dtype=torch.long)
-        top_probs = torch.empty(*shape, k)
-        stats = {name: torch.empty(shape) for name in ("entropy", "kl_to_final", "ce", "max_prob")}
-        rank = torch.empty(shape, dtype=torch.long)
-
-        positions = max(1, (chunk_tokens or max(1, CHUNK_ELEMENTS // vocab)) // batch)
-        for start in range(0, seq, positions):
-            window = slice(start, min(seq, start + positions))
-            width = window.stop - window.start
-            final = _FinalDistribution(states.logits[:, window], targets[:, window])
-            chunk_states = [state[:, window] for state in states.states]
-            decoded = (logits for _, logits in lens.iter_logits(chunk_states, rows[:-1]))
-            for row, logits in enumerate(itertools.chain(decoded, [states.logits[:, window]])):
-                cell = final.statistics(logits, k)
-                top_ids[row, :, window] = cell.top_ids.view(batch, width, k).cpu()
-                top_probs[row, :, window] = cell.top_probs.view(batch, width, k).cpu()
-                rank[row, :, window] = cell.rank.view(batch, width).cpu()
-                for name in stats:
-                    stats[name][row, :, window] = getattr(cell, name).view(batch, width).cpu()
-
-        padding = ~mask.cpu()
-        top_ids[:, padding] = -1
-        rank[:, padding] = -1
-        top_probs[:, padding] = math.nan
-        for tensor in stats.values():
-            tensor[:, padding] = math.nan
+        mask = position_mask(attention_mask, input_ids)
+        cells = Cells.compute(lens, states, mask, rows, k, chunk_tokens)
         input_ids = input_ids.cpu()
         return cls(
             input_ids=input_ids,
             attention_mask=mask.cpu(),
             layers=rows,
             num_layers=lens.num_layers,
-            top_ids=top_ids,
-            top_probs=top_probs,
-            final_top1_rank=rank,
-            labels=_labels(tokenizer, torch.cat([input_ids.flatten(), top_ids.flatten()])),
+            labels=_labels(tokenizer, torch.cat([input_ids.flatten(), cells.top_ids.flatten()])),
             lens_kind=lens.kind,
             lens_name=lens_name or f"{lens.kind} lens",
             model_name=lens.parts.model_name,
-            **stats,
+            **vars(cells),
         )
 
     @property
@@ -341,6 +250,16 @@ class Trajectory:
             max_prob=self.max_prob[index],
         )
 
+    def to_grid(
+        self, stat: str = "entropy", *, batch: int = 0, layer_stride: int = 1, max_chars: int = 8
+    ) -> Grid:
+        """Statistic ``stat`` of batch item ``batch`` as a :class:`~depthlens.stats.grid.Grid`
+        (rows: layers, every ``layer_stride``-th plus the output; columns: positions; labels cut
+        to ``max_chars``), built by :func:`depthlens.analysis.trajectory_grid.trajectory_grid`."""
+        from depthlens.analysis.trajectory_grid import trajectory_grid
+
+        return trajectory_grid(self, stat, batch=batch, layer_stride=layer_stride, max_chars=max_chars)
+
     def to_dataframe(self) -> pd.DataFrame:
         """A tidy table, one row per layer × batch item × position × statistic (real positions
         only), with columns ``lens, layer, batch, position, token, prediction, statistic, value``:
@@ -389,137 +308,6 @@ class Trajectory:
         return "\n".join(lines)
 
 
-@dataclass
-class LensDivergence:
-    """Per-cell divergences between two lenses' distributions, from :func:`compare_lenses`.
-
-    Tensors are float32 ``[rows, batch, seq]`` with NaN at padding; rows are :attr:`layers`.
-    """
-
-    layers: tuple[int, ...]
-    kl: torch.Tensor
-    """``KL(a ‖ b) = Σ p_a (log p_a − log p_b)``, nats."""
-    js: torch.Tensor
-    """Jensen–Shannon divergence ``½ KL(a ‖ m) + ½ KL(b ‖ m)`` with ``m = (p_a + p_b) / 2``, nats,
-    between 0 and ``ln 2``."""
-    tv: torch.Tensor
-    """Total variation distance ``½ Σ |p_a − p_b|``, between 0 and 1."""
-
-
-@torch.no_grad()
-def compare_lenses(
-    lens_a: Lens,
-    lens_b: Lens,
-    states: HiddenStates,
-    attention_mask: torch.Tensor | None = None,
-    *,
-    layers: Sequence[int] | None = None,
-    chunk_tokens: int | None = None,
-) -> LensDivergence:
-    """KL, Jensen–Shannon and total variation between the distributions of two lenses of one
-    model at every layer (``layers``, default all; ``L`` always added) and position of ``states``,
-    computed in float32 one layer and one chunk of ``chunk_tokens`` tokens at a time."""
-    if lens_a.num_layers != lens_b.num_layers:
-        raise TrajectoryError(f"the lenses have {lens_a.num_layers} and {lens_b.num_layers} layers: they belong to different models")
-    rows = _rows(layers, lens_a.num_layers)
-    batch, seq = states.input_ids.shape
-    vocab = states.logits.shape[-1]
-    out = {name: torch.empty(len(rows), batch, seq) for name in ("kl", "js", "tv")}
-    positions = max(1, (chunk_tokens or max(1, CHUNK_ELEMENTS // vocab)) // batch)
-    for start in range(0, seq, positions):
-        window = slice(start, min(seq, start + positions))
-        chunk_states = [state[:, window] for state in states.states]
-        pairs = zip(lens_a.iter_logits(chunk_states, rows), lens_b.iter_logits(chunk_states, rows))
-        for row, ((_, logits_a), (_, logits_b)) in enumerate(pairs):
-            log_p, log_q = logits_a.float().log_softmax(-1), logits_b.float().log_softmax(-1)
-            p, q = log_p.exp(), log_q.exp()
-            log_m = torch.logaddexp(log_p, log_q) - math.log(2)
-            out["kl"][row, :, window] = _expectation(p, log_p, log_q).cpu()
-            js = 0.5 * _expectation(p, log_p, log_m) + 0.5 * _expectation(q, log_q, log_m)
-            out["js"][row, :, window] = js.cpu()
-            out["tv"][row, :, window] = (0.5 * (p - q).abs().sum(-1)).cpu()
-    padding = ~_mask(attention_mask, states.input_ids).cpu()
-    for tensor in out.values():
-        tensor[:, padding] = math.nan
-    return LensDivergence(layers=rows, **out)
-
-
-def _expectation(p: torch.Tensor, log_p: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
-    """``Σ p (log p − log r)`` over the last axis, with ``0 · log 0 = 0``, clamped at 0."""
-    return torch.where(p > 0, p * (log_p - log_r), 0.0).sum(-1).clamp_min(0.0)
-
-
-@dataclass
-class _Cell:
-    """Statistics of one layer for one chunk of ``n`` tokens (every tensor's first axis is ``n``)."""
-
-    top_ids: torch.Tensor
-    top_probs: torch.Tensor
-    entropy: torch.Tensor
-    kl_to_final: torch.Tensor
-    ce: torch.Tensor
-    rank: torch.Tensor
-    max_prob: torch.Tensor
-
-
-class _FinalDistribution:
-    """The model's distribution over one chunk of ``n`` tokens, and how each layer is scored
-    against it, reusing two scratch buffers ``[n, vocab]``.
-
-    With ``t = z − max z`` (``z`` a layer's logits), ``S = Σ exp t`` and ``q = exp(t) / S``:
-    ``H(q) = log S − Σ q t``, ``KL(p ‖ q) = Σ p log p − Σ p t + log S · Σ p`` and
-    ``−log q(x) = log S − t_x``; each sum is one pass over the chunk.
-    """
-
-    def __init__(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        final = logits.reshape(-1, logits.shape[-1]).float()
-        log_final = final.log_softmax(-1)
-        self.probs = log_final.exp()
-        self.mass = self.probs.sum(-1)
-        self.neg_entropy = (self.probs * log_final).sum(-1)
-        self.top1 = final.argmax(-1, keepdim=True)
-        self.targets = targets.reshape(-1, 1).to(final.device)
-        self.shifted = torch.empty_like(final)
-        self.work = torch.empty_like(final)
-
-    def statistics(self, logits: torch.Tensor, k: int) -> _Cell:
-        """Statistics of one layer's logits ``[..., vocab]`` over this chunk."""
-        z = logits.reshape(-1, logits.shape[-1]).float()
-        shifted, work = self.shifted, self.work
-        top_logits, top_ids = z.topk(k, dim=-1)
-        torch.sub(z, top_logits[:, :1], out=shifted)
-        log_total = torch.clamp(shifted, min=_EXP_FLOOR, out=work).exp_().sum(-1).log()
-        lens_expectation = work.mul_(shifted).sum(-1)
-        final_expectation = torch.mul(self.probs, shifted, out=work).sum(-1)
-        target_shifted = shifted.gather(-1, self.targets.clamp_min(0)).squeeze(-1)
-        rank = torch.gt(z, z.gather(-1, self.top1), out=work).sum(-1)
-        top_probs = (top_logits - top_logits[:, :1] - log_total[:, None]).exp()
-        return _Cell(
-            top_ids=top_ids,
-            top_probs=top_probs,
-            entropy=log_total - lens_expectation * torch.exp(-log_total),
-            kl_to_final=(self.neg_entropy - final_expectation + log_total * self.mass).clamp_min(0.0),
-            ce=torch.where(self.targets.squeeze(-1) >= 0, log_total - target_shifted, math.nan),
-            rank=rank.long(),
-            max_prob=top_probs[:, 0],
-        )
-
-
-def _rows(layers: Sequence[int] | None, num_layers: int) -> tuple[int, ...]:
-    """Sorted unique layers with ``num_layers`` added; :class:`TrajectoryError` if out of range."""
-    chosen = range(num_layers + 1) if layers is None else [int(layer) for layer in layers]
-    bad = [layer for layer in chosen if not 0 <= layer <= num_layers]
-    if bad:
-        raise TrajectoryError(f"layers {bad} are out of range: this model has layers 0 … {num_layers}")
-    return tuple(sorted({*chosen, num_layers}))
-
-
-def _mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
-    if attention_mask is None:
-        return torch.ones_like(input_ids, dtype=torch.bool)
-    return attention_mask.to(input_ids.device).bool()
-
-
 def _labels(tokenizer: PreTrainedTokenizerBase | None, ids: torch.Tensor) -> dict[int, str]:
     unique = [int(t) for t in ids.unique().tolist() if t >= 0]
     if tokenizer is None:
@@ -531,12 +319,9 @@ __all__ = [
     "CHUNK_ELEMENTS",
     "LABEL_CHARS",
     "STATISTICS",
-    "LensDivergence",
     "Statistic",
     "Trajectory",
     "TrajectoryError",
-    "compare_lenses",
-    "encode",
     "shorten",
     "statistic",
 ]

@@ -1,7 +1,10 @@
 """The ``depthlens`` command: a thin layer over the library API.
 
-Errors caused by the user's input (:class:`~depthlens.errors.DepthlensError`) are printed as one
-line and exit with status 2; anything else is a bug and keeps its traceback.
+Argument parsing and printing live here; lens specs are read by :mod:`depthlens.lenses.spec`,
+run folders named by :mod:`depthlens.training.runs`, reports written and read by
+:mod:`depthlens.viz.report`. Errors caused by the user's input
+(:class:`~depthlens.errors.DepthlensError`) are printed as one line and exit with status 2;
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,9 +14,39 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from depthlens.errors import DepthlensError
+from depthlens.apps import cli_applications, cli_causal, cli_readouts
+from depthlens.errors import DataError, DepthlensError, UsageError
+from depthlens.text.samples import SAMPLE_PROMPT
 
-SAMPLE_PROMPT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"
+
+def _at_least_1(args: argparse.Namespace, *names: str) -> None:
+    """Refuse counts below 1 among the options ``names``."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def _read_text(args: argparse.Namespace, default: str) -> str:
+    """The text to decode: the ``text`` argument itself, standard input for ``-``, the UTF-8
+    ``--file`` (where the command has one), or ``default`` when neither is given; an empty or
+    blank text is refused."""
+    text, file = args.text, getattr(args, "file", None)
+    if file and text is not None:
+        raise UsageError("give the text or --file, not both")
+    if file:
+        try:
+            text = Path(file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise DataError(f"cannot read {file}: {getattr(error, 'strerror', None) or error}") from None
+    elif text == "-":
+        text = sys.stdin.read()
+    elif text is None:
+        text = default
+    if not text.strip():
+        other = ", or --file PATH" if hasattr(args, "file") else ""
+        raise DataError(f"the text is empty: pass some text, - to read standard input{other}")
+    return text
 
 
 def _table(args: argparse.Namespace) -> None:
@@ -21,16 +54,16 @@ def _table(args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from depthlens.lenses.spec import check_spec, load_readout
     from depthlens.model.hidden_states import capture
-    from depthlens.lenses.lens import LogitLens, TunedLens
     from depthlens.model.load import load_model
     from depthlens.text.tokens import token_label
 
-    text = sys.stdin.read() if args.text == "-" else args.text
-    if not text.strip():
-        raise DepthlensError("the text is empty: pass some text, or - to read it from standard input")
+    _at_least_1(args, "every", "max_tokens", "width")
+    text = _read_text(args, SAMPLE_PROMPT)
+    check_spec(args.lens)
     model, tokenizer = load_model(args.model)
-    lens = LogitLens(model) if args.lens == "logit" else TunedLens.from_pretrained(args.lens, model)
+    lens = load_readout(args.lens, model)
     input_ids = tokenizer(text, return_tensors="pt").input_ids[:, : args.max_tokens]
     states = capture(model, input_ids, parts=lens.parts)
     layers = sorted({*range(0, lens.num_layers + 1, args.every), lens.num_layers})
@@ -48,75 +81,116 @@ def _table(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from dataclasses import fields
+
     from rich.console import Console
 
-    from depthlens.training.train import train
+    from depthlens.training import runs
+    from depthlens.training.train import TrainConfig, is_first_process, train
 
-    options = {name: value for name, value in vars(args).items() if name in _TRAIN_OPTIONS and value is not None}
+    _at_least_1(args, "eval_tokens")
+    _check_ood(args)
+    settings = {field.name for field in fields(TrainConfig)}
+    options = {name: value for name, value in vars(args).items() if name in settings and value is not None}
     if "tokens" in options:
         options.setdefault("minutes", None)
     result = train(resume=args.resume, **options)
-    if not args.no_eval and _is_first_process():
-        _evaluate_and_report(result.model, result.tokenizer, result.lens, args.data, args.eval_tokens,
-                             result.lens_path.parent / "eval")
+    if not args.no_eval and is_first_process():
+        _evaluate_and_report(result.model, result.tokenizer, result.lens, args, args.eval_tokens,
+                             runs.eval_dir_of_lens(result.lens_path))
         Console().print(f"lens saved to {result.lens_path}")
 
 
+def _check_ood(args: argparse.Namespace) -> None:
+    """Refuse an out-of-domain source that is the training/held-out source itself."""
+    if args.ood not in (None, "none") and args.ood == args.data:
+        raise UsageError(f"--ood {args.ood} is the --data source itself: name another text, or --ood none")
+
+
 def _eval(args: argparse.Namespace) -> None:
-    from depthlens.lenses.lens import TunedLens
+    from depthlens.atomic import check_output
+    from depthlens.lenses.spec import check_spec, is_logit, load_readout
     from depthlens.model.load import load_model
+    from depthlens.training import runs
 
-    lens_dir = args.lens or str(_default_run(args.model) / "lens")
+    _at_least_1(args, "tokens")
+    _check_ood(args)
+    if args.lens is not None and is_logit(args.lens):
+        raise UsageError("depthlens eval compares a tuned lens with the logit lens: pass --lens DIR, a tuned-lens directory")
+    lens_dir = args.lens or runs.require_trained_lens(args.model)
+    check_spec(lens_dir)
+    out = check_output(args.out or runs.eval_dir_of_lens(lens_dir), "folder")
     model, tokenizer = load_model(args.model)
-    lens = TunedLens.from_pretrained(lens_dir, model)
-    _evaluate_and_report(model, tokenizer, lens, args.data, args.tokens, args.out or str(Path(lens_dir).parent / "eval"))
+    lens = load_readout(lens_dir, model)
+    _evaluate_and_report(model, tokenizer, lens, args, args.tokens, out)
 
 
-def _evaluate_and_report(model, tokenizer, lens, data: str, tokens: int, out: str | Path) -> None:
+def _evaluate_and_report(model, tokenizer, lens, args: argparse.Namespace, tokens: int, out: str | Path) -> None:
+    """Evaluate on the held-out split of ``--data`` into ``out`` and, unless ``--ood none``, on the
+    whole ``--ood`` source into ``out/ood``; print both tables and a one-line summary of each."""
     from rich.console import Console
 
     from depthlens.analysis.evaluate import evaluate_held_out
-    from depthlens.lenses.lens import LogitLens
+    from depthlens.lenses.logit import LogitLens
+    from depthlens.text.data import TextSource
+    from depthlens.training.runs import ood_eval_dir
     from depthlens.viz.report import comparison_table, write_report
 
-    report = evaluate_held_out(model, tokenizer, {"logit": LogitLens(model), "tuned": lens}, data, tokens=tokens)
-    files = write_report(report, out)
+    lenses = {"logit": LogitLens(model), "tuned": lens}
+    held_out = TextSource(args.data, column=args.column or "text", group_column=args.group_column)
+    runs_ = [("held-out", held_out, "validation", Path(out))]
+    if args.ood not in (None, "none"):
+        runs_.append(("out-of-domain", TextSource(args.ood), "all", ood_eval_dir(out)))
     console = Console(width=max(Console().width, 100))
-    console.print(comparison_table(report))
-    console.print("evaluation written to " + ", ".join(str(path) for path in files.values()))
+    summaries = []
+    for name, source, split, folder in runs_:
+        report = evaluate_held_out(model, tokenizer, lenses, source, tokens=tokens, split=split)
+        files = write_report(report, folder)
+        console.print(comparison_table(report))
+        console.print(f"{name} evaluation written to " + ", ".join(str(path) for path in files.values()), soft_wrap=True)
+        means = {lens_name: sum(report.mean(lens_name, "kl")[:-1]) / max(1, len(report.mean(lens_name, "kl")) - 1)
+                 for lens_name in lenses}
+        summaries.append(f"{name} ({source}, {split} split, {report.tokens} tokens): mean KL over layers 0…L−1 "
+                         f"logit {means['logit']:.3f}, tuned {means['tuned']:.3f} nats")
+    for line in summaries:
+        console.print(line, soft_wrap=True)
+
+
+def _show_lens_spec(args: argparse.Namespace) -> str:
+    """``--lens``, else the trained lens of the default run, else the logit lens; ``--compare``
+    needs a tuned one."""
+    from depthlens.lenses.spec import LOGIT, is_logit
+    from depthlens.training import runs
+
+    trained = runs.trained_lens(args.model)
+    lens_spec = args.lens or (str(trained) if trained else LOGIT)
+    if args.compare and is_logit(lens_spec):
+        missing = "" if trained else f" (there is none at {runs.default_lens(args.model)})"
+        raise UsageError(f"--compare needs a tuned lens: pass --lens DIR{missing}")
+    return lens_spec
 
 
 def _show(args: argparse.Namespace) -> None:
-    from depthlens.errors import DataError
-    from depthlens.lenses.lens import LogitLens, TunedLens
+    from depthlens.analysis.trajectory import Trajectory, statistic
+    from depthlens.atomic import check_output
+    from depthlens.lenses.logit import LogitLens
+    from depthlens.lenses.spec import check_spec, load_readout
     from depthlens.model.load import load_model
+    from depthlens.text.encode import encode
     from depthlens.viz.pictures import output_kind, save_figure
-    from depthlens.analysis.trajectory import Trajectory, encode, statistic
 
     statistic(args.stat)
     if args.out:
         output_kind(args.out)
-    if args.max_tokens < 1:
-        raise DepthlensError(f"--max-tokens must be at least 1, got {args.max_tokens}")
-    if args.file and args.text is not None:
-        raise DepthlensError("give the text or --file, not both")
-    if args.file:
-        try:
-            text = Path(args.file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            raise DataError(f"cannot read {args.file}: {getattr(error, 'strerror', None) or error}") from None
-    else:
-        text = sys.stdin.read() if args.text == "-" else args.text or SAMPLE_PROMPT
-    if not text.strip():
-        raise DataError("the text is empty: pass some text, - to read standard input, or --file PATH")
-    trained = _default_run(args.model) / "lens"
-    lens_spec = args.lens or (str(trained) if trained.is_dir() else "logit")
-    if args.compare and lens_spec == "logit":
-        missing = "" if trained.is_dir() else f" (there is none at {trained})"
-        raise DepthlensError(f"--compare needs a tuned lens: pass --lens DIR{missing}")
+    _at_least_1(args, "max_tokens", "k", "layer_stride")
+    text = _read_text(args, SAMPLE_PROMPT)
+    lens_spec = _show_lens_spec(args)
+    check_spec(lens_spec)
+    if args.out:
+        check_output(args.out)
 
     model, tokenizer = load_model(args.model)
-    lens = LogitLens(model) if lens_spec == "logit" else TunedLens.from_pretrained(lens_spec, model)
+    lens = load_readout(lens_spec, model)
     input_ids, _ = encode(tokenizer, text)
     if input_ids.shape[1] > args.max_tokens:
         print(f"depthlens: showing the first {args.max_tokens} of {input_ids.shape[1]} tokens (--max-tokens)", file=sys.stderr)
@@ -135,44 +209,32 @@ def _show(args: argparse.Namespace) -> None:
 def _app(args: argparse.Namespace) -> None:
     from depthlens.apps.web import serve
 
+    _at_least_1(args, "max_tokens")
     serve(args.model, args.lens, host=args.host, port=args.port, max_tokens=args.max_tokens)
 
 
-def _is_first_process() -> bool:
-    import os
-
-    return os.environ.get("RANK", "0") == "0"
+_MODEL_HELP = "built-in name, .gguf file, model directory or hub name"
 
 
-def _default_run(model: str) -> Path:
-    from depthlens.training.train import run_dir
-
-    return run_dir(model)
-
-
-_TRAIN_OPTIONS = {"model", "data", "column", "out", "objective", "optimizer", "init", "init_tokens", "ridge",
-                  "chunk_len", "batch_tokens", "shortlist", "negatives", "tokens", "minutes", "lr", "clip", "warmup_steps", "layer_lr_decay",
-                  "checkpoint_every", "seed"}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``depthlens`` command."""
-    parser = argparse.ArgumentParser(prog="depthlens", description="See what a language model predicts at every layer.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def _add_table(commands: argparse._SubParsersAction) -> None:
     table = commands.add_parser("table", help="print the top-1 prediction of every layer at every position")
-    table.add_argument("text", nargs="?", default=SAMPLE_PROMPT, help="text to decode, or - for standard input")
-    table.add_argument("--model", default="smollm2-135m", help="built-in name, .gguf file, model directory or hub name")
+    table.add_argument("text", nargs="?", help="text to decode, or - for standard input (default: a line of Hamlet)")
+    table.add_argument("--model", default="smollm2-135m", help=_MODEL_HELP)
     table.add_argument("--lens", default="logit", help="'logit' or a tuned-lens directory")
     table.add_argument("--every", type=int, default=1, help="show every N-th layer (the output row is always shown)")
     table.add_argument("--max-tokens", type=int, default=24, help="decode at most this many tokens")
     table.add_argument("--width", type=int, default=8, help="characters per token label")
     table.set_defaults(run=_table)
 
-    training = commands.add_parser("train", help="train a tuned lens (defaults: smollm2-135m on Shakespeare, ~10 minutes)")
-    training.add_argument("--model", default="smollm2-135m", help="built-in name, .gguf file, model directory or hub name")
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
+    training = commands.add_parser("train", help="train a tuned lens (defaults: smollm2-135m on Shakespeare, an 8-minute budget, ~10 minutes in all "
+                                                     "with the two evaluations on a quiet 2-core CPU)")
+    training.add_argument("--model", default="smollm2-135m", help=_MODEL_HELP)
     training.add_argument("--data", default="shakespeare", help="shakespeare, a .txt/.jsonl/.parquet file, folder or glob, or a datasets name")
     training.add_argument("--column", help="text column of .jsonl/.parquet/datasets sources (default: text)")
+    training.add_argument("--group-column", help="column whose value keeps documents together in the train/validation "
+                                                 "split, e.g. a book id (default: split by document; shakespeare by play)")
     training.add_argument("--out", help="run directory (default: runs/<model>); the lens goes to <out>/lens")
     budget = training.add_mutually_exclusive_group()
     budget.add_argument("--minutes", type=float, help="wall-clock budget for training (default: 8)")
@@ -180,37 +242,53 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--optimizer", choices=["adam", "muon", "sgd"], help="adam (default), muon, or the paper's SGD recipe")
     training.add_argument("--init", choices=["least_squares", "identity"], help="closed-form start (default) or identity")
     training.add_argument("--objective", choices=["kl", "ce"], help="distillation KL (default) or next-token cross-entropy")
-    training.add_argument("--init-tokens", type=int, help="tokens for the closed-form start (default: 8192)")
-    training.add_argument("--ridge", type=float, help="ridge penalty of the closed-form start (default: 1e-4)")
+    training.add_argument("--init-tokens", type=int, help="tokens for the closed-form start (default: 16384)")
+    training.add_argument("--init-share", type=float,
+                          help="with --minutes, the closed-form start stops after this share of the budget (default: 0.5)")
+    training.add_argument("--ridge", type=float,
+                          help="ridge penalty of the closed-form start, times the mean diagonal of XᵀX (default: 1e-4)")
     training.add_argument("--chunk-len", type=int, help="tokens per chunk (default: 256)")
     training.add_argument("--batch-tokens", type=int, help="tokens per step and process (default: 256)")
     training.add_argument("--shortlist", type=int, metavar="K",
                           help="estimate the KL on each position's K likeliest final tokens plus sampled ones "
                                "(default: 8); 0 for the exact KL over the whole vocabulary")
     training.add_argument("--negatives", type=int, help="tokens sampled uniformly into each batch's shortlist (default: 512)")
-    training.add_argument("--lr", type=float, help="peak learning rate (default: 5e-3 for adam, 0.01 for muon, 1.0 for sgd)")
+    training.add_argument("--lr", type=float, help="peak learning rate (default: 0.01 for adam and muon, 1.0 for sgd)")
     training.add_argument("--clip", type=float, help="gradient-norm clipping (default: 1.0)")
-    training.add_argument("--warmup-steps", type=int, help="steps of linear learning-rate warmup (default: 20)")
+    training.add_argument("--warmup-steps", type=int, help="steps of linear learning-rate warmup (default: 10)")
     training.add_argument("--layer-lr-decay", type=float, help="layer l's learning rate is lr·(1 − this·l/L) (default: 0.7)")
-    training.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: 10)")
+    training.add_argument("--checkpoint-minutes", type=float,
+                          help="minutes of training between checkpoints, 0 for every step (default: 2; always at the end)")
     training.add_argument("--seed", type=int)
     training.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
-    training.add_argument("--eval-tokens", type=int, default=1024, help="held-out tokens for the final evaluation")
+    training.add_argument("--eval-tokens", type=int, default=4096,
+                          help="tokens for each final evaluation, held-out and out-of-domain (default: 4096)")
+    training.add_argument("--ood", default="python-docs",
+                          help="out-of-domain text for a second evaluation (default: python-docs, docstrings of "
+                               "Python's standard library); none to skip")
     training.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     training.set_defaults(run=_train)
 
+
+def _add_eval(commands: argparse._SubParsersAction) -> None:
     evaluation = commands.add_parser("eval", help="per-layer evaluation of a tuned lens against the logit lens")
-    evaluation.add_argument("--model", default="smollm2-135m")
-    evaluation.add_argument("--lens", help="lens directory (default: runs/<model>/lens)")
-    evaluation.add_argument("--data", default="shakespeare")
+    evaluation.add_argument("--model", default="smollm2-135m", help=_MODEL_HELP)
+    evaluation.add_argument("--lens", help="tuned-lens directory (default: runs/<model>/lens)")
+    evaluation.add_argument("--data", default="shakespeare", help="held-out text: the validation split of this source")
+    evaluation.add_argument("--column", help="text column of .jsonl/.parquet/datasets sources (default: text)")
+    evaluation.add_argument("--group-column", help="the grouping column the lens was trained with, if any")
+    evaluation.add_argument("--ood", default="none",
+                            help="also evaluate on the whole of this out-of-domain source, e.g. python-docs (default: none)")
     evaluation.add_argument("--tokens", type=int, default=4096, help="held-out tokens to evaluate on")
     evaluation.add_argument("--out", help="output directory (default: next to the lens, eval/)")
     evaluation.set_defaults(run=_eval)
 
+
+def _add_show(commands: argparse._SubParsersAction) -> None:
     show = commands.add_parser("show", help="picture (HTML, PNG, PDF, SVG) or table (CSV) of every layer's predictions")
     show.add_argument("text", nargs="?", help="text to decode, or - for standard input (default: a line of Hamlet)")
     show.add_argument("--file", help="read the text from this UTF-8 file")
-    show.add_argument("--model", default="smollm2-135m", help="built-in name, .gguf file, model directory or hub name")
+    show.add_argument("--model", default="smollm2-135m", help=_MODEL_HELP)
     show.add_argument("--lens", help="'logit' or a tuned-lens directory (default: runs/<model>/lens if trained, else logit)")
     show.add_argument("--compare", action="store_true", help="the logit lens and the tuned lens side by side, and their difference")
     show.add_argument("--stat", default="entropy", help="colour by entropy, kl, ce (nats), rank (log scale) or prob")
@@ -222,8 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="HTML only: embed plotly.js (~5 MB, opens offline) or load it from the web")
     show.set_defaults(run=_show)
 
+
+def _add_app(commands: argparse._SubParsersAction) -> None:
     browser = commands.add_parser("app", help="explore every layer's predictions in the browser (a local web app)")
-    browser.add_argument("--model", default="smollm2-135m", help="built-in name, .gguf file, model directory or hub name")
+    browser.add_argument("--model", default="smollm2-135m", help=_MODEL_HELP)
     browser.add_argument("--lens", action="append", metavar="DIR",
                          help="a tuned-lens directory to offer, repeatable (default: runs/<model>/lens if trained); "
                               "the logit lens is always offered")
@@ -231,6 +311,67 @@ def build_parser() -> argparse.ArgumentParser:
     browser.add_argument("--port", type=int, default=7860)
     browser.add_argument("--max-tokens", type=int, default=64, help="longest text the app decodes, in tokens")
     browser.set_defaults(run=_app)
+
+
+def _cache(args: argparse.Namespace) -> None:
+    from depthlens.model import cache
+    from depthlens.model.load import clear_cache
+
+    root = cache.cache_root()
+    if args.action == "list":
+        entries = cache.list_entries()
+        for entry in entries:
+            stale = "" if entry.current else "  (other library versions: clear it)"
+            print(f"{entry.size / 2**20:8.0f} MiB  {entry.dtype:<8}  {entry.spec}  from {entry.source}{stale}")
+        print(f"{len(entries)} cached model(s), {sum(e.size for e in entries) / 2**20:.0f} MiB, in {root}")
+        return
+    if args.all == (args.spec is not None):
+        raise UsageError("give the model spec whose cache entries to remove, or --all")
+    removed = clear_cache(None if args.all else args.spec)
+    what = "every entry" if args.all else f"the entries of {args.spec}"
+    print(f"removed {len(removed)} cached model(s), {sum(e.size for e in removed) / 2**20:.0f} MiB ({what}) from {root}")
+
+
+def _add_cache(commands: argparse._SubParsersAction) -> None:
+    cached = commands.add_parser("cache", help="list or clear the model cache (GGUF models dequantized once, kept as safetensors)")
+    actions = cached.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="show every cached model with its size and source")
+    clear = actions.add_parser("clear", help="remove the cached copies of one model, or all of them")
+    clear.add_argument("spec", nargs="?", help="built-in name or .gguf file whose cached copies to remove")
+    clear.add_argument("--all", action="store_true", help="remove every cached model")
+    cached.set_defaults(run=_cache)
+
+
+def _run(args: argparse.Namespace) -> None:
+    """Run the command; with ``--no-cache``, DEPTHLENS_NO_CACHE=1 holds while it runs (and in the
+    processes it starts), so every model load bypasses the model cache."""
+    import os
+
+    from depthlens.model.cache import NO_CACHE_ENV
+
+    if not getattr(args, "no_cache", False):
+        return args.run(args)
+    previous = os.environ.get(NO_CACHE_ENV)
+    os.environ[NO_CACHE_ENV] = "1"
+    try:
+        args.run(args)
+    finally:
+        if previous is None:
+            os.environ.pop(NO_CACHE_ENV, None)
+        else:
+            os.environ[NO_CACHE_ENV] = previous
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``depthlens`` command."""
+    parser = argparse.ArgumentParser(prog="depthlens", description="See what a language model predicts at every layer.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_table, _add_train, _add_eval, _add_show, _add_app, _add_cache,
+                cli_causal.add_parsers, cli_applications.add_parsers, cli_readouts.add_parsers):
+        add(commands)
+    for name in set(commands.choices) - {"cache", "tasks"}:
+        commands.choices[name].add_argument("--no-cache", action="store_true",
+                                            help="load the model without the model cache (see depthlens cache)")
     return parser
 
 
@@ -238,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``depthlens`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        _run(args)
     except DepthlensError as error:
         print(f"depthlens: error: {error}", file=sys.stderr)
         return 2

@@ -1,12 +1,14 @@
 """A local web app to explore what a model predicts at every layer (``depthlens app``).
 
-The page has two tabs:
+The page has five tabs:
 
 - **Layers**: type or paste a text, pick a lens (or two lenses side by side), a statistic and how
   many top tokens the hover shows; the trajectory heatmap of :mod:`depthlens.viz.pictures` appears,
   and the figure (PNG, HTML) and the tidy table (CSV) can be downloaded.
 - **Evaluation**: the per-layer curves and table that ``depthlens train``/``depthlens eval`` wrote
   next to a lens, when there are any.
+- **Attribute lens**, **Logit attribution**, **Patchscopes**: the neighbouring readouts of
+  :mod:`depthlens.apps.web_readouts`, sharing the model's lock with the Layers tab.
 
 Limits: a text longer than ``max_tokens`` tokens is refused with a message naming the limit;
 requests wait in a bounded queue (the model runs one request at a time, pictures are drawn two at
@@ -19,28 +21,30 @@ made, and the page loads nothing from outside the server.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import gradio as gr
-import pandas as pd
 import plotly.graph_objects as go
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from depthlens.apps.cli import SAMPLE_PROMPT
+from depthlens.analysis.trajectory import STATISTICS, Trajectory
+from depthlens.apps.evaluation_tab import evaluation_tab, read_evaluations
+from depthlens.apps.web_readouts import readout_tabs
 from depthlens.errors import AppError, DepthlensError
-from depthlens.lenses.lens import Lens, LogitLens, TunedLens
+from depthlens.lenses import spec
+from depthlens.lenses.readout import Lens
+from depthlens.text.encode import encode
+from depthlens.text.samples import SAMPLE_PROMPT
+from depthlens.training import runs
 from depthlens.viz.pictures import heatmap_figure, save_figure, side_by_side
-from depthlens.analysis.trajectory import STATISTICS, Trajectory, encode
 
 DEFAULT_HOST = "127.0.0.1"
 """The app listens on this machine only unless another host is given."""
@@ -56,9 +60,11 @@ CHARS_PER_TOKEN = 64
 FILE_LIFETIME_S = 3600
 """Downloads, and the data of a page's last picture, are kept this long (seconds)."""
 
+EXAMPLE_NOTE = "**Example** — computed for the sample text when the page opened, before you typed anything. Type your own text and press Show."
+"""What the message says above the picture the page opens with."""
+
 _ANALYTICS = "GRADIO_ANALYTICS_ENABLED"
 _DOWNLOADS = {"png": "PNG figure", "html": "HTML figure (interactive)", "csv": "CSV table"}
-_EVAL_METRICS = ("kl", "ce", "top1")
 _CSS = "#heatmap { overflow-x: auto !important; }"
 
 
@@ -91,7 +97,7 @@ class Explorer:
         names = list(self.lenses)
         self.views: dict[str, tuple[str, ...]] = {name: (name,) for name in names}
         self.views.update({f"{names[0]} vs {other}": (names[0], other) for other in names[1:]})
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
 
     @property
     def default_view(self) -> str:
@@ -111,7 +117,7 @@ class Explorer:
             raise AppError(f"top-k must be between 1 and {MAX_K}, got {k}")
         if len(text) > self.max_tokens * CHARS_PER_TOKEN:
             raise self._too_long(f"{len(text):,} characters")
-        with self._lock:
+        with self.lock:
             try:
                 input_ids, _ = encode(self.tokenizer, text)
             except DepthlensError as error:
@@ -147,44 +153,6 @@ def write_downloads(trajectories: Sequence[Trajectory], stat: str, directory: st
     }
 
 
-@dataclass(frozen=True)
-class _Evaluation:
-    """What the evaluation tab shows for one lens."""
-
-    note: str
-    image: str | None
-    table: pd.DataFrame | None
-    files: list[str]
-
-
-def _read_evaluation(directory: Path, copy_to: Path) -> _Evaluation:
-    """Copy what ``depthlens eval`` wrote in ``directory`` to ``copy_to`` and read its table."""
-    present = [directory / name for name in ("curves.png", "curves.html", "eval.csv", "eval.json") if (directory / name).is_file()]
-    if not present:
-        return _Evaluation(f"No evaluation in `{directory}`: run `depthlens eval` to make one.", None, None, [])
-    copy_to.mkdir(parents=True)
-    copies = {path.name: str(shutil.copyfile(path, copy_to / path.name)) for path in present}
-    note, table = f"Evaluation from `{directory}`.", None
-    if "eval.json" in copies:
-        try:
-            report = json.loads(Path(copies["eval.json"]).read_text(encoding="utf-8"))
-            table = _evaluation_table(report["table"])
-            note = (f"Per-layer means on {report['tokens']:,} held-out tokens, from `{directory}`: "
-                    "KL and cross-entropy in nats, top-1 agreement with the model as a fraction.")
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            note = f"`{directory}/eval.json` cannot be read ({error}); the curves are shown as written."
-    return _Evaluation(note, copies.get("curves.png"), table, [copies[n] for n in ("curves.html", "eval.csv", "eval.json") if n in copies])
-
-
-def _evaluation_table(rows: list[dict]) -> pd.DataFrame:
-    frame = pd.DataFrame(rows)
-    frame = frame[frame["metric"].isin(_EVAL_METRICS) & frame["unit"].isin(["nats", "fraction"])]
-    wide = frame.pivot_table(index="layer", columns=["metric", "lens"], values="value", sort=False)
-    wide = wide[[column for metric in _EVAL_METRICS for column in wide.columns if column[0] == metric]]
-    wide.columns = [f"{metric} · {lens}" for metric, lens in wide.columns]
-    return wide.round(3).reset_index()
-
-
 class _Files:
     """Per-request folders for downloads under one temporary folder, removed after
     :data:`FILE_LIFETIME_S` and when the app is garbage-collected or the process exits."""
@@ -215,107 +183,108 @@ def build_app(
     """The Gradio app for ``model`` and the named ``lenses`` (e.g. ``{"logit": LogitLens(model)}``).
 
     ``eval_dirs`` maps lens names to the folders where their evaluation was written (``eval.json``,
-    ``curves.png``, …); they are read now, once. ``example`` is the text the page opens with. Launch the
+    ``curves.png``, …); they are read now, once. ``example`` is the text the page opens with; its
+    picture is computed when the page loads and labelled as an example (:data:`EXAMPLE_NOTE`). Launch the
     result with :func:`start`, which also lets wide heatmaps scroll sideways (Gradio's own ``launch``
     works too); requests queue, at most ``queue_size`` of them.
     """
     os.environ[_ANALYTICS] = "False"
     explorer = Explorer(model, tokenizer, lenses, max_tokens=max_tokens)
     files = _Files()
-    evaluations = {name: _read_evaluation(Path(folder), files.root / f"eval-{index}")
-                   for index, (name, folder) in enumerate((eval_dirs or {}).items())}
-    model_name = next(iter(explorer.lenses.values())).parts.model_name
-    layers = next(iter(explorer.lenses.values())).num_layers
-
-    def show(text: str, view: str, stat: str, k: float) -> tuple:
-        hidden = [gr.DownloadButton(value=None, visible=False) for _ in _DOWNLOADS]
-        try:
-            trajectories = explorer.trajectories(text, view, int(k))
-            picture = figure(trajectories, stat)
-        except AppError as error:
-            return (f"**{error}**", None, None, *hidden)
-        tokens = int(trajectories[0].attention_mask.sum())
-        message = (f"{tokens} tokens × {len(trajectories[0].layers)} rows (layer 0 = embeddings, output = the model). "
-                   f"Each cell shows the top-1 next token; hover for the top {int(k)}.")
-        return (message, picture, (trajectories, stat), *hidden)
-
-    def prepare_downloads(shown: tuple[list[Trajectory], str] | None) -> list[gr.DownloadButton]:
-        if shown is None:
-            return [gr.DownloadButton(value=None, visible=False) for _ in _DOWNLOADS]
-        paths = write_downloads(*shown, files.new_folder())
-        return [gr.DownloadButton(value=str(paths[suffix]), visible=True) for suffix in _DOWNLOADS]
-
-    def evaluation(name: str) -> tuple:
-        if name not in evaluations:
-            return (f"**unknown lens {name!r}: evaluations exist for {', '.join(map(repr, evaluations))}**", None, None, None)
-        chosen = evaluations[name]
-        return (chosen.note, chosen.image, chosen.table, chosen.files or None)
-
-    with gr.Blocks(title=f"depthlens · {model_name}", fill_width=True, analytics_enabled=False,
+    evaluations = read_evaluations(eval_dirs or {}, files.root)
+    first = next(iter(explorer.lenses.values()))
+    with gr.Blocks(title=f"depthlens · {first.parts.model_name}", fill_width=True, analytics_enabled=False,
                    delete_cache=(FILE_LIFETIME_S, FILE_LIFETIME_S)) as demo:
         gr.Markdown(
-            f"## depthlens · {model_name}\nWhat the model predicts at every one of its {layers} layers. "
-            "Rows are layers (0 = the embeddings, output = the model), columns the input tokens; each "
-            "cell shows the token predicted next, coloured by the chosen statistic."
+            f"## depthlens · {first.parts.model_name}\nWhat the model predicts at every one of its "
+            f"{first.num_layers} layers. Rows are layers (0 = the embeddings, output = the model), columns "
+            "the input tokens; each cell shows the token predicted next, coloured by the chosen statistic."
         )
         with gr.Tab("Layers", elem_id="layers-tab"):
-            with gr.Row():
-                text_box = gr.Textbox(value=example, lines=4, label=f"text (at most {explorer.max_tokens} tokens)",
-                                      elem_id="text", scale=3)
-                with gr.Column(scale=2):
-                    view_box = gr.Dropdown(list(explorer.views), value=explorer.default_view, label="lens", elem_id="lens")
-                    stat_box = gr.Dropdown([(s.title, s.name) for s in STATISTICS.values()], value="entropy",
-                                           label="statistic", elem_id="stat")
-                    k_box = gr.Slider(1, MAX_K, value=5, step=1, label="top-k on hover", elem_id="top-k")
-                    run = gr.Button("Show", variant="primary", elem_id="show")
-            message = gr.Markdown(elem_id="message")
-            plot = gr.Plot(label="trajectory", elem_id="heatmap")
-            with gr.Row():
-                downloads = [gr.DownloadButton(label, visible=False, elem_id=f"download-{suffix}")
-                             for suffix, label in _DOWNLOADS.items()]
-        shown = gr.State(time_to_live=FILE_LIFETIME_S)
-        inputs, outputs = [text_box, view_box, stat_box, k_box], [message, plot, shown, *downloads]
-        for trigger in (run.click(show, inputs, outputs, api_name="show"),
-                        demo.load(show, inputs, outputs, api_visibility="private")):
-            trigger.then(prepare_downloads, shown, downloads, api_visibility="private")
-
+            _layers_tab(demo, explorer, files, example)
         with gr.Tab("Evaluation", elem_id="evaluation-tab"):
-            if not evaluations:
-                gr.Markdown(
-                    "No evaluation was found for these lenses. `depthlens train` writes one next to the lens "
-                    "it trains (`runs/<model>/eval/`), and `depthlens eval --lens DIR` makes one for an existing lens.",
-                    elem_id="evaluation-note",
-                )
-            else:
-                first = next(iter(evaluations))
-                note, image, table, listed = evaluation(first)
-                eval_box = gr.Dropdown(list(evaluations), value=first, label="lens", elem_id="evaluation-lens")
-                eval_note = gr.Markdown(note, elem_id="evaluation-note")
-                eval_image = gr.Image(image, type="filepath", interactive=False, label="per-layer curves",
-                                      buttons=["download", "fullscreen"], elem_id="evaluation-curves")
-                eval_table = gr.Dataframe(table, interactive=False, label="per-layer table", elem_id="evaluation-table")
-                eval_files = gr.File(listed, file_count="multiple", interactive=False, label="files", elem_id="evaluation-files")
-                eval_box.change(evaluation, eval_box, [eval_note, eval_image, eval_table, eval_files], api_name="evaluation")
+            evaluation_tab(evaluations)
+        readout_tabs(model, tokenizer, explorer.lenses, max_tokens=explorer.max_tokens, lock=explorer.lock)
     demo.queue(default_concurrency_limit=2, max_size=queue_size)
     return demo
 
 
-def load_lenses(model: nn.Module, lens_dirs: Sequence[str | os.PathLike] = ()) -> tuple[dict[str, Lens], dict[str, Path]]:
-    """The logit lens and a tuned lens from each directory, by name, and the evaluation folders
-    found next to them (``<dir>/../eval``, where ``depthlens train`` and ``depthlens eval`` write).
+def _layers_tab(demo: gr.Blocks, explorer: Explorer, files: _Files, example: str) -> None:
+    """The text box, the lens, statistic and top-k choosers, the heatmap and its downloads; the
+    page shows ``example`` when it loads."""
+    with gr.Row():
+        text_box = gr.Textbox(value=example, lines=4, elem_id="text", scale=3,
+                              label=f"text (at most {explorer.max_tokens} tokens; a sample to start with — replace it)")
+        with gr.Column(scale=2):
+            view_box = gr.Dropdown(list(explorer.views), value=explorer.default_view, label="lens", elem_id="lens")
+            stat_box = gr.Dropdown([(s.title, s.name) for s in STATISTICS.values()], value="entropy",
+                                   label="statistic", elem_id="stat")
+            k_box = gr.Slider(1, MAX_K, value=5, step=1, label="top-k on hover", elem_id="top-k")
+            run = gr.Button("Show", variant="primary", elem_id="show")
+    message = gr.Markdown(elem_id="message")
+    plot = gr.Plot(label="trajectory", elem_id="heatmap")
+    with gr.Row():
+        downloads = [gr.DownloadButton(label, visible=False, elem_id=f"download-{suffix}")
+                     for suffix, label in _DOWNLOADS.items()]
+    shown = gr.State(time_to_live=FILE_LIFETIME_S)
+    inputs, outputs = [text_box, view_box, stat_box, k_box], [message, plot, shown, *downloads]
+    show, prepare_downloads = _show_handler(explorer), _downloads_handler(files)
+    for trigger in (run.click(show, inputs, outputs, api_name="show"),
+                    demo.load(_as_example(show), inputs, outputs, api_visibility="private")):
+        trigger.then(prepare_downloads, shown, downloads, api_visibility="private")
 
-    One tuned lens is called ``"tuned"``; several are ``"tuned (DIR)"``. Raises
-    :class:`~depthlens.errors.LensFileError` for a directory that holds no lens for this model.
+
+def _as_example(show: Callable[..., tuple]) -> Callable[..., tuple]:
+    """The handler of the page's first load: :func:`_show_handler`'s, with its message marked as
+    an example computed before the user did anything."""
+    def show_example(*inputs: object) -> tuple:
+        message, *rest = show(*inputs)
+        return (f"{EXAMPLE_NOTE}\n\n{message}", *rest)
+
+    return show_example
+
+
+def _hidden_downloads() -> list[gr.DownloadButton]:
+    return [gr.DownloadButton(value=None, visible=False) for _ in _DOWNLOADS]
+
+
+def _show_handler(explorer: Explorer) -> Callable[[str, str, str, float], tuple]:
+    """The Show button's handler: the message, the figure, what was shown (for the downloads)
+    and the download buttons, hidden until the files are written."""
+    def show(text: str, view: str, stat: str, k: float) -> tuple:
+        try:
+            trajectories = explorer.trajectories(text, view, int(k))
+            picture = figure(trajectories, stat)
+        except AppError as error:
+            return (f"**{error}**", None, None, *_hidden_downloads())
+        tokens = int(trajectories[0].attention_mask.sum())
+        message = (f"{tokens} tokens × {len(trajectories[0].layers)} rows (layer 0 = embeddings, output = the model). "
+                   f"Each cell shows the top-1 next token; hover for the top {int(k)}.")
+        return (message, picture, (trajectories, stat), *_hidden_downloads())
+
+    return show
+
+
+def _downloads_handler(files: _Files) -> Callable[[tuple[list[Trajectory], str] | None], list[gr.DownloadButton]]:
+    """Writes the files of what was shown into a fresh folder and shows their buttons."""
+    def prepare_downloads(shown: tuple[list[Trajectory], str] | None) -> list[gr.DownloadButton]:
+        if shown is None:
+            return _hidden_downloads()
+        paths = write_downloads(*shown, files.new_folder())
+        return [gr.DownloadButton(value=str(paths[suffix]), visible=True) for suffix in _DOWNLOADS]
+
+    return prepare_downloads
+
+
+def load_lenses(model: nn.Module, lens_dirs: Sequence[str | os.PathLike] = ()) -> tuple[dict[str, Lens], dict[str, Path]]:
+    """The lenses the app offers (:func:`depthlens.lenses.spec.load_lenses`: the logit lens and
+    a tuned lens from each directory, by name) and the evaluation folders found next to them
+    (:func:`depthlens.training.runs.find_evaluations`).
+
+    Raises :class:`~depthlens.errors.LensFileError` for a directory that holds no lens for this model.
     """
-    folders = list(dict.fromkeys(Path(d) for d in lens_dirs if os.fspath(d) != "logit"))
-    lenses: dict[str, Lens] = {"logit": LogitLens(model)}
-    eval_dirs: dict[str, Path] = {}
-    for folder in folders:
-        name = "tuned" if len(folders) == 1 else f"tuned ({folder})"
-        lenses[name] = TunedLens.from_pretrained(folder, model)
-        if (folder.parent / "eval").is_dir():
-            eval_dirs[name] = folder.parent / "eval"
-    return lenses, eval_dirs
+    lenses, sources = spec.load_lenses(model, lens_dirs)
+    return lenses, runs.find_evaluations(sources)
 
 
 def start(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, quiet: bool = False) -> str:
@@ -346,13 +315,14 @@ def serve(
     one, the tuned lens in ``runs/<model>/lens``.
     """
     from depthlens.model.load import load_model
-    from depthlens.training.train import run_dir
 
     if not 1 <= port <= 65535:
-        raise AppError(f"the port must be between 1 and 65535, got {port}")
+        raise AppError(f"the port must be between 1 and 65535, got {port}; pass another --port")
     if lens_dirs is None:
-        trained = run_dir(model_spec) / "lens"
-        lens_dirs = [trained] if trained.is_dir() else []
+        trained = runs.trained_lens(model_spec)
+        lens_dirs = [trained] if trained else []
+    for lens_spec in lens_dirs:
+        spec.check_spec(lens_spec)
     model, tokenizer = load_model(model_spec)
     lenses, eval_dirs = load_lenses(model, lens_dirs)
     demo = build_app(model, tokenizer, lenses, eval_dirs, max_tokens=max_tokens)
@@ -377,6 +347,7 @@ __all__ = [
     "DEFAULT_HOST",
     "DEFAULT_MAX_TOKENS",
     "DEFAULT_PORT",
+    "EXAMPLE_NOTE",
     "MAX_K",
     "AppError",
     "Explorer",

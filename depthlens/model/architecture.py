@@ -63,9 +63,10 @@ class FamilyRule:
     mlp: str | None = None
     """Path, inside each block, of the module whose output is the MLP branch's contribution to the
     residual stream; ``""`` when the family has none to hook (OPT's ``fc1``/``fc2`` are inline)."""
-    branch_adds_residual: bool = False
-    """The attention and MLP modules return ``residual + branch`` rather than the branch alone
-    (BLOOM); hooks subtract the residual so that a branch's value is its contribution."""
+    branches_add_residual: tuple[str, ...] = ()
+    """The branches (``"attn"``, ``"mlp"``) whose module returns ``residual + branch`` rather than
+    the branch alone (BLOOM's both, MPT's MLP); hooks subtract the ``residual`` argument so that a
+    branch's value is its contribution."""
     note: str = ""
 
 
@@ -87,7 +88,7 @@ FAMILY_RULES: dict[str, FamilyRule] = {
         mlp="",
         note="OPT may project down after its final norm (word_embed_proj_dim); its MLP (fc1, fc2) is inline.",
     ),
-    "bloom": FamilyRule(branch_adds_residual=True, note="Attention and MLP modules add the residual themselves."),
+    "bloom": FamilyRule(branches_add_residual=("attn", "mlp"), note="Attention and MLP modules add the residual themselves."),
     "granite": _GRANITE,
     "granite_swa": _GRANITE,
     "granitemoe": _GRANITE,
@@ -101,7 +102,11 @@ FAMILY_RULES: dict[str, FamilyRule] = {
         note="Multiplies its logits by logits_scaling, where Granite divides by it.",
     ),
     "falcon_h1": FamilyRule(embedding_multiplier="embedding_multiplier", logit_multiplier="lm_head_multiplier"),
-    "mpt": FamilyRule(logit_multiplier=None, note="config.logit_scale exists but the model does not apply it."),
+    "mpt": FamilyRule(
+        logit_multiplier=None,
+        branches_add_residual=("mlp",),
+        note="config.logit_scale exists but the model does not apply it; the MLP adds the residual itself.",
+    ),
     "inkling_text": FamilyRule(
         logit_divisor="logits_mup_width_multiplier",
         note="Divides the normed state (so the logits) by the muP width multiplier.",
@@ -154,7 +159,7 @@ class ModelParts:
     logit_divisor: float | None = None
     logit_softcap: float | None = None
     vocab_limit: int | None = None
-    branch_adds_residual: bool = False
+    branches_add_residual: tuple[str, ...] = ()
     paths: dict[str, str | tuple[str, ...]] = field(default_factory=dict)
     """Where the parts live: ``blocks``, ``final_norm``, and inside each block ``attn`` and
     ``mlp`` (``""`` when the family exposes no such module)."""
@@ -279,7 +284,7 @@ def find_parts(model: nn.Module) -> ModelParts:
         logit_divisor=number(rule.logit_divisor),
         logit_softcap=number(rule.logit_softcap),
         vocab_limit=None if (limit := number(rule.vocab_limit)) is None else int(limit),
-        branch_adds_residual=rule.branch_adds_residual,
+        branches_add_residual=rule.branches_add_residual,
         paths={
             "blocks": blocks_path,
             "final_norm": tuple(norm_paths),

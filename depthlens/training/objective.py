@@ -27,7 +27,8 @@ from typing import Literal
 
 import torch
 
-from depthlens.lenses.lens import Lens
+from depthlens.lenses.readout import Lens
+from depthlens.stats.divergences import cross_entropy, entropy, kl
 
 Objective = Literal["kl", "ce"]
 
@@ -58,7 +59,7 @@ class Shortlist:
             vocab=ids,
             log_weights=log_weights,
             weighted_target=target[:, ids].exp() * log_weights.exp(),
-            negative_entropy=(target.exp() * target).sum(),
+            negative_entropy=-entropy(target).sum(),
         )
 
 
@@ -91,11 +92,14 @@ def layer_loss(log_q: torch.Tensor, target: torch.Tensor, objective: Objective) 
     """Summed loss over a block of tokens, in nats.
 
     ``log_q [tokens, vocab]`` are the lens log-probabilities. For ``"kl"``, ``target`` holds the
-    model's final log-probabilities ``[tokens, vocab]``; for ``"ce"``, the next-token ids ``[tokens]``.
+    model's final log-probabilities ``[tokens, vocab]`` and the loss is ``Σ KL(p_L ‖ q)``; for
+    ``"ce"``, the next-token ids ``[tokens]`` (negative ids, e.g. ``-100``, are left out) and the
+    loss is ``Σ −log q(next)``. Both are :mod:`depthlens.stats.divergences`.
     """
     if objective == "kl":
-        return (target.exp() * (target - log_q)).sum()
-    return torch.nn.functional.cross_entropy(log_q, target, reduction="sum")
+        return kl(target, log_q).sum()
+    losses = cross_entropy(log_q, target)
+    return torch.where(target.to(losses.device) >= 0, losses, 0.0).sum()
 
 
 def accumulate_gradients(

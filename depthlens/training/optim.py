@@ -1,4 +1,5 @@
-"""Muon that orthogonalises in float32, for machines without fast bfloat16.
+"""The optimizers of tuned-lens training (:func:`make_optimizers`), and a Muon that
+orthogonalises in float32, for machines without fast bfloat16.
 
 ``torch.optim.Muon`` runs its Newton–Schulz iteration in bfloat16. That is right for GPUs, but on
 a CPU without bf16 units it is about 50× slower than the same iteration in float32 (measured
@@ -13,6 +14,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+
+from depthlens.lenses.tuned import TunedLens
+from depthlens.training.config import TrainConfig
+
+__all__ = ["NEWTON_SCHULZ", "Float32Muon", "make_optimizers", "muon", "orthogonalise"]
 
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
 """Coefficients of the quintic Newton–Schulz iteration (the ones ``torch.optim.Muon`` uses)."""
@@ -58,3 +64,26 @@ def muon(params: list[torch.Tensor] | list[dict[str, Any]], lr: float) -> torch.
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.optim.Muon(params, lr=lr, momentum=0.95, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
     return Float32Muon(params, lr=lr)
+
+
+def make_optimizers(lens: TunedLens, config: TrainConfig) -> list[torch.optim.Optimizer]:
+    """The paper's SGD for all parameters, Adam for all parameters, or Muon for the translator
+    matrices and Adam for the biases (Muon only orthogonalises matrices).
+
+    Every layer's parameters form their own group whose learning rate is scaled by
+    ``1 − layer_lr_decay · l / L`` (the ``layer_scale`` of the group): late layers start close to
+    the final layer and want smaller steps than early ones.
+    """
+    def groups(parameters: list[torch.Tensor]) -> list[dict[str, Any]]:
+        return [{"params": [p], "layer_scale": 1.0 - config.layer_lr_decay * layer / lens.num_layers}
+                for layer, p in enumerate(parameters)]
+
+    weights = groups([t.weight for t in lens.translators])
+    biases = groups([t.bias for t in lens.translators])
+    lr = config.learning_rate
+    if config.optimizer == "sgd":
+        return [torch.optim.SGD(weights + biases, lr=lr, momentum=config.momentum, nesterov=True,
+                                weight_decay=config.weight_decay)]
+    if config.optimizer == "adam":
+        return [torch.optim.Adam(weights + biases, lr=lr)]
+    return [muon(weights, lr), torch.optim.Adam(biases, lr=lr)]

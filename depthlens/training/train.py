@@ -1,4 +1,4 @@
-"""Train a tuned lens: closed-form start, then KL distillation with Muon or the paper's SGD.
+"""Train a tuned lens: closed-form start, then KL distillation with Adam (default), Muon or SGD.
 
 The job, in order:
 
@@ -8,7 +8,17 @@ The job, in order:
 3. KL steps until the budget (tokens or wall-clock minutes) is spent: one model forward per batch,
    then a per-layer forward/backward of the lens (:mod:`depthlens.training.objective`), an optimizer step
    and a linearly decaying learning rate;
-4. save the lens, and checkpoint periodically so that ``resume=True`` continues exactly.
+4. save the lens; checkpoint every ``checkpoint_minutes`` of training time and at the end, so that
+   ``resume=True`` continues exactly.
+
+The training documents come in a seeded random order (a fresh one every epoch), so the
+least-squares start and the first steps see many plays or documents, not the first few in file
+order. The terminal shows the two phases, one bar each: the least-squares start counts tokens;
+the KL steps count seconds of what is left of a time budget (or tokens of a token budget), with
+the step number and a smoothed loss.
+
+The run folder (``runs/<model>`` or ``out``) is laid out by :mod:`depthlens.training.runs`:
+``lens/``, ``checkpoint/`` (and ``eval/``, which the command line writes after training).
 
 Under ``torchrun`` every process takes its own share of each batch and gradients are averaged
 (gloo on CPU, nccl on GPU); process 0 writes files.
@@ -18,102 +28,30 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from depthlens.atomic import check_output
+from depthlens.errors import TrainingError
+from depthlens.lenses.tuned import TunedLens
+from depthlens.model.hidden_states import capture
+from depthlens.model.load import load_model
+from depthlens.text.data import TextSource, token_chunks
 from depthlens.training.checkpoint import load_checkpoint, save_checkpoint
 from depthlens.training.closed_form import LeastSquares
-from depthlens.text.data import TextSource, token_chunks
-from depthlens.errors import TrainingError
-from depthlens.model.hidden_states import capture
-from depthlens.lenses.lens import TunedLens
-from depthlens.model.load import DEFAULT_MODEL, load_model
-from depthlens.training.objective import Objective, Shortlist, accumulate_gradients
-from depthlens.training.optim import muon
+from depthlens.training.config import DEFAULT_LR, TrainConfig
+from depthlens.training.objective import Shortlist, accumulate_gradients
+from depthlens.training.optim import make_optimizers
+from depthlens.training.processes import Processes, is_first_process
+from depthlens.training.runs import checkpoint_dir, lens_dir, run_dir
 
-Optimizer = Literal["muon", "adam", "sgd"]
-Init = Literal["least_squares", "identity"]
-
-DEFAULT_LR: dict[str, float] = {"muon": 0.01, "adam": 0.01, "sgd": 1.0}
-
-
-def run_dir(model: str) -> Path:
-    """Where a run on ``model`` writes by default: ``runs/<model name>``."""
-    return Path("runs") / Path(model.rstrip("/")).name.removesuffix(".gguf")
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run (stored in the lens's ``config.json``)."""
-
-    model: str = DEFAULT_MODEL
-    data: str = "shakespeare"
-    column: str = "text"
-    out: str | None = None
-    """Run directory (``lens/``, ``checkpoint/``, ``eval/`` go inside); default ``runs/<model>``."""
-    objective: Objective = "kl"
-    optimizer: Optimizer = "adam"
-    init: Init = "least_squares"
-    init_tokens: int = 8192
-    ridge: float = 1e-4
-    chunk_len: int = 256
-    batch_tokens: int = 256
-    shortlist: int = 8
-    """Estimate the KL on a shortlist of the vocabulary: the final distribution's ``shortlist``
-    most likely tokens at every position of a batch, plus ``negatives`` sampled ones
-    (:class:`~depthlens.training.objective.Shortlist`); 0 computes the exact KL over the whole vocabulary."""
-    negatives: int = 512
-    tokens: int | None = None
-    """Budget of KL-step tokens (all processes together); exclusive with ``minutes``."""
-    minutes: float | None = 8.0
-    """Budget of wall-clock minutes for initialisation plus KL steps."""
-    lr: float | None = None
-    momentum: float = 0.9
-    weight_decay: float = 1e-3
-    clip: float | None = 1.0
-    warmup_steps: int = 20
-    """Steps over which the learning rate rises linearly to its peak (then it decays linearly to 0)."""
-    layer_lr_decay: float = 0.7
-    """Layer ``l``'s learning rate is ``lr · (1 − layer_lr_decay · l / L)``."""
-    checkpoint_every: int = 10
-    seed: int = 0
-
-    @property
-    def run_path(self) -> Path:
-        return Path(self.out) if self.out else run_dir(self.model)
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
-
-    def check(self) -> None:
-        """Raise :class:`TrainingError` for settings that cannot work."""
-        if (self.tokens is None) == (self.minutes is None):
-            raise TrainingError("give exactly one budget: tokens or minutes")
-        if self.tokens is not None and self.tokens < self.batch_tokens:
-            raise TrainingError(f"the token budget ({self.tokens}) is smaller than one batch ({self.batch_tokens} tokens)")
-        if self.minutes is not None and self.minutes <= 0:
-            raise TrainingError(f"the time budget must be positive, got {self.minutes} minutes")
-        if self.batch_tokens % self.chunk_len or self.init_tokens % self.chunk_len:
-            raise TrainingError(f"batch_tokens and init_tokens must be multiples of chunk_len ({self.chunk_len})")
-        if self.optimizer not in DEFAULT_LR:
-            raise TrainingError(f"unknown optimizer {self.optimizer!r}; use muon, adam or sgd")
-        if not 0.0 <= self.layer_lr_decay < 1.0:
-            raise TrainingError(f"layer_lr_decay must be in [0, 1), got {self.layer_lr_decay}")
-        if self.shortlist < 0 or self.negatives < 0:
-            raise TrainingError(f"--shortlist and --negatives must be ≥ 0, got {self.shortlist} and {self.negatives}")
-        if self.objective not in ("kl", "ce"):
-            raise TrainingError(f"unknown objective {self.objective!r}; use kl or ce")
-        if self.init not in ("least_squares", "identity"):
-            raise TrainingError(f"unknown init {self.init!r}; use least_squares or identity")
+__all__ = ["DEFAULT_LR", "TrainConfig", "TrainResult", "TrainingError", "is_first_process", "make_optimizers", "run_dir", "train"]
 
 
 @dataclass
@@ -130,44 +68,11 @@ class TrainResult:
     history: list[dict[str, float]]
 
 
-class _Processes:
-    """This process's place among ``torchrun`` workers (a single process if not launched so)."""
-
-    def __init__(self) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-
-    @property
-    def device(self) -> torch.device:
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-
-    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            dist.all_reduce(tensor)
-        return tensor
-
-    def from_first(self, value: float) -> float:
-        """``value`` as process 0 sees it, so that every process takes the same decision."""
-        if self.world == 1:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64)
-        dist.broadcast(tensor, src=0)
-        return tensor.item()
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-
 def _batches(source: TextSource, tokenizer: Any, config: TrainConfig, skip: int) -> Iterator[torch.Tensor]:
     """Chunks of the training split, repeated epoch after epoch, starting after ``skip`` chunks."""
     def forever() -> Iterator[torch.Tensor]:
-        for _epoch in itertools.count():
-            yield from token_chunks(source, tokenizer, config.chunk_len, split="train")
+        for epoch in itertools.count():
+            yield from token_chunks(source, tokenizer, config.chunk_len, split="train", shuffle_seed=config.seed + epoch)
 
     return itertools.islice(forever(), skip, None)
 
@@ -185,39 +90,20 @@ def _check_data(source: TextSource, tokenizer: Any, config: TrainConfig) -> None
         )
 
 
-def make_optimizers(lens: TunedLens, config: TrainConfig) -> list[torch.optim.Optimizer]:
-    """The paper's SGD for all parameters, Adam for all parameters, or Muon for the translator
-    matrices and Adam for the biases (Muon only orthogonalises matrices).
-
-    Every layer's parameters form their own group whose learning rate is scaled by
-    ``1 − layer_lr_decay · l / L`` (the ``layer_scale`` of the group): late layers start close to
-    the final layer and want smaller steps than early ones.
-    """
-    def groups(parameters: list[torch.Tensor]) -> list[dict[str, Any]]:
-        return [{"params": [p], "layer_scale": 1.0 - config.layer_lr_decay * layer / lens.num_layers}
-                for layer, p in enumerate(parameters)]
-
-    weights = groups([t.weight for t in lens.translators])
-    biases = groups([t.bias for t in lens.translators])
-    lr = config.learning_rate
-    if config.optimizer == "sgd":
-        return [torch.optim.SGD(weights + biases, lr=lr, momentum=config.momentum, nesterov=True,
-                                weight_decay=config.weight_decay)]
-    if config.optimizer == "adam":
-        return [torch.optim.Adam(weights + biases, lr=lr)]
-    return [muon(weights, lr), torch.optim.Adam(biases, lr=lr)]
-
-
 def _least_squares_start(
-    lens: TunedLens, model: torch.nn.Module, batches: Iterator[torch.Tensor], config: TrainConfig, procs: _Processes
+    lens: TunedLens, model: torch.nn.Module, batches: Iterator[torch.Tensor], config: TrainConfig, procs: Processes,
+    started: float,
 ) -> int:
-    """Fit every translator in closed form; returns the number of chunks consumed (all ranks)."""
+    """Fit every translator in closed form on ``init_tokens`` tokens, or on those read before
+    ``init_share`` of a time budget (counted from ``started``) is spent, whichever comes first;
+    returns the number of chunks consumed (all ranks)."""
     stats = LeastSquares(lens.num_layers, lens.parts.d_model)
     per_rank = config.batch_tokens // config.chunk_len
     total_chunks = config.init_tokens // config.chunk_len
+    deadline = started + config.init_share * config.minutes * 60 if config.minutes is not None else math.inf
     consumed = 0
-    with tqdm(total=config.init_tokens, desc="least-squares start", unit="tok", disable=procs.rank != 0) as bar:
-        while consumed < total_chunks:
+    with tqdm(total=config.init_tokens, desc="phase 1/2 · least-squares start", unit="tok", disable=procs.rank != 0) as bar:
+        while consumed < total_chunks and not (consumed and procs.from_first(float(time.monotonic() > deadline))):
             group = list(itertools.islice(batches, min(per_rank * procs.world, total_chunks - consumed)))
             consumed += len(group)
             mine = group[procs.rank :: procs.world]
@@ -250,63 +136,159 @@ def train(
     resume = bool(overrides.pop("resume", False))
     config = TrainConfig(**{**(asdict(config) if config else {}), **overrides})
     config.check()
-    procs = _Processes()
+    check_output(config.run_path, "folder")
+    job = _start(config, loaded, on_step, resume)
+    if job.procs.rank == 0:
+        tqdm.write(_plan(config, job.progress))
+    if config.init == "least_squares" and not job.progress["initialised"]:
+        job.progress["chunks"] += _least_squares_start(job.lens, job.model, job.batches, config, job.procs, job.started)
+        job.progress["init_tokens_used"] = job.progress["chunks"] * config.chunk_len
+        job.progress["initialised"] = True
+    job.progress["seconds"] = time.monotonic() - job.started
+    job.started += _call(on_step, job.lens, job.progress)
+    _kl_steps(job)
+    return _finish(job)
+
+
+@dataclass
+class _Job:
+    """A training run under way: what it trains, with what, and how far it got.
+
+    ``started`` is the ``time.monotonic()`` the budget counts from; it moves forward by the time
+    spent in ``on_step`` so that callbacks are not charged.
+    """
+
+    config: TrainConfig
+    procs: Processes
+    model: torch.nn.Module
+    tokenizer: Any
+    lens: TunedLens
+    optimizers: list[torch.optim.Optimizer]
+    progress: dict[str, Any]
+    batches: Iterator[torch.Tensor]
+    on_step: Callable[[TunedLens, dict[str, Any]], None] | None
+    started: float
+    smoothed: _Smoothed | None = None
+
+    @property
+    def run(self) -> Path:
+        return self.config.run_path
+
+
+def _start(
+    config: TrainConfig,
+    loaded: tuple[Any, Any] | None,
+    on_step: Callable[[TunedLens, dict[str, Any]], None] | None,
+    resume: bool,
+) -> _Job:
+    """Load the model and data, make the lens and optimizers, and restore the checkpoint if
+    resuming; fails before any training if the data cannot cover the budget."""
+    procs = Processes()
     torch.manual_seed(config.seed)
     model, tokenizer = loaded or load_model(config.model, device=procs.device)
-    source = TextSource(config.data, column=config.column)
+    source = TextSource(config.data, column=config.column, group_column=config.group_column)
     _check_data(source, tokenizer, config)
     lens = TunedLens(model, training={"config": asdict(config)})
     optimizers = make_optimizers(lens, config)
-    run = config.run_path
     progress: dict[str, Any] = {"step": 0, "chunks": 0, "tokens": 0, "seconds": 0.0, "initialised": False, "history": []}
     if resume:
-        progress = load_checkpoint(run / "checkpoint", lens, optimizers)
+        checkpoint = checkpoint_dir(config.run_path)
+        progress = load_checkpoint(checkpoint, lens, optimizers)
         if progress.get("config") != asdict(config):
-            raise TrainingError(f"the checkpoint in {run / 'checkpoint'} belongs to a run with other settings; start without --resume")
+            raise TrainingError(f"the checkpoint in {checkpoint} belongs to a run with other settings; start without --resume")
     progress["config"] = asdict(config)
     batches = _batches(source, tokenizer, config, progress["chunks"])
-    started = time.monotonic() - progress["seconds"]
+    return _Job(config, procs, model, tokenizer, lens, optimizers, progress, batches, on_step,
+                started=time.monotonic() - progress["seconds"])
 
-    if config.init == "least_squares" and not progress["initialised"]:
-        progress["chunks"] += _least_squares_start(lens, model, batches, config, procs)
-        progress["initialised"] = True
-    progress["seconds"] = time.monotonic() - started
-    started += _call(on_step, lens, progress)
 
-    exact = config.objective == "ce" or not config.shortlist
+def _kl_steps(job: _Job) -> None:
+    """Optimisation steps until the budget is spent, with a progress bar and checkpoints."""
+    config, procs, progress = job.config, job.procs, job.progress
     per_rank_chunks = config.batch_tokens // config.chunk_len
     step_tokens = config.batch_tokens * procs.world
-    bar = tqdm(total=config.tokens or round(config.minutes * 60), desc=f"{config.objective.upper()} steps",
-               unit="tok" if config.tokens else "s", disable=procs.rank != 0)
+    bar = _steps_bar(config, progress, disable=procs.rank != 0)
+    job.smoothed = _Smoothed()
     while True:
         done = procs.from_first(_budget_used(config, progress, step_tokens))
         if done >= 1.0:
             break
-        group = list(itertools.islice(batches, per_rank_chunks * procs.world))
+        group = list(itertools.islice(job.batches, per_rank_chunks * procs.world))
         batch = torch.stack(group[procs.rank * per_rank_chunks : (procs.rank + 1) * per_rank_chunks])
         warmup = min(1.0, (progress["step"] + 1) / config.warmup_steps) if config.warmup_steps else 1.0
-        losses = _step(lens, model, batch, optimizers, config, procs, lr_factor=warmup * (1.0 - done))
+        losses = _step(job.lens, job.model, batch, job.optimizers, config, procs, lr_factor=warmup * (1.0 - done))
         progress["step"] += 1
         progress["chunks"] += len(group)
         progress["tokens"] += step_tokens
-        progress["seconds"] = time.monotonic() - started
+        progress["seconds"] = time.monotonic() - job.started
+        smoothed = job.smoothed.add(losses.mean().item())
         progress["history"].append({"step": progress["step"], "tokens": progress["tokens"],
-                                    "seconds": round(progress["seconds"], 3), "loss": losses.sum().item()})
-        bar.n = min(bar.total, progress["tokens"] if config.tokens else round(progress["seconds"]))
-        bar.refresh()
-        bar.set_postfix({"loss" if exact else "loss (estimate)": f"{losses.sum().item():.3f}",
-                         "mean_layer": f"{losses.mean().item():.3f}"})
-        if progress["step"] % config.checkpoint_every == 0:
-            _checkpoint(run, lens, optimizers, progress, procs)
-        started += _call(on_step, lens, progress)
+                                    "seconds": round(progress["seconds"], 3), "loss": losses.sum().item(),
+                                    "mean_layer_smoothed": round(smoothed, 5)})
+        _show_step(bar, config, progress, smoothed)
+        if progress["seconds"] - progress.get("checkpoint_seconds", 0.0) >= 60 * config.checkpoint_minutes:
+            progress["checkpoint_seconds"] = progress["seconds"]
+            _checkpoint(job.run, job.lens, job.optimizers, progress, procs)
+        job.started += _call(job.on_step, job.lens, progress)
     bar.close()
-    _checkpoint(run, lens, optimizers, progress, procs)
-    lens.training_info = {"config": asdict(config), "steps": progress["step"], "tokens": progress["tokens"],
-                          "seconds": round(progress["seconds"], 1), "processes": procs.world}
+
+
+class _Smoothed:
+    """An exponential moving average of the per-step loss over about :data:`SMOOTHING_STEPS` steps,
+    bias-corrected so that the first steps are not pulled towards 0."""
+
+    def __init__(self) -> None:
+        self.average, self.weight = 0.0, 0.0
+
+    def add(self, value: float) -> float:
+        decay = 1.0 - 1.0 / SMOOTHING_STEPS
+        self.average = decay * self.average + (1.0 - decay) * value
+        self.weight = decay * self.weight + (1.0 - decay)
+        return self.average / self.weight
+
+
+SMOOTHING_STEPS = 20
+"""Steps the loss shown during training is averaged over (the shortlist estimate of one batch is noisy)."""
+
+
+def _steps_bar(config: TrainConfig, progress: dict[str, Any], disable: bool) -> tqdm:
+    """The KL-step phase's bar: tokens of a token budget, or the seconds left of a time budget
+    when the steps begin (so it starts at 0, not where the least-squares start left the clock)."""
+    name = "phase 2/2 · " + ("KL steps" if config.objective == "kl" else "cross-entropy steps")
+    if config.tokens is not None:
+        return tqdm(total=config.tokens, initial=progress["tokens"], desc=name, unit="tok", disable=disable)
+    progress.setdefault("steps_began", progress["seconds"])
+    total = max(1, round(config.minutes * 60 - progress["steps_began"]))
+    return tqdm(total=total, initial=min(total, round(progress["seconds"] - progress["steps_began"])), desc=name,
+                unit="s", disable=disable, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s [{elapsed}<{remaining}{postfix}]")
+
+
+def _show_step(bar: tqdm, config: TrainConfig, progress: dict[str, Any], smoothed: float) -> None:
+    """Move the bar and show the step number and the smoothed per-layer loss (nats)."""
+    if config.tokens is not None:
+        bar.n = min(bar.total, progress["tokens"])
+    else:
+        bar.n = min(bar.total, round(progress["seconds"] - progress["steps_began"]))
+    estimate = config.objective == "kl" and config.shortlist
+    name = "KL/layer ≈" if estimate else ("KL/layer" if config.objective == "kl" else "CE/layer")
+    bar.set_postfix_str(f"step {progress['step']}, {name} {smoothed:.3f} nats (avg of ~{SMOOTHING_STEPS} steps)",
+                        refresh=False)
+    bar.refresh()
+
+
+def _finish(job: _Job) -> TrainResult:
+    """Write the last checkpoint and the lens (process 0), and report what the run produced."""
+    progress, procs = job.progress, job.procs
+    progress["complete"] = True
+    _checkpoint(job.run, job.lens, [], progress, procs)
+    job.lens.training_info = {"config": asdict(job.config), "steps": progress["step"], "tokens": progress["tokens"],
+                              "seconds": round(progress["seconds"], 1), "processes": procs.world}
+    saved = lens_dir(job.run)
     if procs.rank == 0:
-        lens.save_pretrained(run / "lens")
+        job.lens.save_pretrained(saved)
     procs.barrier()
-    return TrainResult(lens, run / "lens", model, tokenizer, progress["step"], progress["tokens"], progress["seconds"], progress["history"])
+    return TrainResult(job.lens, saved, job.model, job.tokenizer, progress["step"], progress["tokens"],
+                       progress["seconds"], progress["history"])
 
 
 def _call(on_step: Callable[[TunedLens, dict[str, Any]], None] | None, lens: TunedLens, progress: dict[str, Any]) -> float:
@@ -316,6 +298,18 @@ def _call(on_step: Callable[[TunedLens, dict[str, Any]], None] | None, lens: Tun
     begun = time.monotonic()
     on_step(lens, progress)
     return time.monotonic() - begun
+
+
+def _plan(config: TrainConfig, progress: dict[str, Any]) -> str:
+    """One line saying what the run will do: its phases, its budget and where it checkpoints."""
+    share = f" (or {config.init_share:.0%} of the time, if that comes first)" if config.minutes is not None else ""
+    start = (f"phase 1: least-squares start on {config.init_tokens} tokens{share}; " if config.init == "least_squares"
+             else "identity start; ")
+    budget = f"{config.tokens} tokens" if config.tokens is not None else f"{config.minutes:g} minutes in all (both phases)"
+    every = "every step" if config.checkpoint_minutes == 0 else f"every {config.checkpoint_minutes:g} min"
+    resumed = f"resuming at step {progress['step']}; " if progress["step"] or progress["initialised"] else ""
+    return (f"{resumed}{start}phase 2: {config.objective.upper()} steps of {config.batch_tokens} tokens until "
+            f"{budget} are spent; checkpoints {every} and at the end, in {checkpoint_dir(config.run_path)}")
 
 
 def _budget_used(config: TrainConfig, progress: dict[str, Any], step_tokens: int) -> float:
@@ -331,7 +325,7 @@ def _step(
     batch: torch.Tensor,
     optimizers: list[torch.optim.Optimizer],
     config: TrainConfig,
-    procs: _Processes,
+    procs: Processes,
     lr_factor: float,
 ) -> torch.Tensor:
     """One optimisation step on ``batch [chunks, chunk_len]``; returns the mean loss per layer."""
@@ -357,7 +351,7 @@ def _step(
         bad = [layer for layer, value in enumerate(losses.tolist()) if not math.isfinite(value)]
         raise TrainingError(
             f"the loss became non-finite (layers {bad or 'gradients only'}); the last good checkpoint is kept in "
-            f"{config.run_path / 'checkpoint'}. Lower the learning rate (--lr) and run again with --resume"
+            f"{checkpoint_dir(config.run_path)}. Lower the learning rate (--lr) and run again with --resume"
         )
     if config.clip is not None:
         torch.nn.utils.clip_grad_norm_(lens.parameters(), config.clip)
@@ -374,7 +368,7 @@ def _autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast)
 
 
-def _checkpoint(run: Path, lens: TunedLens, optimizers: list[torch.optim.Optimizer], progress: dict[str, Any], procs: _Processes) -> None:
+def _checkpoint(run: Path, lens: TunedLens, optimizers: list[torch.optim.Optimizer], progress: dict[str, Any], procs: Processes) -> None:
     if procs.rank == 0:
-        save_checkpoint(run / "checkpoint", lens, optimizers, progress)
+        save_checkpoint(checkpoint_dir(run), lens, optimizers, progress)
     procs.barrier()

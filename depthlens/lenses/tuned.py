@@ -1,21 +1,15 @@
-"""Lenses: decode a layer's residual state into a next-token distribution.
+"""The tuned lens (Belrose et al. 2023): a per-layer affine translator before the model's decoding.
 
-A lens maps hidden states ``[batch, seq, d]`` at layer ``l`` (``0 ≤ l ≤ L``, numbered as in
-:mod:`depthlens.model.hidden_states`) to logits ``[batch, seq, vocab]``:
-
-- :class:`LogitLens` decodes the state directly with the model's final norm and unembedding.
-- :class:`TunedLens` (Belrose et al. 2023) first applies a per-layer affine translator
-  ``h + A_l h + b_l``. Translators start at zero, so an untrained tuned lens *is* the logit lens;
-  layer ``L`` has no translator, since the model's own decoding is already exact there.
-
-:meth:`Lens.iter_logits` walks all layers one at a time, so ``[layers, tokens, vocab]`` is only
-materialised when :meth:`Lens.stack_logits` is asked for it.
+Layer ``l`` (``0 ≤ l < L``) maps a state ``h [..., d]`` to ``h + A_l h + b_l`` and decodes it with
+the model's final norm and unembedding into logits ``[..., vocab]``. Translators start at zero, so
+an untrained tuned lens *is* the logit lens; layer ``L`` has no translator, since the model's own
+decoding is already exact there. Lenses are saved as a directory (``config.json`` +
+``model.safetensors``, see :mod:`depthlens.lenses.lens_file`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,81 +17,10 @@ import torch
 from torch import nn
 
 from depthlens._version import __version__
-from depthlens.model.architecture import ModelParts, find_parts
 from depthlens.errors import LensFileError
 from depthlens.lenses.lens_file import fingerprint, read_lens_dir, write_lens_dir
-
-
-def _parts(model: nn.Module | ModelParts) -> ModelParts:
-    return model if isinstance(model, ModelParts) else find_parts(model)
-
-
-class Lens(nn.Module):
-    """Base class: subclasses define :meth:`transform`; decoding is the model's own."""
-
-    kind = "lens"
-
-    def __init__(self, model: nn.Module | ModelParts) -> None:
-        super().__init__()
-        self.parts = _parts(model)
-
-    @property
-    def num_layers(self) -> int:
-        """Number of blocks ``L``; valid layers are ``0 … L``."""
-        return self.parts.num_layers
-
-    def transform(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
-        """Map a state ``[..., d]`` at ``layer`` to the space of the final state ``[..., d]``."""
-        raise NotImplementedError
-
-    def forward(self, hidden: torch.Tensor, layer: int, vocab: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits ``[..., vocab]`` (natural-log units, unnormalised) for states at ``layer``;
-        only those of the token ids ``vocab [k]`` if given (``[..., k]``)."""
-        self._check_layer(layer)
-        return self.parts.decode(self.transform(hidden, layer), vocab)
-
-    def iter_logits(
-        self, states: Sequence[torch.Tensor], layers: Iterable[int] | None = None
-    ) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield ``(layer, logits [batch, seq, vocab])`` for each layer, one layer at a time.
-
-        ``states`` is a :class:`~depthlens.model.hidden_states.HiddenStates` or any sequence of
-        ``L + 1`` tensors ``[batch, seq, d]``.
-        """
-        for layer in range(len(states)) if layers is None else layers:
-            yield layer, self(states[layer], layer)
-
-    def stack_logits(self, states: Sequence[torch.Tensor], layers: Iterable[int] | None = None) -> torch.Tensor:
-        """All layers' logits at once, ``[layers, batch, seq, vocab]``: mind the memory."""
-        return torch.stack([logits for _, logits in self.iter_logits(states, layers)])
-
-    def top_k(
-        self, states: Sequence[torch.Tensor], k: int = 1, layers: Iterable[int] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``k`` most likely next tokens at every layer and position.
-
-        Returns ``(log_probs, token_ids)``, both ``[layers, batch, seq, k]``; log-probabilities are
-        in nats. Only one layer's logits exist at a time.
-        """
-        values, indices = [], []
-        for _, logits in self.iter_logits(states, layers):
-            top = logits.float().log_softmax(-1).topk(k, dim=-1)
-            values.append(top.values)
-            indices.append(top.indices)
-        return torch.stack(values), torch.stack(indices)
-
-    def _check_layer(self, layer: int) -> None:
-        if not 0 <= layer <= self.num_layers:
-            raise IndexError(f"layer {layer} is out of range: this model has layers 0 … {self.num_layers}")
-
-
-class LogitLens(Lens):
-    """Decode every layer with the model's final norm and unembedding, unchanged (nostalgebraist 2020)."""
-
-    kind = "logit"
-
-    def transform(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
-        return hidden
+from depthlens.lenses.readout import Lens
+from depthlens.model.architecture import ModelParts
 
 
 class TunedLens(Lens):
@@ -120,6 +43,7 @@ class TunedLens(Lens):
         self.training_info: dict[str, Any] = dict(training or {})
 
     def transform(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+        """``h + A_l h + b_l`` for ``h [..., d]`` at ``layer < L`` (float32); ``h`` itself at ``L``."""
         if layer == self.num_layers:
             return hidden
         translator = self.translators[layer]
@@ -189,3 +113,6 @@ def _check_tensors(directory: str | os.PathLike, found: dict[str, torch.Tensor],
             )
         if not torch.isfinite(tensor).all():
             raise LensFileError(f"{directory}: tensor {name} holds NaN or infinite values")
+
+
+__all__ = ["TunedLens"]

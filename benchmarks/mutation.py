@@ -1,0 +1,168 @@
+"""Mutation check: how many deliberate small bugs (mutants) the tests kill, per module.
+
+Uses mutmut 3 (``pip install mutmut``). Each module group is mutated in its own copy of the
+repository under ``--workdir`` (default ``/tmp/depthlens-mutation``), so the working tree is never
+touched and nothing else has to stop; only the group's own test files run against its mutants
+(mutmut then runs, for each mutant, just the tests that reach the mutated function). Groups run
+one after another, niced.
+
+    python benchmarks/mutation.py                    # every group (about an hour on 2 busy cores)
+    python benchmarks/mutation.py divergences hooks  # some groups
+    python benchmarks/mutation.py --list
+
+For each mutated file it prints killed/total and the survivors (``mutmut show NAME`` in that
+group's folder shows a survivor's diff), and writes ``results.json`` in the work folder. Survivors
+that are equivalent mutants (no test can tell them apart from the original) are listed with their
+reason in :data:`EQUIVALENT` and do not count against the score. Not run in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+GROUPS: dict[str, tuple[list[str], list[str]]] = {
+    "lens_files": (
+        ["depthlens/lenses/lens_file.py", "depthlens/lenses/tuned.py", "depthlens/lenses/readout.py"],
+        ["tests/test_lens_file.py", "tests/test_lens.py", "tests/test_readout.py", "tests/test_mutations_lens.py"],
+    ),
+    "evaluation": (
+        ["depthlens/analysis/evaluate.py", "depthlens/stats/bootstrap.py"],
+        ["tests/test_evaluate.py", "tests/test_mutations_bootstrap.py"],
+    ),
+    "checkpoint_resume": (
+        ["depthlens/training/checkpoint.py", "depthlens/training/train.py"],
+        ["tests/test_mutations_training.py", "tests/test_train.py", "-k", "not torchrun and not sigkill"],
+    ),
+    "objective": (
+        ["depthlens/training/objective.py"],
+        ["tests/test_objective.py", "tests/test_mutations_training.py"],
+    ),
+    "hooks": (
+        ["depthlens/model/hooks.py", "depthlens/model/edits.py"],
+        ["tests/test_hooks.py"],
+    ),
+    "divergences": (
+        ["depthlens/stats/divergences.py"],
+        ["tests/test_divergences.py"],
+    ),
+}
+"""Group name → (files to mutate, pytest arguments that select the group's tests)."""
+
+_CPU = "moves to the CPU or the unembedding's device; on a CPU-only machine everything is already there"
+EQUIVALENT: dict[str, str] = {
+    "depthlens.lenses.lens_file.x_fingerprint__mutmut_3": _CPU,
+    "depthlens.lenses.lens_file.x_fingerprint__mutmut_5": _CPU,
+    "depthlens.lenses.lens_file.x_write_lens_dir__mutmut_3": _CPU,
+    "depthlens.lenses.tuned.xǁTunedLensǁ__init____mutmut_3": _CPU,
+    "depthlens.lenses.tuned.xǁTunedLensǁ__init____mutmut_8": _CPU,
+    "depthlens.lenses.tuned.xǁTunedLensǁ__init____mutmut_11": _CPU,
+    "depthlens.lenses.tuned.xǁTunedLensǁtransform__mutmut_4": _CPU,
+    "depthlens.lenses.tuned.xǁTunedLensǁtransform__mutmut_6": _CPU + " (the dtype is still converted)",
+    "depthlens.lenses.lens_file.x_read_lens_dir__mutmut_24":
+        "format_version defaults to 1 instead of 0: any default ≤ FORMAT_VERSION (1) is accepted alike",
+    "depthlens.lenses.readout.xǁLensǁtop_k__mutmut_11": "topk(k) without dim=-1: -1 is topk's default",
+}
+"""Surviving mutants that behave exactly like the original, with the reason; they are left out
+of the score."""
+
+STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
+          -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout"}
+
+
+def _copy_repository(target: Path) -> None:
+    """The package, tests and docs (the survey test reads docs/families.md) into ``target``."""
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "runs", "mutants")
+    for name in ("depthlens", "tests", "docs"):
+        shutil.copytree(ROOT / name, target / name, ignore=ignore)
+    shutil.copy2(ROOT / "pyproject.toml", target / "pyproject.toml")
+
+
+def _configure(folder: Path, files: list[str], selection: list[str]) -> None:
+    """Append mutmut's settings to the copy's pyproject.toml (the working tree's is untouched)."""
+    settings = {
+        "source_paths": files,
+        "also_copy": ["depthlens", "tests", "docs"],
+        "pytest_add_cli_args": ["-p", "no:cacheprovider", "-q", "-x", "-W", "ignore"],
+        "pytest_add_cli_args_test_selection": selection,
+        "use_git_change_detection": False,
+        "timeout_multiplier": 5.0,
+        "timeout_constant": 30.0,
+    }
+    lines = ["", "[tool.mutmut]"] + [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
+    with (folder / "pyproject.toml").open("a") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+def _scores(folder: Path, files: list[str]) -> dict[str, dict]:
+    """Per mutated file: killed, survived (names), equivalent, total, score."""
+    scores = {}
+    for file in files:
+        meta = json.loads((folder / "mutants" / f"{file}.meta").read_text())
+        statuses = {name: STATUS.get(code, "suspicious") for name, code in meta["exit_code_by_key"].items()}
+        survived = sorted(name for name, status in statuses.items() if status != "killed" and name not in EQUIVALENT)
+        equivalent = sorted(name for name in statuses if name in EQUIVALENT)
+        killed = sum(status == "killed" for status in statuses.values())
+        counted = len(statuses) - len(equivalent)
+        scores[file] = {"killed": killed, "total": len(statuses), "equivalent": equivalent, "survived": survived,
+                        "score": killed / counted if counted else 1.0}
+    return scores
+
+
+def run_group(name: str, workdir: Path) -> dict[str, dict]:
+    files, selection = GROUPS[name]
+    folder = workdir / name
+    _copy_repository(folder)
+    _configure(folder, files, selection)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    began = time.monotonic()
+    mutmut = [sys.executable, "-c", "import sys; from mutmut.__main__ import cli; sys.exit(cli())"]
+    done = subprocess.run(["nice", "-n", "10", *mutmut, "run", "--max-children", "1"], cwd=folder, env=env,
+                          capture_output=True, text=True)
+    if done.returncode != 0 or not all((folder / "mutants" / f"{f}.meta").is_file() for f in files):
+        tail = (done.stdout + done.stderr)[-3000:]
+        raise SystemExit(f"mutmut failed for {name} (status {done.returncode}):\n{tail}")
+    scores = _scores(folder, files)
+    for file, score in scores.items():
+        print(f"{name}: {file}: {score['killed']}/{score['total'] - len(score['equivalent'])} killed "
+              f"({100 * score['score']:.1f}%), {len(score['equivalent'])} equivalent, "
+              f"{time.monotonic() - began:.0f} s", flush=True)
+        for survivor in score["survived"]:
+            print(f"    survived: {survivor}")
+    return scores
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("groups", nargs="*", help=f"groups to run (default: all of {', '.join(GROUPS)})")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/depthlens-mutation"))
+    parser.add_argument("--list", action="store_true", help="list the groups and exit")
+    parser.add_argument("--target", type=float, default=0.85, help="lowest acceptable share killed per file")
+    args = parser.parse_args()
+    if args.list:
+        for name, (files, selection) in GROUPS.items():
+            print(f"{name}: {' '.join(files)}  <-  {' '.join(selection)}")
+        return 0
+    results_path = args.workdir / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    for name in args.groups or list(GROUPS):
+        results[name] = run_group(name, args.workdir)
+        results_path.write_text(json.dumps(results, indent=1))
+    low = [f"{group}:{file}" for group, files in results.items() for file, s in files.items() if s["score"] < args.target]
+    print("below target: " + (", ".join(low) if low else "none"))
+    return 1 if low else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

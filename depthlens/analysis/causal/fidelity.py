@@ -1,0 +1,146 @@
+"""Causal fidelity (Belrose et al. 2023, §3.1): does the readout rely on the features the model uses?
+
+For each direction ``v_i`` of a causal basis at layer ``ℓ``, the *same* erasure
+``h ↦ h − ((h − ρ) · v_i) v_i`` is applied (a) to the readout's input and (b) to the model's
+residual stream at ``resid.ℓ`` through the hook layer, the forward pass continuing from there.
+The readout's influence is ``mean_n KL(readout(h_n) ‖ readout(r(h_n)))``, the model's is
+``mean_n KL(model(x)_n ‖ model_ablated(x)_n)`` (nats). Fidelity is Spearman's ``ρ`` between the two
+over the ``k`` directions, with a 95% bootstrap interval over groups of consecutive positions.
+At layer ``L`` the readout *is* the model's decoding, so the two agree exactly and ``ρ = 1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from depthlens.analysis.causal.basis import CausalBasis, check_readout
+from depthlens.analysis.causal.erasure import MAX_ROWS, ErasureData, per_position_energy
+from depthlens.errors import CausalError
+from depthlens.lenses.readout import Readout
+from depthlens.model.hooks import Edit, run_with_hooks
+from depthlens.stats.bootstrap import bootstrap_samples, interval
+from depthlens.stats.divergences import kl
+
+MIN_GROUPS = 4
+"""Fewest bootstrap groups (blocks of consecutive positions) the interval is computed from."""
+
+
+def ranks(values: torch.Tensor) -> torch.Tensor:
+    """Ranks ``0 … k−1`` along the last axis (ties broken by order), float64."""
+    return values.argsort(-1).argsort(-1).double()
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Spearman's rank correlation of ``x`` and ``y`` along the last axis, ``[...]``; NaN when
+    one side is constant."""
+    rx, ry = ranks(x), ranks(y)
+    rx, ry = rx - rx.mean(-1, keepdim=True), ry - ry.mean(-1, keepdim=True)
+    return (rx * ry).sum(-1) / (rx.norm(dim=-1) * ry.norm(dim=-1))
+
+
+def check_statistics(positions: int, group_tokens: int, k: int) -> None:
+    """:class:`CausalError` unless there are enough groups for a bootstrap and directions for a
+    rank correlation."""
+    groups = -(-positions // max(1, group_tokens))
+    if groups < MIN_GROUPS:
+        raise CausalError(f"{positions} positions make {groups} groups of {group_tokens} tokens, but the bootstrap "
+                          f"needs at least {MIN_GROUPS}: use more tokens or a smaller group size")
+    if k < 3:
+        raise CausalError(f"a rank correlation over k = {k} directions means nothing: use k ≥ 3")
+
+
+@dataclass
+class Fidelity:
+    """Readout and model influence of each direction at one layer, and their rank correlation."""
+
+    layer: int
+    readout_kl: torch.Tensor
+    """``[k]`` mean KL of the readout under each direction's erasure, nats."""
+    model_kl: torch.Tensor
+    """``[k]`` mean KL of the model's output under the same erasure in its residual stream, nats."""
+    rho: float
+    """Spearman ``ρ`` between the two."""
+    low: float
+    high: float
+    """The 95% bootstrap interval of ``ρ`` over groups of positions."""
+
+    def summary(self) -> dict[str, object]:
+        return {"layer": self.layer, "rho": self.rho, "rho_low": self.low, "rho_high": self.high,
+                "readout_kl_nats": [round(float(x), 6) for x in self.readout_kl],
+                "model_kl_nats": [round(float(x), 6) for x in self.model_kl]}
+
+
+def _erasure(point: str, direction: torch.Tensor, reference: torch.Tensor) -> Edit:
+    """The edit ``h − ((h − ρ) · v) v`` at ``point``, ``reference [b, seq, d]`` (or ``[d]``)."""
+    def fn(h: torch.Tensor) -> torch.Tensor:
+        v = direction.to(h.device, h.dtype)
+        amount = (h - reference.to(h.device, h.dtype)) @ v
+        return h - amount.unsqueeze(-1) * v
+    return Edit(point, fn)
+
+
+@torch.no_grad()
+def model_kl(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    data: ErasureData,
+    basis: torch.Tensor,
+    *,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> torch.Tensor:
+    """``KL(model(x) ‖ model with v_i erased at resid.ℓ)`` per direction and position, ``[k, N]``
+    nats. ``input_ids [B, T]`` must be the tokens ``data`` was captured from (``N = B·T``)."""
+    rows, seq = input_ids.shape
+    if rows * seq != data.num_positions:
+        raise CausalError(f"the tokens ({rows}×{seq}) are not the {data.num_positions} positions the data were "
+                          "captured from: pass the same input_ids")
+    reference = data.reference.reshape(rows, seq, -1)
+    clean = [run_with_hooks(model, input_ids[i : i + batch_size]).logits.float().log_softmax(-1)
+             for i in range(0, rows, batch_size)]
+    out = torch.empty(basis.shape[0], data.num_positions)
+    point = f"resid.{data.layer}"
+    for index in tqdm(range(basis.shape[0]), desc=f"model ablations, layer {data.layer}", disable=not progress, unit="dir"):
+        for batch, i in enumerate(range(0, rows, batch_size)):
+            edit = _erasure(point, basis[index], reference[i : i + batch_size])
+            ablated = run_with_hooks(model, input_ids[i : i + batch_size], edits=[edit]).logits.float().log_softmax(-1)
+            out[index, i * seq : (i + batch_size) * seq] = kl(clean[batch], ablated).reshape(-1)
+    return out.clamp_min(0.0)
+
+
+def causal_fidelity(
+    model: nn.Module,
+    readout: Readout,
+    input_ids: torch.Tensor,
+    data: ErasureData,
+    basis: CausalBasis | torch.Tensor,
+    *,
+    batch_size: int = 4,
+    resamples: int = 1000,
+    seed: int = 0,
+    max_rows: int = MAX_ROWS,
+    progress: bool = False,
+) -> Fidelity:
+    """Fidelity of ``readout`` at ``data.layer`` over the directions of ``basis`` (``[k, d]`` or
+    a :class:`CausalBasis`), on the tokens ``input_ids [B, T]`` that ``data`` came from."""
+    check_readout(model, readout)
+    frame = basis.basis if isinstance(basis, CausalBasis) else basis
+    groups = int(data.groups.max()) + 1
+    check_statistics(data.num_positions, max(1, data.num_positions // groups), frame.shape[0])
+    lens_side = per_position_energy(readout, data, frame, max_rows=max_rows)
+    model_side = model_kl(model, input_ids, data, frame, batch_size=batch_size, progress=progress)
+    sums = torch.zeros(groups, frame.shape[0], 2, dtype=torch.float64)
+    sums[..., 0].index_add_(0, data.groups, lens_side.T.double())
+    sums[..., 1].index_add_(0, data.groups, model_side.T.double())
+    samples = bootstrap_samples(sums, resamples=resamples, seed=seed,
+                                statistic=lambda s, _t: spearman(s[..., 0], s[..., 1]))
+    low, high = interval(samples[torch.isfinite(samples)]) if torch.isfinite(samples).any() else (float("nan"),) * 2
+    rho = float(spearman(lens_side.mean(-1), model_side.mean(-1)))
+    return Fidelity(data.layer, lens_side.mean(-1), model_side.mean(-1), rho, low, high)
+
+
+__all__ = ["MIN_GROUPS", "Fidelity", "causal_fidelity", "check_statistics", "model_kl", "ranks", "spearman"]

@@ -1,0 +1,307 @@
+"""``depthlens causal`` and ``depthlens drift``: the causal checks and representational drift of
+Belrose et al. (2023, §3–4) on the command line. Register with :func:`add_parsers`.
+
+Both write into ``--out``: ``results.json`` (every number), ``results.csv`` (one row per layer),
+and pictures as HTML + PNG through the grid layer (:mod:`depthlens.viz.pictures`). ``causal``
+also saves the bases (``bases/``: safetensors + JSON with the model fingerprint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from depthlens.errors import UsageError
+
+_MODEL_HELP = "built-in name, .gguf file, model directory or hub name"
+
+
+def _layers(text: str | None, num_layers: int, stride: int) -> list[int]:
+    """``"3,6,9"`` → ``[3, 6, 9]``; default every ``stride``-th layer and the last."""
+    if not text:
+        return sorted({*range(0, num_layers + 1, stride), num_layers})
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"--layers must be comma-separated layer numbers, got {text!r}") from None
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Refuse option values that cannot work, before the model is loaded."""
+    global PLOTLYJS
+    PLOTLYJS = args.plotlyjs
+    if args.chunk_len < 2 or args.tokens < args.chunk_len or args.layer_stride < 1:
+        raise UsageError(f"--tokens ({args.tokens}) must be at least --chunk-len ({args.chunk_len}, itself ≥ 2), "
+                         "and --layer-stride at least 1")
+    if getattr(args, "k", 1) < 1:
+        raise UsageError(f"--k must be at least 1, got {args.k}")
+
+
+def _tokens(args: argparse.Namespace, tokenizer):
+    from depthlens.text.data import load_chunks
+
+    return load_chunks(args.data, tokenizer, args.chunk_len, max(1, args.tokens // args.chunk_len), split="validation")
+
+
+def _write_table(path: Path, rows: list[dict]) -> None:
+    import pandas as pd
+
+    from depthlens.atomic import write_file
+
+    write_file(path, pd.DataFrame(rows).to_csv(index=False).encode())
+
+
+PLOTLYJS = "inline"
+"""How HTML pictures get plotly.js: ``"inline"`` (≈ 5 MB each, opens offline) or ``"cdn"`` (set by ``--plotlyjs``)."""
+
+
+def _pictures(out: Path, name: str, grid) -> list[Path]:
+    from depthlens.viz.pictures import save_figure
+
+    return [save_figure(grid, out / f"{name}.{suffix}", plotlyjs=PLOTLYJS) for suffix in ("html", "png")]
+
+
+def _causal(args: argparse.Namespace) -> None:
+    from depthlens.analysis.causal import (
+        causal_fidelity,
+        check_directions,
+        check_statistics,
+        extract_basis,
+        load_bases,
+        prepare,
+        save_bases,
+        stimulus_response,
+    )
+    from depthlens.atomic import write_file
+    from depthlens.errors import CausalError
+    from depthlens.lenses.readout import check_layer
+    from depthlens.lenses.spec import load_readout
+    from depthlens.model.hidden_states import capture
+    from depthlens.model.load import load_model
+
+    _check(args)
+    model, tokenizer = load_model(args.model)
+    readouts = {spec if spec == "logit" else "tuned": load_readout(spec, model) for spec in args.lens}
+    first = next(iter(readouts.values()))
+    layers = _layers(args.layers, first.num_layers, args.layer_stride)
+    for layer in layers:
+        check_layer(layer, first.num_layers)
+    check_directions(args.k, first.parts.d_model)
+    given = load_bases(args.bases, model) if args.bases else None
+    if given is not None and (len(readouts) != 1 or not set(layers) <= set(given)):
+        raise CausalError(f"--bases {args.bases} holds layers {sorted(given)} of one readout: pass one --lens "
+                          "and --layers among those")
+    ids = _tokens(args, tokenizer)
+    if not args.alignment_only:
+        check_statistics(ids.numel(), args.group_tokens, args.k)
+    out = Path(args.out)
+    states = capture(model, ids, layers=layers)
+    results: dict = {"model": args.model, "tokens": ids.numel(), "k": args.k, "mode": args.mode,
+                     "method": args.method, "layers": layers, "readouts": {}}
+    rows = []
+    for name, readout in ({} if args.alignment_only else readouts).items():
+        bases, fidelities = [], []
+        for layer in layers:
+            data = prepare(readout, states[layer], layer, args.mode, group_tokens=args.group_tokens, seed=args.seed)
+            basis = given[layer] if given else extract_basis(readout, data, layer, args.k, method=args.method,
+                                                             seed=args.seed, progress=True)
+            fidelity = causal_fidelity(model, readout, ids, data, basis, progress=True)
+            bases.append(basis)
+            fidelities.append(fidelity)
+            rows.append({"readout": name, "layer": layer, "rho": fidelity.rho, "rho_low": fidelity.low,
+                         "rho_high": fidelity.high, "energy_top1_nats": basis.captured(1),
+                         "energy_total_nats": basis.captured(args.k), "seconds": basis.seconds})
+            print(f"{name} layer {layer}: energy {basis.captured(args.k):.3f} nats, fidelity ρ = {fidelity.rho:.3f} "
+                  f"[{fidelity.low:.3f}, {fidelity.high:.3f}]", flush=True)
+        save_bases(out / "bases" / name, bases)
+        results["readouts"][name] = {"bases": [b.summary() for b in bases], "fidelity": [f.summary() for f in fidelities]}
+        _pictures(out, f"energy_{name}", _energy_grid(bases, name, args.model))
+        _fidelity_figures(out, name, fidelities)
+    if args.alignment or args.alignment_only:
+        alignment = stimulus_response(model, readouts, ids[: max(1, args.alignment_tokens // ids.shape[1])], layers,
+                                      directions=args.directions, weights=args.weights, seed=args.seed, progress=True)
+        results["alignment"] = alignment.summary()
+        _pictures(out, "alignment", _alignment_grid(alignment, args.model))
+    write_file(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+    if rows:
+        _write_table(out / "results.csv", rows)
+    print(f"wrote {out}/results.json, results.csv, pictures and bases/")
+
+
+def _energy_grid(bases, name: str, model: str):
+    import numpy as np
+
+    from depthlens.stats.grid import Grid
+
+    values = np.array([[float(e) for e in basis.energies] for basis in bases])
+    return Grid(values, [str(b.layer) for b in bases], [str(i + 1) for i in range(values.shape[1])],
+                title=f"causal basis energy spectrum · {name} lens · {model}", name=name, source=model,
+                quantity="energy", unit="nats", scale="log", row_title="layer", col_title="direction", value_format=".3g")
+
+
+def _alignment_grid(alignment, model: str):
+    import numpy as np
+
+    from depthlens.stats.grid import Grid
+
+    names = list(alignment.similarity)
+    values = np.array([alignment.similarity[n] for n in names]).T
+    text = [[f"{v:.2f}" for v in row] for row in values]
+    return Grid(values, [str(layer) for layer in alignment.layers], names, cell_text=text,
+                title=f"alignment vs {alignment.target}", source=model,
+                quantity="Aitchison similarity", scale="diverging", value_range=(-1, 1), row_title="layer",
+                col_title="readout")
+
+
+def _fidelity_figures(out: Path, name: str, fidelities) -> None:
+    """Scatter of readout against model influence per layer (log axes), ρ in each title."""
+    import math
+
+    import plotly.graph_objects as go
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
+    from plotly.subplots import make_subplots
+
+    from depthlens.atomic import write_file
+    from depthlens.viz.matplotlib_draw import render
+
+    columns = min(4, len(fidelities))
+    rows = math.ceil(len(fidelities) / columns)
+    titles = [f"layer {f.layer}: ρ = {f.rho:.2f} [{f.low:.2f}, {f.high:.2f}]" for f in fidelities]
+    figure = make_subplots(rows=rows, cols=columns, subplot_titles=titles)
+    static = Figure(figsize=(3.2 * columns, 2.8 * rows), layout="constrained")
+    axes = static.subplots(rows, columns, squeeze=False)
+    for index, fidelity in enumerate(fidelities):
+        x, y = fidelity.readout_kl.clamp_min(1e-6).tolist(), fidelity.model_kl.clamp_min(1e-6).tolist()
+        r, c = divmod(index, columns)
+        figure.add_trace(go.Scatter(x=x, y=y, mode="markers", showlegend=False), row=r + 1, col=c + 1)
+        figure.update_xaxes(type="log", title_text="readout KL (nats)", row=r + 1, col=c + 1)
+        figure.update_yaxes(type="log", title_text="model KL (nats)", row=r + 1, col=c + 1)
+        axes[r][c].scatter(x, y, s=8)
+        axes[r][c].set(xscale="log", yscale="log", xlabel="readout KL (nats)", ylabel="model KL (nats)")
+        axes[r][c].set_title(titles[index], fontsize=8)
+        for axis in (axes[r][c].xaxis, axes[r][c].yaxis):
+            axis.set_minor_formatter(NullFormatter())
+    figure.update_layout(title=f"causal fidelity · {name} lens", height=300 * rows)
+    write_file(out / f"fidelity_{name}.html", figure.to_html(include_plotlyjs=True if PLOTLYJS == "inline" else "cdn").encode())
+    write_file(out / f"fidelity_{name}.png", render(static, "png"))
+
+
+def _drift(args: argparse.Namespace) -> None:
+    from depthlens.analysis.drift import (
+        drift_correlation,
+        similarity_matrix,
+        stream_covariances,
+        tokens_per_byte,
+        transfer_matrix,
+    )
+    from depthlens.atomic import write_file
+    from depthlens.lenses.spec import load_readout
+    from depthlens.model.load import load_model
+
+    _check(args)
+    model, tokenizer = load_model(args.model)
+    lens = load_readout(args.lens, model) if args.lens else None
+    parts = lens.parts if lens else None
+    num_layers = parts.num_layers if parts else model.config.num_hidden_layers
+    layers = _layers(args.layers, num_layers, args.layer_stride)
+    ids = _tokens(args, tokenizer)
+    out = Path(args.out)
+    covariances = stream_covariances(model, ids, layers, progress=True)
+    similarity = {top: similarity_matrix(covariances.covariance, top) for top in (0, 2)}
+    results: dict = {"model": args.model, "tokens": ids.numel(), "layers": covariances.layers,
+                     "covariance_similarity": similarity[0].tolist(), "covariance_similarity_top2_removed": similarity[2].tolist()}
+    for top, matrix in similarity.items():
+        _pictures(out, f"covariance_similarity{'_top2_removed' if top else ''}", _square(
+            matrix, covariances.layers, f"covariance similarity{' (top 2 PCs removed)' if top else ''}", "", args.model))
+    if lens is not None:
+        transfer = transfer_matrix(model, lens, ids, covariances.layers, tokens_per_byte=tokens_per_byte(tokenizer, ids),
+                                   progress=True)
+        results.update({"transfer_ce_penalty_nats": transfer.ce_penalty.tolist(),
+                        "transfer_kl_penalty_nats": transfer.kl_penalty.tolist(),
+                        "transfer_ce_penalty_bits_per_byte": transfer.bits_per_byte(transfer.ce_penalty).tolist(),
+                        "ce_nats": transfer.ce.tolist(), "tokens_per_byte": transfer.tokens_per_byte,
+                        "rho_similarity_vs_ce_penalty": drift_correlation(similarity[0], transfer.ce_penalty),
+                        "rho_similarity_top2_removed_vs_ce_penalty": drift_correlation(similarity[2], transfer.ce_penalty)})
+        _pictures(out, "transfer_penalty", _square(transfer.ce_penalty, covariances.layers,
+                                                   "transfer penalty (translator row on state column)", "nats", args.model))
+        print(f"ρ(covariance similarity, transfer penalty) = {results['rho_similarity_vs_ce_penalty']:.3f}")
+    write_file(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+    _write_table(out / "results.csv", [{"row_layer": i, "col_layer": j, "covariance_similarity": float(similarity[0][a, b])}
+                                       for a, i in enumerate(covariances.layers) for b, j in enumerate(covariances.layers)])
+    print(f"wrote {out}/results.json, results.csv and pictures")
+
+
+def _square(matrix, layers: list[int], title: str, unit: str, model: str):
+    """An L×L grid: covariance similarity (unitless, 0…1) or transfer penalty (nats, log colours:
+    one bad translator can cost 100 nats and would wash out the rest)."""
+    from depthlens.stats.grid import Grid
+
+    values = matrix.double().numpy()
+    labels = [str(layer) for layer in layers]
+    penalty = bool(unit)
+    return Grid(values, labels, labels, cell_text=[[f"{v:.2g}" for v in row] for row in values],
+                title=f"{title} · {model}", source=model, quantity=title.split(" (")[0], unit=unit,
+                row_title="translator of layer" if penalty else "layer", col_title="state of layer" if penalty else "layer",
+                scale="log" if penalty else "sequential", value_range=None if penalty else (0.0, 1.0), value_format=".3g")
+
+
+def rerender_drift(out: str | Path, model: str = "smollm2-135m") -> None:
+    """Draw the drift pictures again from ``out/results.json`` (no model needed)."""
+    import torch
+
+    out = Path(out)
+    results = json.loads((out / "results.json").read_text())
+    layers = results["layers"]
+    for key, name, title in (("covariance_similarity", "covariance_similarity", "covariance similarity"),
+                             ("covariance_similarity_top2_removed", "covariance_similarity_top2_removed",
+                              "covariance similarity (top 2 PCs removed)")):
+        _pictures(out, name, _square(torch.tensor(results[key]), layers, title, "", model))
+    if "transfer_ce_penalty_nats" in results:
+        _pictures(out, "transfer_penalty", _square(torch.tensor(results["transfer_ce_penalty_nats"]), layers,
+                                                   "transfer penalty (translator row on state column)", "nats", model))
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help=_MODEL_HELP)
+    parser.add_argument("--data", default="shakespeare", help="text source; its validation split is used")
+    parser.add_argument("--tokens", type=int, default=512, help="tokens of text (default 512)")
+    parser.add_argument("--chunk-len", type=int, default=128, help="tokens per sequence")
+    parser.add_argument("--layers", help="comma-separated layers (default: every --layer-stride-th and the last)")
+    parser.add_argument("--layer-stride", type=int, default=6)
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--plotlyjs", choices=["inline", "cdn"], default="inline",
+                        help="HTML pictures: embed plotly.js (~5 MB each, opens offline) or load it from the web")
+
+
+def add_parsers(commands: argparse._SubParsersAction) -> None:
+    """Register ``causal`` and ``drift`` on the ``depthlens`` command's subparsers."""
+    causal = commands.add_parser("causal", help="causal basis extraction, causal fidelity and alignment of a readout")
+    _common(causal)
+    causal.add_argument("--lens", action="append", default=None, help="'logit' or a tuned-lens directory, repeatable")
+    causal.add_argument("--k", type=int, default=16, help="directions per layer")
+    causal.add_argument("--mode", choices=["mean", "zero", "resample"], default="mean")
+    causal.add_argument("--method", choices=["batched", "sequential"], default="batched")
+    causal.add_argument("--group-tokens", type=int, default=32, help="positions per bootstrap group")
+    causal.add_argument("--alignment", action="store_true", help="also stimulus–response alignment (resampling)")
+    causal.add_argument("--alignment-only", action="store_true", help="only the alignment (no extraction or fidelity)")
+    causal.add_argument("--alignment-tokens", type=int, default=256)
+    causal.add_argument("--directions", type=int, default=8, help="random directions per layer for alignment")
+    causal.add_argument("--weights", choices=["uniform", "model"], default="uniform", help="token weights of the Aitchison product")
+    causal.add_argument("--bases", help="a bases folder saved by an earlier run (bases/<lens>): measure fidelity of "
+                        "those instead of extracting; refused if made for another model")
+    causal.add_argument("--seed", type=int, default=0)
+    causal.set_defaults(run=lambda args: _causal(_with_lens(args)))
+    drift = commands.add_parser("drift", help="covariance similarity and translator transfer across layers")
+    _common(drift)
+    drift.add_argument("--lens", help="tuned-lens directory for the transfer matrix (omit for covariances only)")
+    drift.set_defaults(run=_drift, layer_stride=2)
+
+
+def _with_lens(args: argparse.Namespace) -> argparse.Namespace:
+    args.lens = args.lens or ["logit"]
+    return args
+
+
+__all__ = ["add_parsers"]

@@ -1,0 +1,135 @@
+"""Applications of prediction trajectories on tiny random models: cached choice scoring against
+brute force, the injection, overthinking, anomaly and depth pipelines, and the commands."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import tiny_model
+
+from depthlens import LogitLens, TunedLens
+from depthlens.analysis.applications.anomaly import score_texts, text_features
+from depthlens.analysis.applications.depth import depth_grid, depth_vs_training, token_depths
+from depthlens.analysis.applications.features import encode_pair, score_choices
+from depthlens.analysis.applications.injection import detect_injections
+from depthlens.analysis.applications.overthinking import overthinking
+from depthlens.analysis.applications.tasks import Example, make_task
+from depthlens.analysis.trajectory import Trajectory
+from depthlens.apps.cli import main
+from depthlens.model.hidden_states import capture
+
+LINES = [
+    "Fair is foul, and foul is fair", "When shall we three meet again", "To be, or not to be",
+    "The quick brown fox jumps over the lazy dog", "hover through the fog and filthy air",
+    "in thunder, lightning, or in rain", "that is the question", "0123456789 the lazy fox",
+]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return tiny_model("llama").eval()
+
+
+@pytest.fixture(scope="module")
+def lenses(model):
+    tuned = TunedLens(model)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for translator in tuned.translators:
+            translator.weight.copy_(0.1 * torch.randn(translator.weight.shape, generator=generator))
+    return {"logit": LogitLens(model), "tuned": tuned}
+
+
+def _task(n=16, choices=(" fog", " rain", " fair")):
+    examples = [Example(f"{LINES[i % len(LINES)]}?\nAnswer:", choices, i % len(choices), f"t{i}") for i in range(n)]
+    return make_task("toy", examples)
+
+
+def test_cached_choice_scores_equal_a_full_forward_pass_per_choice(model, lenses, tiny_tokenizer):
+    examples = _task(5, (" fog and filthy", " rain", " to be, that")).examples
+    scores = score_choices(model, tiny_tokenizer, lenses, examples, batch_size=2, progress=False)
+    assert scores.loglik["tuned"].shape == (5, 4, 3) and scores.hidden.shape == (5, 4, 32)
+    for name, lens in lenses.items():
+        for i, example in enumerate(examples):
+            for c, choice in enumerate(example.choices):
+                context, continuation = encode_pair(tiny_tokenizer, example.prompt, choice)
+                states = capture(model, torch.tensor([context + continuation]))
+                for layer, logits in lens.iter_logits(states):
+                    expected = logits.float().log_softmax(-1)[0, len(context) - 1: -1]
+                    expected = expected.gather(-1, torch.tensor(continuation)[:, None]).sum()
+                    assert scores.loglik[name][i, layer, c] == pytest.approx(expected.item(), abs=1e-4)
+    assert np.allclose(scores.loglik["logit"][:, -1], scores.loglik["tuned"][:, -1])
+
+
+def test_injection_pipeline_reports_every_method_with_intervals(model, lenses, tiny_tokenizer):
+    result, clean, injected = detect_injections(model, tiny_tokenizer, lenses, _task(16), seeds=2, resamples=50,
+                                                progress=False)
+    assert [m.method for m in result.methods] == [
+        "logit lens · isolation-forest", "logit lens · lof", "tuned lens · isolation-forest", "tuned lens · lof",
+        "SRM baseline (hidden state 3)"]
+    for method in result.methods:
+        assert 0 <= method.low <= method.auroc <= method.high <= 1 and len(method.per_seed) == 2
+    assert (result.n_clean, result.n_injected) == (16, 16)
+    json.dumps(result.to_dict())
+
+
+def test_overthinking_pipeline_gives_curves_for_every_layer(model, lenses, tiny_tokenizer):
+    result, _, _ = overthinking(model, tiny_tokenizer, lenses, _task(12, (" fog", " rain")), shots=2, limit=8,
+                                batch_size=3, progress=False)
+    assert result.examples == 8 and set(result.curves) == {"logit", "tuned"}
+    curves = result.curves["tuned"]
+    assert len(curves.correct) == len(curves.permuted) == 4
+    assert all(0 <= a <= 1 for a in curves.correct + curves.permuted)
+    assert len(result.rows()) == 8
+
+
+def test_text_anomaly_scores_rank_a_planted_anomaly_first(model, lenses, tiny_tokenizer):
+    features = text_features(model, tiny_tokenizer, lenses["logit"], LINES[:3], progress=False)
+    assert features.shape == (3, 3 * 4)
+    reference = LINES * 3
+    texts = [LINES[0], "zzzz qqqq xxxx zzzz qqqq xxxx zzzz qqqq", LINES[3]]
+    scores = score_texts(model, tiny_tokenizer, lenses["logit"], reference, texts, detector="isolation-forest",
+                         progress=False)
+    assert int(np.argmax(scores)) == 1
+
+
+def test_token_depth_and_training_correlation(model, lenses, tiny_tokenizer):
+    traj = Trajectory.from_text(model, tiny_tokenizer, lenses["tuned"], ["To be, or not to be", "Fair"], k=1)
+    depth = token_depths(traj)
+    assert depth.shape == traj.input_ids.shape and depth.max() <= 3 and (depth[1, 2:] == -1).all()
+    grid = depth_grid(traj, width=4)
+    assert grid.shape[1] == 4 and grid.cell_text[-1][0]
+    torch.manual_seed(5)
+    early = tiny_model("llama").eval()
+    ids = traj.input_ids[:1]
+    found = depth_vs_training([early, model], model, lenses, ids, torch.ones_like(ids, dtype=torch.bool))
+    assert found.checkpoints == 2 and set(found.rho) == {"logit", "tuned"}
+    assert found.tokens == ids.numel()
+
+
+def test_commands_write_json_csv_and_pictures(tiny_model_dir, tmp_path, capsys):
+    task_file = tmp_path / "task.jsonl"
+    task_file.write_text("".join(json.dumps({"prompt": f"{line}?\nAnswer:", "choices": [" fog", " rain"], "gold": i % 2}) + "\n"
+                                 for i, line in enumerate(LINES * 2)))
+    out = tmp_path / "inject"
+    assert main(["inject", "--model", str(tiny_model_dir), "--task", str(task_file), "--seeds", "2", "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"injection.json", "injection.csv", "roc.png"}
+    out = tmp_path / "over"
+    assert main(["overthink", "--model", str(tiny_model_dir), "--task", str(task_file), "--shots", "2",
+                 "--limit", "16", "--demo-pool", "6", "--out", str(out)]) == 0
+    assert json.loads((out / "overthinking.json").read_text())["examples"] == 10
+    out = tmp_path / "depth"
+    assert main(["depth", "To be, or not to be", "--model", str(tiny_model_dir), "--out", str(out)]) == 0
+    assert (out / "depth_logit.png").stat().st_size > 0 and (out / "depth.json").is_file()
+    assert main(["depth", "--task", str(task_file), "--limit", "6", "--model", str(tiny_model_dir), "--out", str(out)]) == 0
+    assert len(json.loads((out / "depth.json").read_text())["rows"]) == 6
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(LINES))
+    assert main(["anomaly", "--reference", str(texts), "--texts", str(texts), "--model", str(tiny_model_dir),
+                 "--out", str(tmp_path / "anomaly")]) == 0
+    assert len(json.loads((tmp_path / "anomaly" / "anomaly.json").read_text())["scores"]) == len(LINES)
+    assert main(["inject", "--model", str(tiny_model_dir), "--task", str(task_file), "--cue", "Reply:",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "no answer cue 'Reply:'" in capsys.readouterr().err

@@ -1,0 +1,200 @@
+"""Causal basis extraction, causal fidelity and stimulus–response alignment on tiny models."""
+
+import pytest
+import torch
+from tiny_models import tiny_model
+
+from depthlens import LayerError, LogitLens, TunedLens, capture
+from depthlens.analysis.causal import (
+    aitchison_similarity,
+    causal_fidelity,
+    extract_basis,
+    load_bases,
+    model_kl,
+    per_position_energy,
+    prepare,
+    save_bases,
+    spearman,
+    stimulus_response,
+)
+from depthlens.analysis.causal.erasure import decode_layer, erased_states
+from depthlens.analysis.causal.fidelity import _erasure
+from depthlens.errors import CausalError
+from depthlens.model.edits import erase
+from depthlens.model.hooks import ablate, run_with_hooks
+from depthlens.stats.divergences import kl
+
+IDS = torch.randint(3, 300, (4, 16), generator=torch.Generator().manual_seed(0))
+FAST = {"refine_steps": 30, "refine_positions": 32}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def tuned(model):
+    lens = TunedLens(model)
+    torch.manual_seed(1)
+    for translator in lens.translators:
+        torch.nn.init.normal_(translator.weight, std=0.2)
+        torch.nn.init.normal_(translator.bias, std=0.2)
+    return lens
+
+
+def _planted(model, n: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """States with a large variance along the direction the readout is most sensitive to (the
+    unembedding's top right singular vector), and that direction."""
+    generator = torch.Generator().manual_seed(3)
+    d = model.lm_head.weight.shape[1]
+    direction = torch.linalg.svd(model.lm_head.weight.detach()).Vh[0]
+    states = 0.3 * torch.randn(n, d, generator=generator) + 8.0 * torch.randn(n, 1, generator=generator) * direction
+    return states, direction
+
+
+@pytest.mark.parametrize("method", ["batched", "sequential"])
+def test_a_planted_direction_is_found_first_and_bases_are_orthonormal(model, method):
+    sharp = tiny_model("llama")
+    with torch.no_grad():
+        sharp.lm_head.weight *= 20
+    lens = LogitLens(sharp)
+    states, planted = _planted(sharp)
+    options = FAST if method == "batched" else {"max_iter": 15}
+    basis = extract_basis(lens, states, 1, 6, method=method, **options)
+    assert abs(float(basis.basis[0] @ planted)) > 0.9  # the optimum leans a little off the planted axis
+    torch.testing.assert_close(basis.basis @ basis.basis.T, torch.eye(6), atol=1e-5, rtol=0)
+    assert basis.energies[0] > 5 * basis.energies[1:].max()
+    if method == "batched":  # sorted by energy; the greedy reference keeps the order it found
+        assert torch.all(basis.energies[:-1] >= basis.energies[1:] - 1e-6)
+
+
+@pytest.mark.parametrize("mode", ["zero", "mean", "resample"])
+def test_the_erasure_formula_matches_direct_computation(model, tuned, mode):
+    states = capture(model, IDS, layers=[2])[2]
+    frame = torch.linalg.qr(torch.randn(32, 3)).Q.T
+    for lens in (LogitLens(model), tuned):
+        data = prepare(lens, states, 2, mode, seed=5)
+        h = states.reshape(-1, 32)
+        for i in range(3):
+            direct = erase(h[None], frame[i : i + 1], mode, mean=h.mean(0), permutation=data.permutation)[0]
+            torch.testing.assert_close(erased_states(data, frame)[i], direct, atol=1e-5, rtol=1e-5)
+            log_q = decode_layer(lens, direct, 2).log_softmax(-1)
+            expected = kl(lens(h, 2).log_softmax(-1), log_q)
+            torch.testing.assert_close(per_position_energy(lens, data, frame, max_rows=7)[i], expected.clamp_min(0),
+                                       atol=1e-4, rtol=1e-4)
+
+
+def test_the_model_side_erasure_is_the_hook_layers_ablation(model):
+    lens = LogitLens(model)
+    states = capture(model, IDS, layers=[1])[1]
+    data = prepare(lens, states, 1, "mean")
+    v = torch.nn.functional.normalize(torch.randn(32), dim=0)
+    ours = run_with_hooks(model, IDS, edits=[_erasure("resid.1", v, data.mean)]).logits
+    theirs = run_with_hooks(model, IDS, edits=[ablate("resid.1", v[None], "mean", mean=data.mean)]).logits
+    torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("which", ["logit", "tuned"])
+def test_fidelity_at_the_last_layer_is_perfect(model, tuned, which):
+    lens = LogitLens(model) if which == "logit" else tuned
+    layer = lens.num_layers
+    data = prepare(lens, capture(model, IDS, layers=[layer])[layer], layer, "mean", group_tokens=8)
+    basis = extract_basis(lens, data, layer, 5, **FAST)
+    torch.testing.assert_close(per_position_energy(lens, data, basis.basis), model_kl(model, IDS, data, basis.basis),
+                               atol=1e-4, rtol=1e-4)
+    fidelity = causal_fidelity(model, lens, IDS, data, basis, resamples=200)
+    assert fidelity.rho == pytest.approx(1.0)
+    assert fidelity.low == pytest.approx(1.0) and fidelity.high == pytest.approx(1.0)
+
+
+def test_tuned_lens_extraction_and_fidelity_run_in_the_middle(model, tuned):
+    data = prepare(tuned, capture(model, IDS, layers=[1])[1], 1, "resample", group_tokens=8)
+    basis = extract_basis(tuned, data, 1, 4, **FAST)
+    fidelity = causal_fidelity(model, tuned, IDS, data, basis, resamples=100)
+    assert -1 <= fidelity.rho <= 1 and fidelity.readout_kl.shape == (4,)
+
+
+def test_aitchison_similarity_of_a_vector_with_itself_is_one():
+    x = torch.randn(5, 50).log_softmax(-1)
+    torch.testing.assert_close(aitchison_similarity(x, x), torch.ones(5))
+    weights = torch.rand(5, 50).softmax(-1)
+    torch.testing.assert_close(aitchison_similarity(x, x, weights), torch.ones(5))
+    torch.testing.assert_close(aitchison_similarity(x, -x), -torch.ones(5))
+    torch.testing.assert_close(aitchison_similarity(x, x + 3.0), torch.ones(5))  # clr ignores a constant shift
+
+
+def test_alignment_of_the_last_layer_with_the_output_is_one(model, tuned):
+    result = stimulus_response(model, {"logit": LogitLens(model), "tuned": tuned}, IDS, [0, 3], directions=2,
+                               group_tokens=8)
+    assert result.similarity["logit"][1] == pytest.approx(1.0, abs=1e-4)
+    assert result.similarity["tuned"][1] == pytest.approx(1.0, abs=1e-4)
+    assert -1 <= result.similarity["logit"][0] <= 1
+
+
+def test_spearman():
+    assert float(spearman(torch.tensor([1.0, 2, 3, 4]), torch.tensor([10.0, 20, 30, 40]))) == pytest.approx(1)
+    assert float(spearman(torch.tensor([1.0, 2, 3, 4]), torch.tensor([4.0, 3, 2, 1]))) == pytest.approx(-1)
+
+
+def test_bases_are_saved_and_refused_for_another_model(model, tmp_path):
+    lens = LogitLens(model)
+    basis = extract_basis(lens, capture(model, IDS, layers=[2])[2], 2, 3, **FAST)
+    save_bases(tmp_path / "bases", [basis])
+    loaded = load_bases(tmp_path / "bases", model)
+    torch.testing.assert_close(loaded[2].basis, basis.basis)
+    with pytest.raises(CausalError, match="extract them on this model"):
+        load_bases(tmp_path / "bases", tiny_model("llama", seed=7))
+    with pytest.raises(CausalError, match="not a causal-bases folder"):
+        load_bases(tmp_path, model)
+
+
+def test_bad_input_is_refused_before_work(model):
+    lens = LogitLens(model)
+    states = capture(model, IDS, layers=[1])[1]
+    with pytest.raises(CausalError, match="width 32"):
+        extract_basis(lens, states, 1, 33)
+    with pytest.raises(LayerError, match="out of range"):
+        extract_basis(lens, states, 9, 3)
+    with pytest.raises(CausalError, match="at least 2"):
+        prepare(lens, states[:1, :1], 1)
+    data = prepare(lens, states, 1, group_tokens=32)
+    with pytest.raises(CausalError, match="groups"):
+        causal_fidelity(model, lens, IDS, data, torch.eye(32)[:4])
+    with pytest.raises(CausalError, match="not for"):
+        causal_fidelity(tiny_model("llama", seed=7), lens, IDS, data, torch.eye(32)[:4])
+
+
+def test_batched_captures_about_what_the_sequential_reference_does(model):
+    lens = LogitLens(model)
+    data = prepare(lens, capture(model, IDS, layers=[2])[2], 2, "mean")
+    batched = extract_basis(lens, data, 2, 4, **FAST)
+    sequential = extract_basis(lens, data, 2, 4, method="sequential", max_iter=10)
+    assert batched.captured(4) >= 0.9 * sequential.captured(4)
+
+
+def test_cli_writes_results_pictures_and_bases(tiny_model_dir, tmp_path):
+    import argparse
+    import json
+
+    from depthlens.apps.cli_causal import add_parsers
+
+    parser = argparse.ArgumentParser()
+    add_parsers(parser.add_subparsers())
+    common = ["--model", str(tiny_model_dir), "--tokens", "256", "--chunk-len", "64", "--layers", "1,3"]
+    args = parser.parse_args(["causal", *common, "--k", "3", "--alignment", "--directions", "1",
+                              "--alignment-tokens", "64", "--out", str(tmp_path / "c")])
+    args.run(args)
+    results = json.loads((tmp_path / "c" / "results.json").read_text())
+    assert results["readouts"]["logit"]["fidelity"][1]["rho"] == pytest.approx(1.0)
+    assert {"energy_logit.png", "fidelity_logit.html", "alignment.png", "results.csv"} <= {
+        p.name for p in (tmp_path / "c").iterdir()}
+    again = parser.parse_args(["causal", *common, "--k", "3", "--bases", str(tmp_path / "c" / "bases" / "logit"),
+                               "--out", str(tmp_path / "d")])
+    again.run(again)
+    args = parser.parse_args(["drift", *common, "--out", str(tmp_path / "e")])
+    args.run(args)
+    assert (tmp_path / "e" / "covariance_similarity.png").is_file()
+    with pytest.raises(CausalError, match="width"):
+        bad = parser.parse_args(["causal", *common, "--k", "99", "--out", str(tmp_path / "f")])
+        bad.run(bad)

@@ -1,0 +1,169 @@
+"""Direct logit attribution: the parts add up to the model's (pre-soft-cap) logit on many families."""
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import tiny_model
+
+from depthlens import find_parts
+from depthlens.analysis.dla import logit_attribution
+from depthlens.analysis.dla_model import freeze_norm
+from depthlens.errors import AttributionError
+from depthlens.stats.grid import Grid
+from depthlens.viz.readout_charts import dla_bars
+
+IDS = torch.tensor([[5, 17, 42, 8, 99, 3, 61, 7]])
+FAMILIES = [
+    "llama",
+    "gpt2",
+    "gemma2",
+    "opt",
+    "gpt_neox",
+    "mixtral",
+    "phi",
+    "bloom",
+    "olmo2",
+    "gptj",
+    "qwen2",
+    "falcon",
+    "gpt_neo",
+    "gemma3_text",
+    "qwen3_moe",
+    "mpt",
+    "cohere",
+]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_parts_add_up_to_the_logit(family):
+    model = tiny_model(family)
+    parts = find_parts(model)
+    attribution = logit_attribution(model, IDS, position=-2, neurons=[0], top_neurons=3)
+    assert abs(attribution.total - attribution.logit) < 1e-4
+    difference = logit_attribution(model, IDS, target=3, contrast=9)
+    assert abs(difference.total - difference.logit) < 1e-4
+    with torch.no_grad():
+        logits = model(IDS).logits[0, -1].double()
+    if parts.logit_softcap is None:
+        assert abs(difference.logit - float(logits[3] - logits[9])) < 1e-4
+    else:
+        c = parts.logit_softcap
+        assert any("soft-caps" in note for note in difference.notes) and difference.softcap == c
+        assert abs(attribution.capped_logit - float(c * np.tanh(attribution.logit / c))) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "opt", "gpt_neox", "bloom", "olmo2", "phi"])
+def test_attention_is_split_into_heads(family):
+    model = tiny_model(family)
+    attribution = logit_attribution(model, IDS)
+    heads = [t for t in attribution.terms if t.kind == "head"]
+    assert len(heads) == 3 * attribution.num_heads == 12
+    assert not any("attention attributed as a whole" in note for note in attribution.notes)
+
+
+def test_a_mixture_of_experts_mlp_is_one_term():
+    attribution = logit_attribution(tiny_model("mixtral"), IDS, neurons=[1])
+    assert [t.kind for t in attribution.terms if t.layer == 1 and t.kind.startswith("mlp")] == ["mlp"]
+
+
+def test_neurons_and_the_rest_make_up_the_mlp(llama):
+    whole = logit_attribution(llama, IDS)
+    split = logit_attribution(llama, IDS, neurons=[1], top_neurons=4)
+    mlp = next(t.value for t in whole.terms if t.name == "L1.mlp")
+    parts = [t for t in split.terms if t.layer == 1 and t.kind in ("neuron", "mlp_rest")]
+    assert len(parts) == 5 and abs(sum(t.value for t in parts) - mlp) < 1e-6
+    neurons = [abs(t.value) for t in parts if t.kind == "neuron"]
+    assert neurons == sorted(neurons, reverse=True)
+
+
+def test_biases_are_terms_of_their_own():
+    attribution = logit_attribution(tiny_model("phi"), IDS)
+    names = {t.name for t in attribution.terms}
+    assert {"final norm bias", "unembedding bias", "embeddings", "L0.attn bias"} <= names
+
+
+def test_the_final_norm_is_linearised_exactly():
+    torch.manual_seed(0)
+    x = torch.randn(32)
+    for norm in (torch.nn.LayerNorm(32), find_parts(tiny_model("gemma2")).final_norm[0]):
+        with torch.no_grad():
+            if isinstance(norm, torch.nn.LayerNorm):
+                norm.weight.normal_()
+                norm.bias.normal_()
+            frozen = freeze_norm(norm, x)
+            torch.testing.assert_close(
+                frozen.linear(x.double()) + frozen.beta, norm(x[None])[0].double(), atol=1e-5, rtol=1e-5
+            )
+
+
+def test_pictures(llama):
+    attribution = logit_attribution(llama, IDS, target=3)
+    grid = attribution.grid()
+    assert isinstance(grid, Grid) and grid.shape == (3, 4 + 2)
+    assert (
+        abs(
+            np.nansum(grid.values)
+            + sum(attribution.layer_totals()["embeddings"] + attribution.layer_totals()["other"])
+            - attribution.total
+        )
+        < 1e-6
+    )
+    assert len(dla_bars(attribution).data) == 3
+    assert dla_bars(attribution, "matplotlib").axes
+
+
+def test_bad_input_gives_one_clear_error(llama, tiny_tokenizer):
+    with pytest.raises(AttributionError, match="outside the text"):
+        logit_attribution(llama, IDS, position=8)
+    with pytest.raises(AttributionError, match="not one"):
+        logit_attribution(llama, IDS, tokenizer=tiny_tokenizer, target="thunderous lightning")
+    with pytest.raises(AttributionError, match="outside the vocabulary"):
+        logit_attribution(llama, IDS, target=10_000)
+    with pytest.raises(AttributionError, match="do not exist"):
+        logit_attribution(llama, IDS, neurons=[3])
+
+
+def test_a_token_given_as_text(llama, tiny_tokenizer):
+    token = tiny_tokenizer(" the", add_special_tokens=False).input_ids
+    assert len(token) == 1
+    by_text = logit_attribution(llama, IDS, tokenizer=tiny_tokenizer, target=" the")
+    by_id = logit_attribution(llama, IDS, target=f"#{token[0]}")
+    assert by_text.logit == by_id.logit and "' the'" in by_text.target
+
+
+def test_the_command_writes_json_csv_and_pictures(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from depthlens.apps.cli import main
+
+    assert (
+        main(
+            [
+                "dla",
+                "Fair is foul, and foul is",
+                "--model",
+                str(tiny_model_dir),
+                "--target",
+                " is",
+                "--neurons",
+                "1",
+                "--top-neurons",
+                "2",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    document = json.loads((tmp_path / "dla.json").read_text())
+    assert abs(document["logit"] - document["sum_of_terms"]) < 1e-4
+    assert {"dla-heads.png", "dla-heads.html", "dla-layers.png", "dla-layers.html", "dla-terms.csv"} <= {
+        p.name for p in tmp_path.iterdir()
+    }
+    assert main(["dla", "Fair", "--model", str(tiny_model_dir), "--target", "thunderous lightning"]) == 2
+    assert "not one" in capsys.readouterr().err

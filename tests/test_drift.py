@@ -1,0 +1,66 @@
+"""Representational drift: streaming covariances, their similarity, translator transfer."""
+
+import pytest
+import torch
+from tiny_models import tiny_model
+
+from depthlens import TunedLens, capture
+from depthlens.analysis.drift import (
+    drift_correlation,
+    remove_top_components,
+    similarity_matrix,
+    stream_covariances,
+    transfer_matrix,
+)
+from depthlens.errors import DriftError
+
+IDS = torch.randint(3, 300, (5, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def tuned(model):
+    lens = TunedLens(model)
+    torch.manual_seed(2)
+    for translator in lens.translators:
+        torch.nn.init.normal_(translator.weight, std=0.1)
+    return lens
+
+
+def test_streaming_covariances_match_direct_ones(model):
+    result = stream_covariances(model, IDS, batch_size=2)
+    states = capture(model, IDS)
+    for index, layer in enumerate(result.layers):
+        h = states[layer].reshape(-1, 32).double()
+        torch.testing.assert_close(result.covariance[index], torch.cov(h.T, correction=0), atol=1e-8, rtol=1e-6)
+    assert result.count == IDS.numel()
+
+
+def test_similarity_is_a_cosine_matrix(model):
+    covariance = stream_covariances(model, IDS).covariance
+    for top in (0, 2):
+        matrix = similarity_matrix(covariance, top)
+        torch.testing.assert_close(matrix.diagonal(), torch.ones(4, dtype=torch.float64))
+        torch.testing.assert_close(matrix, matrix.T)
+    removed = remove_top_components(covariance[1], 2)
+    assert torch.linalg.eigvalsh(removed).max() <= torch.linalg.eigvalsh(covariance[1])[-3] + 1e-9
+
+
+def test_transfer_diagonal_is_zero_and_the_logit_row_is_the_logit_lens(model, tuned):
+    transfer = transfer_matrix(model, tuned, IDS, tokens_per_byte=0.5, batch_size=2)
+    assert torch.all(transfer.ce_penalty.diagonal() == 0) and torch.all(transfer.kl_penalty.diagonal() == 0)
+    assert transfer.kl[-1, -1] == pytest.approx(0, abs=1e-5)  # the last state decoded as the model does
+    torch.testing.assert_close(transfer.bits_per_byte(transfer.ce), transfer.ce / 0.6931471805599453 * 0.5)
+    rho = drift_correlation(similarity_matrix(stream_covariances(model, IDS).covariance), transfer.ce_penalty)
+    assert -1 <= rho <= 1
+
+
+def test_bad_input(model):
+    with pytest.raises(DriftError, match="tuned lens"):
+        transfer_matrix(model, object(), IDS)
+    with pytest.raises(DriftError, match="at least 2 layers"):
+        stream_covariances(model, IDS, layers=[1])

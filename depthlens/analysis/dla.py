@@ -285,6 +285,26 @@ def _label(tokenizer: PreTrainedTokenizerBase | None, token: int) -> str:
 
 
 @torch.no_grad()
+def _logit_weights(
+    logits: torch.Tensor,
+    tokenizer: PreTrainedTokenizerBase | None,
+    target: str | int | None,
+    contrast: str | int | None,
+    vocab_size: int,
+) -> tuple[torch.Tensor, str]:
+    """The float64 vector ``[vocab]`` that picks the attributed quantity out of the logits
+    (+1 at the target, −1 at the contrast) and its label; the target defaults to the top-1."""
+    chosen = int(logits.argmax()) if target is None else resolve_token(tokenizer, target, vocab_size)
+    weights = torch.zeros(vocab_size, dtype=torch.float64)
+    weights[chosen] += 1
+    label = _label(tokenizer, chosen)
+    if contrast is not None:
+        other = resolve_token(tokenizer, contrast, vocab_size)
+        weights[other] -= 1
+        label = f"{label} − {_label(tokenizer, other)}"
+    return weights, label
+
+
 def logit_attribution(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -317,14 +337,7 @@ def logit_attribution(
     p = position % seq
     run = _run(model, parts, ids, neurons)
     x = run.values[f"resid.{parts.num_layers}"][0, p]
-    chosen = int(run.logits[0, p].argmax()) if target is None else resolve_token(tokenizer, target, parts.vocab_size)
-    weights = torch.zeros(parts.vocab_size, dtype=torch.float64)
-    weights[chosen] += 1
-    label = _label(tokenizer, chosen)
-    if contrast is not None:
-        other = resolve_token(tokenizer, contrast, parts.vocab_size)
-        weights[other] -= 1
-        label = f"{label} − {_label(tokenizer, other)}"
+    weights, label = _logit_weights(run.logits[0, p], tokenizer, target, contrast, parts.vocab_size)
     u, constants = _decoder_covector(parts, x, weights)
     notes: list[str] = []
     heads = num_heads(model)

@@ -64,13 +64,9 @@ def _pictures(out: Path, name: str, grid) -> list[Path]:
 
 def _causal(args: argparse.Namespace) -> None:
     from depthlens.analysis.causal import (
-        causal_fidelity,
         check_directions,
         check_statistics,
-        extract_basis,
         load_bases,
-        prepare,
-        save_bases,
         stimulus_response,
     )
     from depthlens.atomic import write_file
@@ -101,23 +97,7 @@ def _causal(args: argparse.Namespace) -> None:
                      "method": args.method, "layers": layers, "readouts": {}}
     rows = []
     for name, readout in ({} if args.alignment_only else readouts).items():
-        bases, fidelities = [], []
-        for layer in layers:
-            data = prepare(readout, states[layer], layer, args.mode, group_tokens=args.group_tokens, seed=args.seed)
-            basis = given[layer] if given else extract_basis(readout, data, layer, args.k, method=args.method,
-                                                             seed=args.seed, progress=True)
-            fidelity = causal_fidelity(model, readout, ids, data, basis, progress=True)
-            bases.append(basis)
-            fidelities.append(fidelity)
-            rows.append({"readout": name, "layer": layer, "rho": fidelity.rho, "rho_low": fidelity.low,
-                         "rho_high": fidelity.high, "energy_top1_nats": basis.captured(1),
-                         "energy_total_nats": basis.captured(args.k), "seconds": basis.seconds})
-            print(f"{name} layer {layer}: energy {basis.captured(args.k):.3f} nats, fidelity ρ = {fidelity.rho:.3f} "
-                  f"[{fidelity.low:.3f}, {fidelity.high:.3f}]", flush=True)
-        save_bases(out / "bases" / name, bases)
-        results["readouts"][name] = {"bases": [b.summary() for b in bases], "fidelity": [f.summary() for f in fidelities]}
-        _pictures(out, f"energy_{name}", _energy_grid(bases, name, args.model))
-        _fidelity_figures(out, name, fidelities)
+        results["readouts"][name] = _one_readout(args, model, name, readout, ids, states, layers, given, rows)
     if args.alignment or args.alignment_only:
         alignment = stimulus_response(model, readouts, ids[: max(1, args.alignment_tokens // ids.shape[1])], layers,
                                       directions=args.directions, weights=args.weights, seed=args.seed, progress=True)
@@ -127,6 +107,32 @@ def _causal(args: argparse.Namespace) -> None:
     if rows:
         _write_table(out / "results.csv", rows)
     print(f"wrote {out}/results.json, results.csv, pictures and bases/")
+
+
+def _one_readout(args: argparse.Namespace, model, name: str, readout, ids, states, layers: list[int],
+                 given: dict | None, rows: list[dict]) -> dict:
+    """Extract (or take) the basis of ``readout`` at each layer, measure its fidelity, save the
+    bases and pictures, append the CSV rows; returns the readout's part of results.json."""
+    from depthlens.analysis.causal import causal_fidelity, extract_basis, prepare, save_bases
+
+    out = Path(args.out)
+    bases, fidelities = [], []
+    for layer in layers:
+        data = prepare(readout, states[layer], layer, args.mode, group_tokens=args.group_tokens, seed=args.seed)
+        basis = given[layer] if given else extract_basis(readout, data, layer, args.k, method=args.method,
+                                                         seed=args.seed, progress=True)
+        fidelity = causal_fidelity(model, readout, ids, data, basis, progress=True)
+        bases.append(basis)
+        fidelities.append(fidelity)
+        rows.append({"readout": name, "layer": layer, "rho": fidelity.rho, "rho_low": fidelity.low,
+                     "rho_high": fidelity.high, "energy_top1_nats": basis.captured(1),
+                     "energy_total_nats": basis.captured(args.k), "seconds": basis.seconds})
+        print(f"{name} layer {layer}: energy {basis.captured(args.k):.3f} nats, fidelity ρ = {fidelity.rho:.3f} "
+              f"[{fidelity.low:.3f}, {fidelity.high:.3f}]", flush=True)
+    save_bases(out / "bases" / name, bases)
+    _pictures(out, f"energy_{name}", _energy_grid(bases, name, args.model))
+    _fidelity_figures(out, name, fidelities)
+    return {"bases": [b.summary() for b in bases], "fidelity": [f.summary() for f in fidelities]}
 
 
 def _energy_grid(bases, name: str, model: str):

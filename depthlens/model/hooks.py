@@ -127,9 +127,10 @@ def _first_tensor(value: object) -> torch.Tensor:
         return value
     if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
         return value[0]
-    hidden = getattr(value, "hidden_states", None) or getattr(value, "last_hidden_state", None)
-    if isinstance(hidden, torch.Tensor):
-        return hidden
+    for field in ("hidden_states", "last_hidden_state"):
+        hidden = getattr(value, field, None)
+        if isinstance(hidden, torch.Tensor):
+            return hidden
     raise EditError(f"a hooked module returned {type(value).__name__}, which holds no hidden-state tensor")
 
 
@@ -141,7 +142,7 @@ def _with_first(value: object, tensor: torch.Tensor) -> object:
         return (tensor, *value[1:])
     if isinstance(value, list):
         return [tensor, *value[1:]]
-    if getattr(value, "hidden_states", None) is not None:
+    if isinstance(getattr(value, "hidden_states", None), torch.Tensor):
         value.hidden_states = tensor
     else:
         value.last_hidden_state = tensor

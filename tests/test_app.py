@@ -108,7 +108,7 @@ def heatmap_labels(plot: dict) -> list[list[list[str]]]:
 def expected_labels(model, tokenizer, lens, text: str) -> list[list[str]]:
     """The top-1 labels the heatmap should show, computed directly with the library."""
     trajectory = Trajectory.from_text(model, tokenizer, lens, text)
-    return [[html.escape(label) for label in row] for row in trajectory.top1_labels(max_chars=8)]
+    return [[html.escape(label, quote=False) for label in row] for row in trajectory.top1_labels(max_chars=8)]
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ def test_a_grid_built_by_hand_is_drawn_to_html_and_png(tmp_path):
     grid = similarity()
     figure = heatmap_figure(grid)
     assert np.allclose(np.array(figure.data[0].z, dtype=float), grid.values, equal_nan=True)
-    assert list(figure.layout.xaxis.ticktext) == [html.escape(f"<{i}>") for i in range(SIZE)]
+    assert list(figure.layout.xaxis.ticktext) == [html.escape(f"<{i}>", quote=False) for i in range(SIZE)]
     assert list(figure.layout.yaxis.ticktext) == list(figure.layout.xaxis.ticktext)
     assert figure.data[0].text[2][3] == grid.cell_text[2][3]
     assert figure.data[0].hovertext[1][2] == "layer &lt;1&gt; · layer &lt;2&gt;<br>cosine: 0.8776"

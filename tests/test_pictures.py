@@ -48,20 +48,20 @@ def test_plotly_cells_hover_and_axes(pair):
     logit, _ = pair
     figure = heatmap_figure(logit, "kl", batch=1, max_chars=6)
     length = int(logit.attention_mask[1].sum())
-    assert _rows(figure) == [[html.escape(c) for c in row] for row in logit.top1_labels(1, 6)]
+    assert _rows(figure) == [[html.escape(c, quote=False) for c in row] for row in logit.top1_labels(1, 6)]
     assert np.allclose(np.array(figure.data[0].z, dtype=float), logit.kl_to_final[:, 1, :length].numpy(), equal_nan=True)
     assert list(figure.layout.yaxis.ticktext) == ["0", "1", "2", "output"]
-    assert list(figure.layout.xaxis.ticktext) == [html.escape(t) for t in logit.input_labels(1, 6)]
+    assert list(figure.layout.xaxis.ticktext) == [html.escape(t, quote=False) for t in logit.input_labels(1, 6)]
     hover = figure.data[0].hovertext[2][1]
     second = logit.label(int(logit.top_ids[2, 1, 1, 1]))
-    assert html.escape(f"2. {second!r}") in hover and "→ next" in hover
+    assert html.escape(f"2. {second!r}", quote=False) in hover and "→ next" in hover
     assert figure.layout.coloraxis.cmin == 0
 
 
 def test_layer_stride_keeps_the_output_row(pair):
     figure = heatmap_figure(pair[0], layer_stride=2)
     assert list(figure.layout.yaxis.ticktext) == ["0", "2", "output"]
-    assert _rows(figure) == [[html.escape(c) for c in row] for row in pair[0].strided(2).top1_labels(0, 8)]
+    assert _rows(figure) == [[html.escape(c, quote=False) for c in row] for row in pair[0].strided(2).top1_labels(0, 8)]
 
 
 def test_rank_is_coloured_on_a_log_scale(pair):
@@ -75,8 +75,8 @@ def test_side_by_side_shows_both_and_their_difference(pair):
     logit, tuned = pair
     figure = side_by_side(logit, tuned, "entropy")
     assert len(figure.data) == 3
-    assert _rows(figure, 0) == [[html.escape(c) for c in row] for row in logit.top1_labels(0, 8)]
-    assert _rows(figure, 1) == [[html.escape(c) for c in row] for row in tuned.top1_labels(0, 8)]
+    assert _rows(figure, 0) == [[html.escape(c, quote=False) for c in row] for row in logit.top1_labels(0, 8)]
+    assert _rows(figure, 1) == [[html.escape(c, quote=False) for c in row] for row in tuned.top1_labels(0, 8)]
     difference = (logit.entropy - tuned.entropy)[:, 0, logit.attention_mask[0]].numpy()
     assert np.allclose(np.array(figure.data[2].z, dtype=float), difference)
     assert np.abs(difference[:-1]).max() > 0.01 and np.allclose(difference[-1], 0, atol=1e-5)
@@ -150,6 +150,8 @@ def test_awkward_labels_are_escaped_not_interpreted(pair, tmp_path):
     label = r"<i>$\zz$"
     odd = Trajectory(**{**pair[0].__dict__, "labels": dict.fromkeys(pair[0].labels, label)})
     assert heatmap_figure(odd).data[0].text[0][0] == "&lt;i&gt;$\\zz$"
+    quoted = Trajectory(**{**pair[0].__dict__, "labels": dict.fromkeys(pair[0].labels, 'say "hi"')})
+    assert heatmap_figure(quoted).data[0].text[0][0] == 'say "hi"'  # plotly.js would show &quot; literally
     assert heatmap_matplotlib(odd).axes[0].texts[0].get_text() == label
     assert save_figure(odd, tmp_path / "odd.png").stat().st_size > 0
 

@@ -34,7 +34,9 @@ margin to at least 100)."""
 
 
 def _escape(text: str) -> str:
-    return html.escape(text).replace("\n", "<br>")
+    """``text`` safe inside plotly's HTML-like labels: ``&``, ``<`` and ``>`` escaped, quotes
+    kept as they are (plotly.js shows ``&quot;`` literally), line breaks as ``<br>``."""
+    return html.escape(text, quote=False).replace("\n", "<br>")
 
 
 def _suffix(index: int) -> str:
@@ -79,7 +81,7 @@ def _heatmap(panel: Panel, index: int, font_size: int) -> go.Heatmap:
     labelled = panel.labelled and grid.cell_text is not None
     return go.Heatmap(
         z=np.array(panel.z),
-        text=[[html.escape(cell) for cell in row] for row in grid.cell_text] if labelled else None,
+        text=[[_escape(cell) for cell in row] for row in grid.cell_text] if labelled else None,
         texttemplate="%{text}" if labelled else None,
         textfont={"size": font_size},
         hovertext=[[_escape(text) for text in row] for row in grid.hover_texts()],
@@ -97,13 +99,13 @@ def _axes(panel: Panel, index: int, x_domain: tuple[float, float], y_domain: tup
     grid, suffix = panel.grid, _suffix(index)
     x_axis = {
         "domain": list(x_domain), "anchor": "y" + suffix, "tickangle": -60, "automargin": True,
-        "tickvals": list(range(grid.shape[1])), "ticktext": [html.escape(t) for t in grid.col_labels],
-        "title": {"text": html.escape(grid.col_title)},
+        "tickvals": list(range(grid.shape[1])), "ticktext": [_escape(t) for t in grid.col_labels],
+        "title": {"text": _escape(grid.col_title)},
     }
     y_axis = {
         "domain": list(y_domain), "anchor": "x" + suffix, "automargin": True, "showticklabels": panel.show_row_labels,
-        "tickvals": list(range(grid.shape[0])), "ticktext": [html.escape(t) for t in grid.row_labels],
-        "title": {"text": html.escape(grid.row_title) if panel.show_row_labels else None},
+        "tickvals": list(range(grid.shape[0])), "ticktext": [_escape(t) for t in grid.row_labels],
+        "title": {"text": _escape(grid.row_title) if panel.show_row_labels else None},
     }
     if index > 0:
         x_axis["matches"], y_axis["matches"] = "x", "y"
@@ -111,7 +113,7 @@ def _axes(panel: Panel, index: int, x_domain: tuple[float, float], y_domain: tup
 
 
 def _colour_axis(scale: ColourScale, place: dict) -> dict:
-    bar: dict = {"title": {"text": html.escape(scale.title), "side": "right"}, "thickness": 14, **place}
+    bar: dict = {"title": {"text": _escape(scale.title), "side": "right"}, "thickness": 14, **place}
     if scale.ticks is not None:
         bar.update(tickvals=list(scale.ticks), ticktext=list(scale.tick_labels or ()))
     return {"colorscale": scale.colours, "cmin": scale.low, "cmax": scale.high, "colorbar": bar}
@@ -145,13 +147,13 @@ def draw(picture: Picture) -> go.Figure:
     for bar, scale in enumerate(picture.bars):
         layout["coloraxis" + _suffix(bar)] = _colour_axis(scale, _bar_place(picture, bar, x_domains, y_domains))
     layout["annotations"] = [
-        {"text": html.escape(panel.title), "x": (x[0] + x[1]) / 2, "y": y[1], "xref": "paper", "yref": "paper",
+        {"text": _escape(panel.title), "x": (x[0] + x[1]) / 2, "y": y[1], "xref": "paper", "yref": "paper",
          "xanchor": "center", "yanchor": "bottom", "showarrow": False, "font": {"size": 14}}
         for panel, x, y in zip(picture.panels, x_domains, y_domains) if panel.title
     ]
     if picture.stacked:
         layout["margin"] = dict(_MARGINS)
-    figure.update_layout(title_text=html.escape(picture.title), autosize=True, height=_height(picture), **layout)
+    figure.update_layout(title_text=_escape(picture.title), autosize=True, height=_height(picture), **layout)
     return figure
 
 

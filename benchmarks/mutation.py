@@ -40,7 +40,8 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     ),
     "checkpoint": (
         ["depthlens/training/checkpoint.py"],
-        ["tests/test_mutations_training.py", "tests/test_train.py", "-k", "not torchrun and not sigkill"],
+        ["tests/test_checkpoint_mutants.py", "tests/test_mutations_training.py", "tests/test_train.py", "-k",
+         "not torchrun and not sigkill"],
     ),
     "train": (
         ["depthlens/training/train.py"],
@@ -91,6 +92,13 @@ EQUIVALENT: dict[str, str] = {
     "depthlens.training.objective.x_layer_loss__mutmut_19": _CPU,
     "depthlens.training.objective.x_accumulate_gradients__mutmut_51":
         "log_softmax over dim +1 is dim -1 on the 2-D [tokens, vocab] lens logits",
+    "depthlens.training.checkpoint.x_save_checkpoint__mutmut_36": "state.json indentation: any layout parses the same",
+    "depthlens.training.checkpoint.x_save_checkpoint__mutmut_38": "state.json indentation: any layout parses the same",
+    "depthlens.training.checkpoint.x_save_checkpoint__mutmut_39": "state.json indentation: any layout parses the same",
+    "depthlens.training.checkpoint.x_load_checkpoint__mutmut_17":
+        "a finished checkpoint also sets optimizers = [], so _restore's zip is empty whatever the document holds",
+    "depthlens.training.checkpoint.x_load_checkpoint__mutmut_18":
+        "a finished checkpoint also sets optimizers = [], so _restore's zip is empty whatever the document holds",
     "depthlens.model.edits.x_erase__mutmut_8": _CPU,
     "depthlens.model.edits.x_erase__mutmut_10": _CPU + " (the dtype is still converted)",
     "depthlens.model.edits.x_erase__mutmut_29": _CPU,
@@ -195,7 +203,10 @@ def main() -> int:
     results_path = args.workdir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     for name in args.groups or list(GROUPS):
-        results[name] = run_group(name, args.workdir)
+        scores = run_group(name, args.workdir)
+        # read again: another run may have written other groups' scores meanwhile
+        results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+        results[name] = scores
         results_path.write_text(json.dumps(results, indent=1))
     low = [f"{group}:{file}" for group, files in results.items() for file, s in files.items() if s["score"] < args.target]
     print("below target: " + (", ".join(low) if low else "none"))

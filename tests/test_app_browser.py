@@ -8,18 +8,17 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from playwright.sync_api import Browser, Page, Route, sync_playwright
+from browser_pages import app_page, chromium, needs_chromium
+from playwright.sync_api import Browser, Page
 from test_app import MAX_TOKENS, TEXT, make_run, running_app
 from tiny_models import tiny_model
 
 from depthlens import LogitLens, TunedLens
 from depthlens.analysis.trajectory import Trajectory
 
-CHROMIUM = Path("/usr/bin/chromium")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
 TIMEOUT_MS = 30_000
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no browser at {CHROMIUM}: apt-get install chromium")
+pytestmark = needs_chromium
 
 
 @pytest.fixture(scope="module")
@@ -32,35 +31,17 @@ def setup(tmp_path_factory, tiny_tokenizer) -> Iterator[tuple[str, object, Path]
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
+    with chromium() as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture
 def page(browser, setup) -> Iterator[Page]:
     """A page of the app, opened and showing its first picture; fails the test if the page asked
     for anything outside the app's own server."""
-    url = setup[0]
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    outside: list[str] = []
-
-    def only_the_app(route: Route) -> None:
-        if route.request.url.startswith(url):
-            route.continue_()
-        else:
-            outside.append(route.request.url)
-            route.abort()
-
-    page.route("**/*", only_the_app)
-    page.goto(url)
-    page.wait_for_selector("#message p", state="attached")
-    yield page
-    context.close()
-    assert outside == []
+    with app_page(browser, setup[0], TIMEOUT_MS, viewport={"width": 1280, "height": 900}, accept_downloads=True) as page:
+        page.wait_for_selector("#message p", state="attached")
+        yield page
 
 
 def show(page: Page, text: str, view: str | None = None) -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import gradio as gr
 import pytest
-from playwright.sync_api import Browser, Page, Route, sync_playwright
+from browser_pages import app_page, chromium, needs_chromium
+from playwright.sync_api import Browser, Page
 from test_app import free_port
 from tiny_models import tiny_model
 
@@ -19,12 +19,10 @@ from depthlens.analysis.patchscope import IDENTITY_PROMPT
 from depthlens.apps.web import start
 from depthlens.apps.web_readouts import readout_tabs
 
-CHROMIUM = Path("/usr/bin/chromium")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
 TIMEOUT_MS = 60_000
 TEXT = "Fair is foul, and foul is fair"
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no browser at {CHROMIUM}: apt-get install chromium")
+pytestmark = needs_chromium
 
 
 @pytest.fixture(scope="module")
@@ -44,33 +42,15 @@ def setup(tmp_path_factory, tiny_tokenizer) -> Iterator[tuple[str, object]]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
+    with chromium() as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture
 def page(browser, setup) -> Iterator[Page]:
     """A page of the app; fails the test if the page asked for anything outside the app's server."""
-    url = setup[0]
-    context = browser.new_context(viewport={"width": 1280, "height": 1000})
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    outside: list[str] = []
-
-    def only_the_app(route: Route) -> None:
-        if route.request.url.startswith(url):
-            route.continue_()
-        else:
-            outside.append(route.request.url)
-            route.abort()
-
-    page.route("**/*", only_the_app)
-    page.goto(url)
-    yield page
-    context.close()
-    assert outside == []
+    with app_page(browser, setup[0], TIMEOUT_MS, viewport={"width": 1280, "height": 1000}) as page:
+        yield page
 
 
 def texts(page: Page, selector: str) -> list[str]:

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import random_tuned_lens, tiny_model
 
-from depthlens import LayerError, LogitLens, TunedLens, capture
+from depthlens import LayerError, LogitLens, capture
 from depthlens.analysis.causal import (
     aitchison_similarity,
     causal_fidelity,
@@ -35,12 +35,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def tuned(model):
-    lens = TunedLens(model)
-    torch.manual_seed(1)
-    for translator in lens.translators:
-        torch.nn.init.normal_(translator.weight, std=0.2)
-        torch.nn.init.normal_(translator.bias, std=0.2)
-    return lens
+    return random_tuned_lens(model, seed=1, std=0.2)
 
 
 def _planted(model, n: int = 128) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import random_tuned_lens, tiny_model
 
-from depthlens import TunedLens, capture
+from depthlens import capture
 from depthlens.analysis.drift import (
     drift_correlation,
     remove_top_components,
@@ -24,11 +24,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def tuned(model):
-    lens = TunedLens(model)
-    torch.manual_seed(2)
-    for translator in lens.translators:
-        torch.nn.init.normal_(translator.weight, std=0.1)
-    return lens
+    return random_tuned_lens(model, seed=2, std=0.1, bias=False)
 
 
 def test_streaming_covariances_match_direct_ones(model):

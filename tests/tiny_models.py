@@ -174,3 +174,17 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **overrides: object) ->
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=torch.float32)
     return model.eval()
+
+
+def random_tuned_lens(model: PreTrainedModel, seed: int, std: float, bias: bool = True):
+    """A tuned lens on ``model`` whose translators are drawn from N(0, std²) (weights, and biases
+    when ``bias``), so that it differs from the logit lens at every layer but the last."""
+    from depthlens import TunedLens
+
+    lens = TunedLens(model)
+    torch.manual_seed(seed)
+    for translator in lens.translators:
+        torch.nn.init.normal_(translator.weight, std=std)
+        if bias:
+            torch.nn.init.normal_(translator.bias, std=std)
+    return lens

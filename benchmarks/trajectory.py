@@ -1,8 +1,13 @@
-"""Time and peak memory of building a Trajectory, against the bare cost of the same pictures.
+"""Time and peak memory of trajectories and evaluation, against the bare cost of the same work.
 
-The bare cost is what any per-layer picture must pay: one model forward (which also gives layer
-``L``) and one lens decoding (final norm + unembedding) of every other layer ``0 … L-1``, with the
-logits thrown away. The trajectory adds top-k, entropy, KL, cross-entropy and rank on top.
+- **Trajectory** (logit lens, ``--tokens`` tokens): the bare cost is what any per-layer picture
+  must pay, one model forward (which also gives layer ``L``) and one lens decoding (final norm +
+  unembedding) of every other layer ``0 … L-1``, with the logits thrown away. The trajectory adds
+  top-k, entropy, KL, cross-entropy and rank on top.
+- **Evaluation** (logit and tuned lens, ``--eval-chunks`` chunks of ``--eval-chunk-len`` tokens,
+  with bootstrap intervals): the bare cost is the forward of every batch of 4 chunks and one
+  decoding per layer ``0 … L`` and lens. ``evaluate`` adds KL, cross-entropy, entropy, top-1
+  agreement and the per-group marginal distributions, then the bootstrap.
 
 Both run in this one process after a short warm-up, interleaved repeat by repeat so that load
 from other processes hits both alike. Peak memory is the growth of the resident set size over
@@ -13,27 +18,34 @@ what it was before each run: the kernel's high-water mark (``VmHWM``) is reset t
 On a machine whose cores are busy with other work, ``--threads 1`` gives steadier figures: with
 more threads, every one of the many small tensor operations waits for its slowest thread.
 
-Run: ``python benchmarks/trajectory.py [--model smollm2-135m] [--tokens 512] [--repeats 3]``.
+Run: ``python benchmarks/trajectory.py [--models smollm2-135m gemma3-270m] [--tokens 512] [--repeats 3]``;
+writes ``benchmarks/results/trajectory.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from depthlens.text.data import load_chunks
-from depthlens.model.hidden_states import capture
-from depthlens.lenses import LogitLens
-from depthlens.model.load import DEFAULT_MODEL, load_model
+from depthlens.analysis.evaluate import EvalReport, evaluate
 from depthlens.analysis.trajectory import Trajectory
+from depthlens.lenses import LogitLens, TunedLens
+from depthlens.model.architecture import find_parts
+from depthlens.model.hidden_states import capture
+from depthlens.model.load import DEFAULT_MODEL, load_model
+from depthlens.text.data import load_chunks
 
 MIB = 2**20
+RESULTS = Path(__file__).parent / "results" / "trajectory.json"
 
 
 def _status_kib(field: str) -> int:
@@ -54,19 +66,34 @@ def measure(run: Callable[[], object]) -> tuple[float, float, object]:
     return seconds, (_status_kib("VmHWM") - before) / 1024, result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--tokens", type=int, default=512)
-    parser.add_argument("--k", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--chunk-tokens", type=int, default=None, help="Trajectory chunk size (default: automatic)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+def interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[tuple[float, float, object]]]:
+    """``measure`` each of ``runs`` ``repeats`` times, alternating between them."""
+    results: dict[str, list[tuple[float, float, object]]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            results[name].append(measure(run))
+    return results
 
-    model, tokenizer = load_model(args.model)
+
+def summary(results: dict[str, list[tuple[float, float, object]]], bare: str, work: str) -> dict[str, float]:
+    """Median and minimum seconds and peak growth of each run, and the ratios of ``work`` to ``bare``."""
+    times = {name: [seconds for seconds, _, _ in runs] for name, runs in results.items()}
+    facts: dict[str, float] = {}
+    for name, runs in results.items():
+        facts[f"{name}_median_s"] = round(statistics.median(times[name]), 2)
+        facts[f"{name}_min_s"] = round(min(times[name]), 2)
+        facts[f"{name}_peak_rss_growth_mib"] = round(max(peak for _, peak, _ in runs), 1)
+        print(f"  {name:<12} median {facts[f'{name}_median_s']:7.2f} s  (min {facts[f'{name}_min_s']:.2f})  "
+              f"peak RSS growth {facts[f'{name}_peak_rss_growth_mib']:7.1f} MiB")
+    facts["ratio_of_medians"] = round(statistics.median(times[work]) / statistics.median(times[bare]), 3)
+    facts["ratio_of_minima"] = round(min(times[work]) / min(times[bare]), 3)
+    print(f"  time ratio {work} / {bare}: {facts['ratio_of_medians']:.2f}x of medians, "
+          f"{facts['ratio_of_minima']:.2f}x of minima (target <= 1.3x)")
+    return facts
+
+
+def trajectory_run(model: torch.nn.Module, tokenizer: Any, args: argparse.Namespace) -> dict[str, float]:
+    """The trajectory of the logit lens against its bare cost."""
     lens = LogitLens(model)
     input_ids = load_chunks("shakespeare", tokenizer, args.tokens, 1)
 
@@ -80,24 +107,69 @@ def main() -> None:
         return Trajectory.from_ids(model, lens, input_ids, tokenizer=tokenizer, k=args.k, chunk_tokens=args.chunk_tokens)
 
     Trajectory.from_ids(model, lens, input_ids[:, :16], k=args.k)
-    results: dict[str, list[tuple[float, float, object]]] = {"bare": [], "trajectory": []}
-    for _ in range(args.repeats):
-        for name, run in (("bare", bare), ("trajectory", trajectory)):
-            results[name].append(measure(run))
+    results = interleaved({"bare": bare, "trajectory": trajectory}, args.repeats)
+    rows, vocab = lens.num_layers + 1, lens.parts.vocab_size
+    print(f"  trajectory of {rows} rows x {args.tokens} tokens, k={args.k}")
+    facts = summary(results, "bare", "trajectory")
+    facts["trajectory_mib"] = round(results["trajectory"][-1][2].nbytes / MIB, 2)
+    facts["full_log_probabilities_mib"] = round(rows * args.tokens * vocab * 4 / MIB)
+    print(f"  trajectory tensors: {facts['trajectory_mib']:.2f} MiB; full log-probabilities would be "
+          f"{facts['full_log_probabilities_mib']} MiB")
+    return facts
 
-    vocab, rows = lens.parts.vocab_size, lens.num_layers + 1
-    stored = results["trajectory"][-1][2].nbytes
-    times = {name: [seconds for seconds, _, _ in runs] for name, runs in results.items()}
-    print(f"{args.model}: {rows} rows x {args.tokens} tokens, vocab {vocab}, k={args.k}, "
-          f"{torch.get_num_threads()} torch threads, {args.repeats} interleaved repeats")
-    for name, runs in results.items():
-        print(f"  {name:<10} median {statistics.median(times[name]):6.2f} s  (min {min(times[name]):.2f})  "
-              f"peak RSS growth {max(peak for _, peak, _ in runs):7.1f} MiB")
-    median = statistics.median(times["trajectory"]) / statistics.median(times["bare"])
-    fastest = min(times["trajectory"]) / min(times["bare"])
-    print(f"  time ratio trajectory / bare: {median:.2f}x of medians, {fastest:.2f}x of minima (target <= 1.3x)")
-    print(f"  trajectory tensors: {stored / MIB:.2f} MiB; full log-probabilities would be "
-          f"{rows * args.tokens * vocab * 4 / MIB:.0f} MiB")
+
+def evaluation_run(model: torch.nn.Module, tokenizer: Any, args: argparse.Namespace) -> dict[str, float]:
+    """Evaluation of the logit and a tuned lens (with intervals) against its bare cost."""
+    lenses = {"logit": LogitLens(model), "tuned": TunedLens(model)}
+    chunks = list(load_chunks("shakespeare", tokenizer, args.eval_chunk_len, args.eval_chunks, split="validation"))
+    byte_counts = [len(tokenizer.decode(chunk[1:].tolist()).encode()) for chunk in chunks]
+
+    @torch.no_grad()
+    def bare() -> None:
+        for start in range(0, len(chunks), 4):
+            states = capture(model, torch.stack(chunks[start : start + 4]), parts=lenses["logit"].parts)
+            for lens in lenses.values():
+                for _ in lens.iter_logits(states):
+                    pass
+
+    def evaluation() -> EvalReport:
+        return evaluate(model, lenses, chunks, byte_counts, progress=False)
+
+    results = interleaved({"bare": bare, "evaluation": evaluation}, args.repeats)
+    print(f"  evaluation of 2 lenses on {len(chunks)} chunks of {args.eval_chunk_len} tokens "
+          f"({results['evaluation'][-1][2].interval_label()})")
+    facts = summary(results, "bare", "evaluation")
+    facts["tokens_per_second"] = round(results["evaluation"][-1][2].tokens / statistics.median(
+        [seconds for seconds, _, _ in results["evaluation"]]), 1)
+    print(f"  evaluation speed: {facts['tokens_per_second']} tokens/s")
+    return facts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=[DEFAULT_MODEL, "gemma3-270m"])
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--eval-chunks", type=int, default=8)
+    parser.add_argument("--eval-chunk-len", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chunk-tokens", type=int, default=None, help="Trajectory chunk size (default: automatic)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    results: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "repeats": args.repeats,
+                               "load_average_start": os.getloadavg()}
+    for name in args.models:
+        model, tokenizer = load_model(name)
+        print(f"{name}: vocab {find_parts(model).vocab_size}, {torch.get_num_threads()} torch threads, "
+              f"{args.repeats} interleaved repeats")
+        results[name] = {"trajectory": trajectory_run(model, tokenizer, args),
+                         "evaluation": evaluation_run(model, tokenizer, args)}
+        del model
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

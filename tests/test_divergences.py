@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from depthlens.stats.bootstrap import group_bootstrap, resample_counts
-from depthlens.stats.divergences import LogitStatistics, cross_entropy, entropy, js, kl, log_probs, tv
+from depthlens.stats import divergences
+from depthlens.stats.divergences import LogitStatistics, cross_entropy, entropy, js, kl, log_probs, top_k, tv
 
 LN2 = math.log(2)
 
@@ -144,3 +145,29 @@ def test_group_bootstrap_is_the_quantile_of_resampled_ratios():
     total = group_bootstrap(values[:, None].expand(4, 3), resamples=300, seed=3,
                             statistic=lambda sums, totals: sums.sum(-1) / totals)
     assert total == pytest.approx(group_bootstrap(3 * values, torch.ones(4, dtype=torch.float64), resamples=300, seed=3))
+
+
+@pytest.mark.parametrize("vocab", [50, 128 * 6, 128 * 40 + 17])
+def test_top_k_equals_torch_topk(vocab):
+    logits = torch.randn(9, vocab, generator=torch.Generator().manual_seed(vocab))
+    logits[3, -1] = 50.0  # the largest entry in the short last run
+    logits[4, :5] = 40.0 + torch.arange(5.0)  # all of the top k in one run
+    values, ids = top_k(logits, 5)
+    expected = logits.topk(5, dim=-1)
+    assert torch.equal(values, expected.values) and torch.equal(ids, expected.indices)
+
+
+@pytest.mark.parametrize("block_floats", [50, 120, 2**19])
+def test_fused_statistics_in_blocks_and_their_mixture(monkeypatch, block_floats):
+    monkeypatch.setattr(divergences, "BLOCK_FLOATS", block_floats)
+    generator = torch.Generator().manual_seed(8)
+    reference, layer = torch.randn(2, 7, 50, generator=generator) * 3
+    targets = torch.randint(0, 50, (7,), generator=generator)
+    groups = torch.tensor([2, 0, 0, 1, 2, 2, 0])
+    sums = torch.ones(3, 50)
+    scores = LogitStatistics(reference, targets)(layer, k=4, into=(groups, sums))
+    log_q = log_probs(layer)
+    assert torch.allclose(scores.kl, kl(log_probs(reference), log_q).clamp_min(0), atol=1e-5)
+    assert torch.allclose(scores.entropy, entropy(log_q), atol=1e-5)
+    assert torch.allclose(sums, torch.ones(3, 50).index_add(0, groups, log_q.exp()), atol=1e-5)
+    assert torch.equal(scores.top_ids, layer.topk(4, dim=-1).indices)

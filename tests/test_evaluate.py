@@ -10,6 +10,8 @@ import torch
 from tiny_models import VOCAB, tiny_model
 
 from depthlens import LogitLens, TunedLens, capture
+from depthlens.analysis import cells
+from depthlens.analysis import evaluate as evaluation
 from depthlens.analysis.evaluate import MIN_GROUPS, evaluate, evaluate_held_out
 from depthlens.viz.report import comparison_table, write_report
 
@@ -52,6 +54,18 @@ def test_metrics_match_direct_computation(setup):
                 (row,) = [r for r in report.table if (r["lens"], r["layer"], r["metric"], r["unit"]) == (name, layer, metric, unit)]
                 assert row["value"] == pytest.approx(value.item(), abs=1e-5), (name, layer, metric)
                 assert row["ci_low"] - 1e-9 <= row["value"] <= row["ci_high"] + 1e-9
+
+
+def test_windows_that_cut_across_chunks_change_nothing(setup, monkeypatch):
+    """Positions are scored in windows; a window of 5 positions cuts the 11-position chunks (and
+    so the bootstrap groups) apart, and every value and interval must stay the same."""
+    model, chunks, lenses, report = setup
+    monkeypatch.setattr(cells, "CHUNK_ELEMENTS", 5 * VOCAB)
+    windowed = evaluate(model, lenses, chunks, [30] * 10, batch_size=4, groups=20, resamples=200, progress=False)
+    for row, other in zip(report.table, windowed.table, strict=True):
+        assert (row["lens"], row["layer"], row["metric"]) == (other["lens"], other["layer"], other["metric"])
+        for key in ("value", "ci_low", "ci_high"):
+            assert other[key] == pytest.approx(row[key], abs=1e-5), (row, other)
 
 
 def test_last_layer_is_the_model_and_the_tuned_lens_differs(setup):
@@ -118,3 +132,22 @@ def test_report_files_and_table(setup, tmp_path):
     table = comparison_table(report)
     assert [c.header for c in table.columns][:3] == ["layer", "logit kl", "tuned kl"]
     assert table.row_count == 5
+
+
+def test_bias_interval_from_the_head_tokens_is_close_to_the_full_one(setup, monkeypatch):
+    """The bias's bootstrap resamples the likeliest tokens and one bucket for the rest: the point
+    estimate stays exact, and the interval's width stays close to the one over the whole vocabulary."""
+    model, chunks, lenses, report = setup
+    monkeypatch.setattr(evaluation, "BIAS_HEAD_TOKENS", VOCAB // 4)
+    coarse = evaluate(model, lenses, chunks, [30] * 10, batch_size=4, groups=20, resamples=200, progress=False)
+    widths = []
+    for row, other in zip(report.table, coarse.table, strict=True):
+        if row["metric"] == "bias" and row["unit"] == "nats" and row["layer"] < model.config.num_hidden_layers:
+            assert other["value"] == row["value"]
+            assert other["ci_low"] <= other["value"] <= other["ci_high"]
+            widths.append((other["ci_high"] - other["ci_low"]) / (row["ci_high"] - row["ci_low"]))
+    assert widths and all(0.5 < width <= 1.05 for width in widths), widths
+    sums = torch.rand(3, 2, VOCAB)
+    head_and_rest = evaluation._head_and_rest(sums)
+    assert head_and_rest.shape == (3, 2, VOCAB // 4 + 1)
+    assert torch.allclose(head_and_rest.sum(-1), sums.sum(-1))

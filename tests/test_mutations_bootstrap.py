@@ -89,14 +89,15 @@ def _rows(report, metric: str, unit: str = "nats") -> list[dict]:
 
 def test_evaluation_resamples_groups_not_tokens(model):
     """Sixteen copies of one chunk: every group of chunks is the same, so a bootstrap over groups
-    has nothing to vary; one over tokens (or a fixed ± margin) would give the intervals width."""
+    has nothing to vary; one over tokens (or a fixed ± margin) would give the intervals width
+    (up to float32 rounding of the summed probabilities: bias rows near 0 nats differ by ~1e-8)."""
     chunk = torch.randint(0, VOCAB, (12,), generator=torch.Generator().manual_seed(0))
     report = evaluate(model, {"logit": LogitLens(model)}, [chunk] * 16, [30] * 16, groups=8, resamples=100,
                       progress=False)
     assert report.table
     for row in report.table:
-        assert row["ci_low"] == pytest.approx(row["value"], abs=1e-9, rel=1e-6), row
-        assert row["ci_high"] == pytest.approx(row["value"], abs=1e-9, rel=1e-6), row
+        assert row["ci_low"] == pytest.approx(row["value"], abs=1e-7, rel=1e-6), row
+        assert row["ci_high"] == pytest.approx(row["value"], abs=1e-7, rel=1e-6), row
 
 
 def test_chunks_of_one_group_are_resampled_together(model):

@@ -13,8 +13,9 @@ the model's own output), batch item and position:
 Only these are stored, about ``rows × tokens × (12 k + 24)`` bytes, never full-vocabulary
 distributions. They are computed one chunk of positions at a time, and within a chunk one layer at
 a time through :meth:`~depthlens.lenses.readout.Readout.iter_logits`, so ``[layers, tokens, vocab]``
-never exists: besides the hidden states and the model's logits, the working memory is about six
-float32 buffers ``[chunk_tokens, vocab]``, 64 MiB each by default.
+never exists: besides the hidden states and the model's logits, the working memory is about three
+float32 buffers ``[chunk_tokens, vocab]``, 256 MiB each by default, and two cache-sized scratch
+buffers (:class:`~depthlens.stats.divergences.LogitStatistics`).
 
 Any :class:`~depthlens.lenses.readout.Readout` works, not only lenses. Divergences between two
 readouts are in :mod:`depthlens.analysis.compare`.

@@ -80,6 +80,13 @@ def tv(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)).clamp(0.0, 1.0)
 
 
+BLOCK_FLOATS = 2**19
+""":class:`LogitStatistics` scores rows in blocks of about this many floats (2 MiB, a core's L2
+cache on the machines it was tuned on), so that a block's shifted logits and its scratch buffer
+stay in cache through the passes over them; only the first pass reads main memory. On smollm2's
+and gemma3's vocabularies this made the statistics 2–3× faster than whole-chunk passes."""
+
+
 @dataclass
 class Scores:
     """What :class:`LogitStatistics` gives for one layer's logits over ``n`` positions; every
@@ -94,12 +101,53 @@ class Scores:
     rank: torch.Tensor
     """How many tokens have a strictly higher logit than the reference's top-1 token, ``torch.long``."""
     log_normaliser: torch.Tensor
-    """``log Σ_v exp(z_v − shift)``, so that ``log q(v) = z_v − shift − log_normaliser``."""
+    """``log Σ_v exp(z_v − max_v z_v)``, so that ``log q(v) = z_v − max_v z_v − log_normaliser``."""
+    top_logits: torch.Tensor
+    """The ``k`` largest logits ``[n, k]`` when asked for (``[n, 0]`` otherwise), in decreasing order."""
+    top_ids: torch.Tensor
+    """Their token ids ``[n, k]``, ``torch.long``."""
+
+
+TOP_K_WIDTH = 128
+""":func:`top_k` splits each row into runs of this many logits."""
+
+
+def top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest entries of each row of ``logits [n, vocab]`` and their indices, both
+    ``[n, k]`` in decreasing order, as ``torch.topk`` gives them (ties may pick other indices).
+
+    Each row is cut into runs of :data:`TOP_K_WIDTH`; the ``k`` largest entries lie in the ``k``
+    runs with the largest maxima (and the short last run), so one ``amax`` pass over the row and a
+    ``topk`` of ``k · 128`` candidates replace a ``topk`` of the whole vocabulary (about 5× faster
+    on 49k–262k tokens).
+    """
+    n, vocab = logits.shape
+    whole = vocab // TOP_K_WIDTH * TOP_K_WIDTH
+    if whole // TOP_K_WIDTH <= k:
+        return logits.topk(k, dim=-1)
+    maxima = logits[:, :whole].unflatten(-1, (whole // TOP_K_WIDTH, TOP_K_WIDTH)).amax(-1)
+    runs = maxima.topk(k, dim=-1).indices
+    columns = (runs[..., None] * TOP_K_WIDTH + torch.arange(TOP_K_WIDTH, device=logits.device)).flatten(1)
+    columns = torch.cat([columns, torch.arange(whole, vocab, device=logits.device).expand(n, -1)], 1)
+    top = logits.gather(-1, columns).topk(k, dim=-1)
+    return top.values, columns.gather(-1, top.indices)
+
+
+@dataclass
+class _BlockScores:
+    """The per-row :class:`Scores` of one block of rows."""
+
+    entropy: torch.Tensor
+    kl: torch.Tensor
+    ce: torch.Tensor
+    rank: torch.Tensor
+    log_normaliser: torch.Tensor
 
 
 class LogitStatistics:
     """Entropy, ``KL(reference ‖ q)``, cross-entropy and reference-top-1 rank of many layers'
-    logits over one block of ``n`` positions, reusing two scratch buffers ``[n, vocab]``.
+    logits over one block of ``n`` positions, in cache-sized row blocks with two reused scratch
+    buffers (see :data:`BLOCK_FLOATS`).
 
     With ``t = z − shift`` (``z`` a layer's logits, ``shift`` its maximum), ``S = Σ exp t`` and
     ``q = exp(t) / S``: ``H(q) = log S − Σ q t``, ``KL(p ‖ q) = Σ p log p − Σ p t + log S · Σ p``
@@ -119,42 +167,70 @@ class LogitStatistics:
         self.neg_entropy = -entropy(log_reference)
         self.top1 = reference.argmax(-1, keepdim=True)
         self.targets = targets.reshape(-1, 1).to(reference.device)
-        self.shifted = torch.empty_like(reference)
-        self.work = torch.empty_like(reference)
+        rows = min(len(reference), max(1, BLOCK_FLOATS // reference.shape[-1]))
+        self.shifted = reference.new_empty(rows, reference.shape[-1])
+        self.work = torch.empty_like(self.shifted)
 
-    def __call__(self, logits: torch.Tensor, shift: torch.Tensor | None = None) -> Scores:
-        """Scores of ``logits [..., vocab]`` (flattened to ``[n, vocab]``); ``shift [n, 1]`` is
-        their row maximum, if the caller has it already (e.g. from ``topk``)."""
+    def __call__(
+        self, logits: torch.Tensor, k: int = 0, into: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> Scores:
+        """Scores of ``logits [..., vocab]`` (flattened to ``[n, vocab]``); with ``k > 0`` also
+        their top ``k`` (:attr:`Scores.top_logits`, :attr:`Scores.top_ids`). With ``into = (groups
+        [n], sums [m, vocab])`` each row's distribution ``q`` is also added to ``sums[groups[i]]``
+        (``groups``: ``torch.long`` in ``0 … m-1``), e.g. to build marginal distributions."""
         z = logits.reshape(-1, logits.shape[-1]).float()
-        shifted, work = self.shifted, self.work
-        torch.sub(z, z.amax(-1, keepdim=True) if shift is None else shift, out=shifted)
-        log_total = torch.clamp(shifted, min=EXP_FLOOR, out=work).exp_().sum(-1).log()
-        lens_expectation = work.mul_(shifted).sum(-1)
-        reference_expectation = torch.mul(self.probs, shifted, out=work).sum(-1)
-        target_shifted = shifted.gather(-1, self.targets.clamp_min(0)).squeeze(-1)
-        rank = torch.gt(z, z.gather(-1, self.top1), out=work).sum(-1)
-        scores = Scores(
-            entropy=log_total - lens_expectation * torch.exp(-log_total),
-            kl=(self.neg_entropy - reference_expectation + log_total * self.mass).clamp_min(0.0),
-            ce=torch.where(self.targets.squeeze(-1) >= 0, log_total - target_shifted, math.nan),
+        top_logits, top_ids = top_k(z, k) if k else (z.new_empty(len(z), 0), z.new_empty(len(z), 0).long())
+        block = len(self.shifted)
+        parts = [self._block(z[start : start + block], slice(start, start + block), top_logits[start : start + block, :1],
+                             into)
+                 for start in range(0, len(z), block)]
+        fields = {name: torch.cat([getattr(part, name) for part in parts])
+                  for name in ("entropy", "kl", "ce", "rank", "log_normaliser")}
+        return Scores(**fields, top_logits=top_logits, top_ids=top_ids)
+
+    def _block(self, z: torch.Tensor, rows: slice, shift: torch.Tensor,
+               into: tuple[torch.Tensor, torch.Tensor] | None) -> _BlockScores:
+        """The scores of the rows ``rows`` of the reference, whose logits are ``z [b, vocab]``;
+        ``shift [b, 1]`` is their maximum if known (``[b, 0]``: not); ``into`` as in
+        :meth:`__call__`."""
+        shifted, work = self.shifted[: len(z)], self.work[: len(z)]
+        torch.sub(z, shift if shift.numel() else z.amax(-1, keepdim=True), out=shifted)
+        torch.clamp(shifted, min=EXP_FLOOR, out=work).exp_()
+        log_total = work.sum(-1).log()
+        if into is None:
+            lens_expectation = work.mul_(shifted).sum(-1) * torch.exp(-log_total)
+        else:
+            work.mul_(torch.exp(-log_total)[:, None])
+            into[1].index_add_(0, into[0][rows], work)
+            lens_expectation = work.mul_(shifted).sum(-1)
+        reference_expectation = torch.mul(self.probs[rows], shifted, out=work).sum(-1)
+        targets = self.targets[rows]
+        target_shifted = shifted.gather(-1, targets.clamp_min(0)).squeeze(-1)
+        rank = torch.gt(z, z.gather(-1, self.top1[rows]), out=work).sum(-1)
+        scores = _BlockScores(
+            entropy=log_total - lens_expectation,
+            kl=(self.neg_entropy[rows] - reference_expectation + log_total * self.mass[rows]).clamp_min(0.0),
+            ce=torch.where(targets.squeeze(-1) >= 0, log_total - target_shifted, math.nan),
             rank=rank.long(),
             log_normaliser=log_total,
         )
         bad = ~torch.isfinite(scores.entropy)
         if bad.any():
-            self._exact(z, shifted, bad, scores)
+            self._exact(z, shifted, bad, rows, scores)
         return scores
 
-    def _exact(self, z: torch.Tensor, shifted: torch.Tensor, bad: torch.Tensor, scores: Scores) -> None:
-        """Recompute the rows ``bad [n]`` (a non-finite logit) with the plain definitions."""
+    def _exact(self, z: torch.Tensor, shifted: torch.Tensor, bad: torch.Tensor, rows: slice,
+               scores: _BlockScores) -> None:
+        """Recompute the rows ``bad [b]`` of a block (a non-finite logit) with the plain definitions."""
         log_q = z[bad].log_softmax(-1)
         scores.entropy[bad] = entropy(log_q)
-        scores.kl[bad] = kl(self.reference[bad].float().log_softmax(-1), log_q).clamp_min(0.0)
-        scores.ce[bad] = cross_entropy(log_q, self.targets[bad].squeeze(-1))
+        scores.kl[bad] = kl(self.reference[rows][bad].float().log_softmax(-1), log_q).clamp_min(0.0)
+        scores.ce[bad] = cross_entropy(log_q, self.targets[rows][bad].squeeze(-1))
         scores.log_normaliser[bad] = torch.logsumexp(shifted[bad], -1)
 
 
 __all__ = [
+    "BLOCK_FLOATS",
     "EXP_FLOOR",
     "LogitStatistics",
     "Scores",
@@ -163,5 +239,6 @@ __all__ = [
     "js",
     "kl",
     "log_probs",
+    "top_k",
     "tv",
 ]

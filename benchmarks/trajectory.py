@@ -19,7 +19,7 @@ On a machine whose cores are busy with other work, ``--threads 1`` gives steadie
 more threads, every one of the many small tensor operations waits for its slowest thread.
 
 Run: ``python benchmarks/trajectory.py [--models smollm2-135m gemma3-270m] [--tokens 512] [--repeats 3]``;
-writes ``benchmarks/results/trajectory.json``.
+writes each model's results into ``benchmarks/results/trajectory.json`` (other models' entries stay).
 """
 
 from __future__ import annotations
@@ -159,14 +159,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    results: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "repeats": args.repeats,
-                               "load_average_start": os.getloadavg()}
+    results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
     for name in args.models:
         model, tokenizer = load_model(name)
         print(f"{name}: vocab {find_parts(model).vocab_size}, {torch.get_num_threads()} torch threads, "
               f"{args.repeats} interleaved repeats")
+        load_average = os.getloadavg()
         results[name] = {"trajectory": trajectory_run(model, tokenizer, args),
-                         "evaluation": evaluation_run(model, tokenizer, args)}
+                         "evaluation": evaluation_run(model, tokenizer, args),
+                         "torch_threads": torch.get_num_threads(), "repeats": args.repeats,
+                         "load_average_start": load_average, "load_average_end": os.getloadavg()}
         del model
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")

@@ -119,6 +119,8 @@ def test_fused_statistics_equal_the_plain_definitions(impossible):
     shift = layer.amax(-1, keepdim=True)
     assert torch.allclose(layer - shift - scores.log_normaliser[:, None], log_q, atol=1e-5)
     assert torch.equal(scores.rank, (layer > layer.gather(-1, reference.argmax(-1, keepdim=True))).sum(-1))
+    capped = LogitStatistics(reference, targets)(layer, ranks=False).rank
+    assert torch.equal(capped, scores.rank.clamp_max(1)) and scores.rank.max() > 1
     assert torch.isfinite(scores.entropy).all() and scores.ce[3].isnan()
     if impossible:
         assert scores.ce[1] == math.inf and scores.kl[1] == math.inf

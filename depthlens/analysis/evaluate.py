@@ -201,7 +201,7 @@ def _add_batch(
         for name, lens in lenses.items():
             sums = totals.sums[name]
             for layer, logits in lens.iter_logits([state[:, window] for state in flat]):
-                scores = scorer(logits, into=(window_groups, sums.marginals[layer]))
+                scores = scorer(logits, into=(window_groups, sums.marginals[layer]), ranks=False)
                 per_token = torch.stack([scores.kl, scores.ce, scores.entropy, (scores.rank == 0).float()])
                 sums.values[:, :, layer].index_add_(1, window_groups, per_token.double())
 

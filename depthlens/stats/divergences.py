@@ -99,7 +99,8 @@ class Scores:
     ce: torch.Tensor
     """``−log q(target)``, nats; NaN where the target is negative."""
     rank: torch.Tensor
-    """How many tokens have a strictly higher logit than the reference's top-1 token, ``torch.long``."""
+    """How many tokens have a strictly higher logit than the reference's top-1 token, ``torch.long``
+    (called with ``ranks=False``: only whether any has, 0 or 1, which saves two passes)."""
     log_normaliser: torch.Tensor
     """``log Σ_v exp(z_v − max_v z_v)``, so that ``log q(v) = z_v − max_v z_v − log_normaliser``."""
     top_logits: torch.Tensor
@@ -172,27 +173,29 @@ class LogitStatistics:
         self.work = torch.empty_like(self.shifted)
 
     def __call__(
-        self, logits: torch.Tensor, k: int = 0, into: tuple[torch.Tensor, torch.Tensor] | None = None
+        self, logits: torch.Tensor, k: int = 0, into: tuple[torch.Tensor, torch.Tensor] | None = None,
+        ranks: bool = True,
     ) -> Scores:
         """Scores of ``logits [..., vocab]`` (flattened to ``[n, vocab]``); with ``k > 0`` also
         their top ``k`` (:attr:`Scores.top_logits`, :attr:`Scores.top_ids`). With ``into = (groups
         [n], sums [m, vocab])`` each row's distribution ``q`` is also added to ``sums[groups[i]]``
-        (``groups``: ``torch.long`` in ``0 … m-1``), e.g. to build marginal distributions."""
+        (``groups``: ``torch.long`` in ``0 … m-1``), e.g. to build marginal distributions.
+        ``ranks=False`` caps :attr:`Scores.rank` at 1."""
         z = logits.reshape(-1, logits.shape[-1]).float()
         top_logits, top_ids = top_k(z, k) if k else (z.new_empty(len(z), 0), z.new_empty(len(z), 0).long())
         block = len(self.shifted)
         parts = [self._block(z[start : start + block], slice(start, start + block), top_logits[start : start + block, :1],
-                             into)
+                             into, ranks)
                  for start in range(0, len(z), block)]
         fields = {name: torch.cat([getattr(part, name) for part in parts])
                   for name in ("entropy", "kl", "ce", "rank", "log_normaliser")}
         return Scores(**fields, top_logits=top_logits, top_ids=top_ids)
 
     def _block(self, z: torch.Tensor, rows: slice, shift: torch.Tensor,
-               into: tuple[torch.Tensor, torch.Tensor] | None) -> _BlockScores:
+               into: tuple[torch.Tensor, torch.Tensor] | None, ranks: bool) -> _BlockScores:
         """The scores of the rows ``rows`` of the reference, whose logits are ``z [b, vocab]``;
-        ``shift [b, 1]`` is their maximum if known (``[b, 0]``: not); ``into`` as in
-        :meth:`__call__`."""
+        ``shift [b, 1]`` is their maximum if known (``[b, 0]``: not); ``into`` and ``ranks`` as
+        in :meth:`__call__`."""
         shifted, work = self.shifted[: len(z)], self.work[: len(z)]
         torch.sub(z, shift if shift.numel() else z.amax(-1, keepdim=True), out=shifted)
         torch.clamp(shifted, min=EXP_FLOOR, out=work).exp_()
@@ -206,7 +209,10 @@ class LogitStatistics:
         reference_expectation = torch.mul(self.probs[rows], shifted, out=work).sum(-1)
         targets = self.targets[rows]
         target_shifted = shifted.gather(-1, targets.clamp_min(0)).squeeze(-1)
-        rank = torch.gt(z, z.gather(-1, self.top1[rows]), out=work).sum(-1)
+        if ranks:
+            rank = torch.gt(z, z.gather(-1, self.top1[rows]), out=work).sum(-1)
+        else:
+            rank = shifted.gather(-1, self.top1[rows]).squeeze(-1) < 0
         scores = _BlockScores(
             entropy=log_total - lens_expectation,
             kl=(self.neg_entropy[rows] - reference_expectation + log_total * self.mass[rows]).clamp_min(0.0),

@@ -63,12 +63,16 @@ def held_out(model: torch.nn.Module, tokenizer: Any, source: TextSource, split: 
     return states, hs.logits.reshape(len(states[0]), -1).float().log_softmax(-1)
 
 
-def mean_kl(lens: TunedLens | LogitLens, data: tuple[list[torch.Tensor], torch.Tensor]) -> float:
-    """Mean over layers 0…L−1 of the mean per-token KL(final ‖ lens), nats."""
+def per_layer_kl(lens: TunedLens | LogitLens, data: tuple[list[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Mean per-token KL(final ‖ lens) of every layer 0…L−1, ``[L]`` float64, nats."""
     states, target = data
     with torch.no_grad():
-        per_layer = accumulate_gradients(lens, states, target, layers=range(lens.num_layers)) / target.shape[0]
-    return round(per_layer.mean().item(), 4)
+        return accumulate_gradients(lens, states, target, layers=range(lens.num_layers)) / target.shape[0]
+
+
+def mean_kl(lens: TunedLens | LogitLens, data: tuple[list[torch.Tensor], torch.Tensor]) -> float:
+    """Mean over layers 0…L−1 of the mean per-token KL(final ‖ lens), nats."""
+    return round(per_layer_kl(lens, data).mean().item(), 4)
 
 
 def ridge_fit(model: torch.nn.Module, tokenizer: Any, tokens: int, ridge: float) -> tuple[TunedLens, float]:

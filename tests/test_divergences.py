@@ -110,6 +110,8 @@ def test_fused_statistics_equal_the_plain_definitions(impossible):
         layer[1, 10:20] = -math.inf
         reference[2, :5] = -math.inf
         layer[2, 30:] = -math.inf
+        layer[5] = reference[5]  # both rule out the same tokens: recomputed exactly, KL 0
+        layer[5, :3] = reference[5, :3] = -math.inf
     targets = torch.tensor([3, 11, 40, -1, 0, 49])
     scores = LogitStatistics(reference, targets)(layer)
     log_p, log_q = log_probs(reference), log_probs(layer)
@@ -123,13 +125,19 @@ def test_fused_statistics_equal_the_plain_definitions(impossible):
     assert torch.equal(capped, scores.rank.clamp_max(1)) and scores.rank.max() > 1
     assert torch.isfinite(scores.entropy).all() and scores.ce[3].isnan()
     if impossible:
-        assert scores.ce[1] == math.inf and scores.kl[1] == math.inf
+        assert scores.ce[1] == math.inf and scores.kl[1] == math.inf and scores.kl[5] < 1e-6
 
 
 def test_fused_statistics_of_the_reference_itself_are_zero_kl():
     logits = torch.randn(4, 3, 50, generator=torch.Generator().manual_seed(6))
-    scores = LogitStatistics(logits, torch.full((4, 3), -1))(logits)
+    statistics = LogitStatistics(logits, torch.full((4, 3), -1))
+    scores = statistics(logits)
     assert scores.kl.shape == (12,) and (scores.kl < 1e-5).all() and (scores.rank == 0).all()
+    assert (statistics(logits, ranks=False).rank == 0).all() and (statistics(logits, k=1, ranks=False).rank == 0).all()
+    assert scores.top_logits.shape == (12, 0) and scores.top_ids.shape == (12, 0) and scores.top_ids.dtype == torch.long
+    with_top = statistics(logits, k=2)
+    expected = logits.reshape(12, 50).topk(2)
+    assert torch.equal(with_top.top_logits, expected.values) and torch.equal(with_top.top_ids, expected.indices)
 
 
 def test_group_bootstrap_is_the_quantile_of_resampled_ratios():
@@ -159,7 +167,7 @@ def test_top_k_equals_torch_topk(vocab):
     assert torch.equal(values, expected.values) and torch.equal(ids, expected.indices)
 
 
-@pytest.mark.parametrize("block_floats", [50, 120, 2**19])
+@pytest.mark.parametrize("block_floats", [50, 120, 250, 2**19])
 def test_fused_statistics_in_blocks_and_their_mixture(monkeypatch, block_floats):
     monkeypatch.setattr(divergences, "BLOCK_FLOATS", block_floats)
     generator = torch.Generator().manual_seed(8)
@@ -173,3 +181,8 @@ def test_fused_statistics_in_blocks_and_their_mixture(monkeypatch, block_floats)
     assert torch.allclose(scores.entropy, entropy(log_q), atol=1e-5)
     assert torch.allclose(sums, torch.ones(3, 50).index_add(0, groups, log_q.exp()), atol=1e-5)
     assert torch.equal(scores.top_ids, layer.topk(4, dim=-1).indices)
+
+
+def test_log_probs_normalise_the_last_axis_of_any_shape():
+    logits = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    assert torch.allclose(log_probs(logits).exp().sum(-1), torch.ones(2, 3, dtype=torch.float32))

@@ -4,7 +4,8 @@
 gives every variant the same number of KL steps (``--steps``, default 284: what the 8-minute
 default reached in the recorded ``recipe.json`` run) and the full least-squares start, then scores
 the lens (and, with ``--start``, its least-squares start) on 2048 tokens of the 8 unseen plays and
-of ``python-docs``: the mean over layers 0…L−1 of the per-token KL(final ‖ lens), in nats, with
+of ``python-docs`` (all of it, as ``recipe.py``; and, for lenses trained on ``python-docs``, its 3
+held-out modules): the mean over layers 0…L−1 of the per-token KL(final ‖ lens), in nats, with
 the per-layer values.
 
 Usage: ``OMP_NUM_THREADS=1 python benchmarks/recipe_sweep.py NAME '{"optimizer": "sgd"}' [--start]``
@@ -39,7 +40,8 @@ def main() -> None:
     args = parser.parse_args()
     model, tokenizer = load_model(MODEL)
     sets = {"unseen_plays": held_out(model, tokenizer, TextSource(), "validation", 2048),
-            "out_of_domain": held_out(model, tokenizer, TextSource("python-docs"), "all", 2048)}
+            "out_of_domain": held_out(model, tokenizer, TextSource("python-docs"), "all", 2048),
+            "python_docs_held_out": held_out(model, tokenizer, TextSource("python-docs"), "validation", 2048)}
     start = TunedLens(model)
 
     def keep_start(lens: TunedLens, progress: dict) -> None:

@@ -39,6 +39,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -87,6 +88,15 @@ def ridge_fit(model: torch.nn.Module, tokenizer: Any, tokens: int, ridge: float)
     return lens, round(time.monotonic() - begun, 1)
 
 
+def keeping_start(start: TunedLens) -> Callable[[TunedLens, dict[str, Any]], None]:
+    """An ``on_step`` for :func:`train` that copies the lens into ``start`` at step 0, the
+    least-squares start."""
+    def keep(lens: TunedLens, progress: dict[str, Any]) -> None:
+        if progress["step"] == 0:
+            start.load_state_dict(lens.state_dict())
+    return keep
+
+
 def default_run(model: torch.nn.Module, tokenizer: Any, out: Path) -> tuple[TunedLens, TunedLens, dict[str, Any]]:
     """``train()`` with the defaults; returns the final lens, its least-squares start and facts
     about the run (steps, seconds, bytes written, checkpoints)."""
@@ -99,14 +109,10 @@ def default_run(model: torch.nn.Module, tokenizer: Any, out: Path) -> tuple[Tune
         written.append(sum(f.stat().st_size for f in Path(directory).iterdir()))
         return path
 
-    def keep_start(lens: TunedLens, progress: dict[str, Any]) -> None:
-        if progress["step"] == 0:
-            start.load_state_dict(lens.state_dict())
-
     training.save_checkpoint = counting_save
     try:
         begun = time.monotonic()
-        result = train(TrainConfig(out=str(out)), loaded=(model, tokenizer), on_step=keep_start)
+        result = train(TrainConfig(out=str(out)), loaded=(model, tokenizer), on_step=keeping_start(start))
         wall = time.monotonic() - begun
     finally:
         training.save_checkpoint = real_save

@@ -26,7 +26,7 @@ from depthlens import TunedLens, load_model
 from depthlens.atomic import write_file
 from depthlens.text.data import TextSource
 from depthlens.training.train import TrainConfig, train
-from recipe import MODEL, held_out, per_layer_kl
+from recipe import MODEL, held_out, keeping_start, per_layer_kl
 
 RESULTS = Path(__file__).parent / "results" / "recipe_sweep.json"
 
@@ -44,14 +44,10 @@ def main() -> None:
             "python_docs_held_out": held_out(model, tokenizer, TextSource("python-docs"), "validation", 2048)}
     start = TunedLens(model)
 
-    def keep_start(lens: TunedLens, progress: dict) -> None:
-        if progress["step"] == 0:
-            start.load_state_dict(lens.state_dict())
-
     config = TrainConfig(**{"tokens": args.steps * 256, "minutes": None, **args.overrides})
     begun = time.monotonic()
     with tempfile.TemporaryDirectory() as folder:
-        result = train(config, out=f"{folder}/run", loaded=(model, tokenizer), on_step=keep_start)
+        result = train(config, out=f"{folder}/run", loaded=(model, tokenizer), on_step=keeping_start(start))
     row = {"overrides": args.overrides, "config": asdict(config), "steps": result.steps,
            "seconds": round(time.monotonic() - begun, 1)}
     for lens_name, lens in [("lens", result.lens)] + ([("start", start)] if args.start else []):

@@ -22,7 +22,8 @@ class Processes:
     def __init__(self) -> None:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
-        if self.world > 1 and not dist.is_initialized():
+        self.owns_group = self.world > 1 and not dist.is_initialized()
+        if self.owns_group:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
     @property
@@ -47,3 +48,10 @@ class Processes:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+    def close(self) -> None:
+        """Leave the process group this object opened (a group the caller made is left alone), so
+        that no worker exits while the group still holds connections to the others."""
+        if self.owns_group:
+            dist.destroy_process_group()
+            self.owns_group = False

@@ -287,6 +287,7 @@ def _finish(job: _Job) -> TrainResult:
     if procs.rank == 0:
         job.lens.save_pretrained(saved)
     procs.barrier()
+    procs.close()
     return TrainResult(job.lens, saved, job.model, job.tokenizer, progress["step"], progress["tokens"],
                        progress["seconds"], progress["history"])
 

@@ -35,6 +35,7 @@ import torch
 from depthlens.atomic import write_file
 from depthlens.model import cache
 from depthlens.model.load import BUILTIN_MODELS, load_model
+from depthlens.paths import portable
 
 TARGETS_S = {"smollm2-135m": 5.0, "gemma3-270m": 10.0}
 RESULTS = Path(__file__).parent / "results" / "load.json"
@@ -79,7 +80,7 @@ def measure(spec: str, check: bool) -> dict:
         "speedup": miss_s / hit_s,
         "target_hit_s": TARGETS_S.get(spec),
         "target_met": TARGETS_S.get(spec) is None or hit_s <= TARGETS_S[spec],
-        "entry": str(entry.path),
+        "entry": portable(entry.path),
         "entry_mib": entry.size / 2**20,
         "entries_removed_first": len(removed),
         "load_average_1min": [load_before, os.getloadavg()[0]],
@@ -121,7 +122,7 @@ def main() -> None:
     report = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch_threads": torch.get_num_threads()},
         "versions": cache.versions(),
-        "cache_root": str(cache.cache_root()),
+        "cache_root": portable(cache.cache_root()),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "results": results,
     }

@@ -1,7 +1,7 @@
 """Mutation check: how many deliberate small bugs (mutants) the tests kill, per module.
 
 Uses mutmut 3 (``pip install mutmut``). Each module group is mutated in its own copy of the
-repository under ``--workdir`` (default ``/tmp/depthlens-mutation``), so the working tree is never
+repository under ``--workdir`` (default ``depthlens-mutation`` in the system's temporary folder), so the working tree is never
 touched and nothing else has to stop; only the group's own test files run against its mutants
 (mutmut then runs, for each mutant, just the tests that reach the mutated function). Groups run
 one after another, niced.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import os
 import shutil
 import subprocess
@@ -238,7 +239,7 @@ def run_group(name: str, workdir: Path) -> dict[str, dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("groups", nargs="*", help=f"groups to run (default: all of {', '.join(GROUPS)})")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/depthlens-mutation"))
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "depthlens-mutation")
     parser.add_argument("--list", action="store_true", help="list the groups and exit")
     parser.add_argument("--target", type=float, default=0.85, help="lowest acceptable share killed per file")
     args = parser.parse_args()

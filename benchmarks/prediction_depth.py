@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import math
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from depthlens.paths import portable
 from depthlens.analysis.applications.depth import depth_grid, depth_vs_training
 from depthlens.analysis.trajectory import Trajectory
 from depthlens.lenses.logit import LogitLens
@@ -110,7 +112,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--eval-sequences", type=int, default=16, help="held-out windows of --seq tokens")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--work", default="/tmp/depthlens-prediction-depth", help="checkpoints and lens go here")
+    parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "depthlens-prediction-depth"), help="checkpoints and lens go here")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "prediction_depth.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -129,7 +131,7 @@ def main() -> None:
     for name, readout in readouts.items():
         traj = Trajectory.from_ids(model, readout, windows[:1, :64], tokenizer=tokenizer, k=1, lens_name=f"{name} lens")
         save_figure(depth_grid(traj, width=16), ROOT / "docs" / "applications" / f"depth_shakespeare_{name}.png")
-    report = {"config": vars(args), "checkpoint_steps": [int(c.name.split("-")[1]) for c in checkpoints],
+    report = {"config": {**vars(args), "work": portable(args.work), "out": portable(args.out)}, "checkpoint_steps": [int(c.name.split("-")[1]) for c in checkpoints],
               "lens_steps": result.steps, **found.to_dict(),
               "paper": "Belrose et al. 2023 Fig. 12: rho > 0 on 11/11 tasks, tuned lens higher on 8/11 (Pythia, per example)"}
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

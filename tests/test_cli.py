@@ -6,6 +6,7 @@ from tiny_models import tiny_model
 
 from depthlens import LogitLens, TunedLens, capture
 from depthlens.apps.cli import main
+from depthlens.errors import UsageError
 from depthlens.text.tokens import token_label
 
 
@@ -84,20 +85,52 @@ def test_token_labels_make_invisible_characters_visible():
     assert labels == ["⍽a", "␀", "␛[", "a\\u200bb", "\\u2028", "␡", "plain"]
 
 
-def test_lens_specs_name_the_logit_lens_or_a_lens_directory(tiny_model_dir, tmp_path):
+def test_lens_specs_name_the_logit_lens_or_a_lens_folder_of_any_kind(tmp_path):
+    import json
+
     from depthlens.errors import LensFileError
-    from depthlens.lenses.spec import load_lenses, load_readout
+    from depthlens.lenses.attribute import AttributeLens
+    from depthlens.lenses.registry import load_readout
+    from depthlens.lenses.spec import load_lenses
 
     model = tiny_model("llama")
     assert isinstance(load_readout("logit", model), LogitLens)
     TunedLens(model).save_pretrained(tmp_path / "run" / "lens")
     assert isinstance(load_readout(tmp_path / "run" / "lens", model), TunedLens)
+    shape = (model.config.num_hidden_layers + 1, model.config.hidden_size)
+    AttributeLens(model, torch.zeros(*shape, shape[1]), torch.zeros(shape)).save_pretrained(tmp_path / "attr")
+    assert isinstance(load_readout(tmp_path / "attr", model), AttributeLens)
     (tmp_path / "file").write_text("x")
-    for bad, problem in (("tuned", "neither 'logit' nor an existing directory"), (tmp_path / "file", "is a file")):
+    for bad, problem in (("tuned", "neither 'logit' nor an existing lens folder or file"),
+                         (tmp_path / "file", "is a file that no registered readout kind recognises")):
         with pytest.raises(LensFileError, match=problem):
             load_readout(bad, model)
-    lenses, sources = load_lenses(model, ["logit", tmp_path / "run" / "lens"])
-    assert list(lenses) == ["logit", "tuned"] and sources == {"tuned": tmp_path / "run" / "lens"}
+    lenses, sources = load_lenses(model, ["logit", tmp_path / "run" / "lens", tmp_path / "attr"])
+    assert list(lenses) == ["logit", "tuned", "attribute"]
+    assert sources == {"tuned": tmp_path / "run" / "lens", "attribute": tmp_path / "attr"}
+
+    TunedLens(model).save_pretrained(tmp_path / "other")
+    config = json.loads((tmp_path / "other" / "config.json").read_text())
+    del config["kind"], config["lens_type"]  # a tuned lens saved before kinds were recorded
+    (tmp_path / "other" / "config.json").write_text(json.dumps(config))
+    lenses, sources = load_lenses(model, [tmp_path / "run" / "lens", tmp_path / "other", tmp_path / "run" / "lens"])
+    names = [f"tuned ({tmp_path / 'run' / 'lens'})", f"tuned ({tmp_path / 'other'})"]
+    assert list(lenses) == ["logit", *names] and list(sources) == names
+    assert all(isinstance(lenses[name], TunedLens) for name in names)
+
+
+def test_the_command_line_imports_no_heavy_library_to_build_its_parser():
+    """``depthlens --help`` must answer at once: importing the CLI and building its parser
+    imports none of torch, transformers, gradio, plotly or scikit-learn (a fresh interpreter)."""
+    import json
+    import subprocess
+    import sys
+
+    heavy = ["torch", "transformers", "gradio", "plotly", "sklearn"]
+    probe = ("import json, sys; import depthlens.apps.cli as cli; cli.build_parser(); "
+             f"print(json.dumps([m for m in {heavy!r} if m in sys.modules]))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout) == []
 
 
 def test_run_folders_are_laid_out_in_one_place(tmp_path, monkeypatch):
@@ -126,3 +159,29 @@ def test_eval_refuses_an_unwritable_output_before_loading(tiny_model_dir, tmp_pa
     assert main(["eval", "--model", "/not/loaded", "--lens", str(tmp_path / "lens"), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"depthlens: error: cannot write the folder {out}: {tmp_path / 'somefile.txt'} is a file, not a folder; choose another output path"
+
+
+def test_one_layers_grammar_numbers_and_inclusive_ranges():
+    from depthlens.apps.options import parse_layers
+
+    assert parse_layers(None) is None
+    cases = {"0,5,10": [0, 5, 10], "0:30:3": list(range(0, 31, 3)), "2,28:": [2, 28, 29, 30], ":2": [0, 1, 2],
+             "4, 1:2, 4": [4, 1, 2], "::15": [0, 15, 30]}
+    for text, layers in cases.items():
+        assert parse_layers(text).resolve(30) == layers, text
+    for text, problem in (("5:2", "'5:2' selects no layer .*write 2:5"), ("0:9:0", "step of '0:9:0' must be at least 1"),
+                          ("-1", "'-1' is not a layer number"), ("1,,2", "'' is not a layer number"),
+                          ("a:3", "'a:3' is not")):
+        with pytest.raises(UsageError, match=problem):
+            parse_layers(text)
+    for text in ("0:31", "31", "31:"):
+        with pytest.raises(UsageError, match="names layer 31, but this model has layers 0 … 30"):
+            parse_layers(text).resolve(30)
+
+
+@pytest.mark.parametrize("command", [["generate", "Fair"], ["causal"], ["drift"], ["patchscope", "Fair", "--identity-curve"]])
+def test_every_command_refuses_an_empty_layer_range_before_loading(command, tmp_path, capsys):
+    out = [] if command[0] in ("generate", "patchscope") else ["--out", str(tmp_path / "out")]
+    assert main([*command, "--model", "/not/loaded.gguf", "--layers", "5:2", *out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "depthlens: error: --layers '5:2': '5:2' selects no layer (ranges include both ends and go up: write 2:5)"

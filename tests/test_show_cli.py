@@ -98,7 +98,7 @@ def test_the_trained_lens_is_the_default(tiny_model_dir, lens_dir, tmp_path, mon
         (["show", "  \n"], "the text is empty"),
         (["show", "--file", "/no/such/file.txt"], "cannot read /no/such/file.txt: No such file or directory"),
         (["show", TEXT, "--file", "x.txt"], "give the text or --file, not both"),
-        (["show", TEXT, "--compare", "--lens", "logit"], "--compare needs a tuned lens"),
+        (["show", TEXT, "--compare", "--lens", "logit"], "--compare needs a lens other than logit"),
         (["show", TEXT, "--max-tokens", "0"], "--max-tokens must be at least 1"),
     ],
 )
@@ -139,14 +139,14 @@ def test_an_unwritable_output_path_is_one_line(tiny_model_dir, tmp_path, capsys)
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["show", TEXT, "--lens", "no-such-lens"], "lens 'no-such-lens' is neither 'logit' nor an existing directory"),
+        (["show", TEXT, "--lens", "no-such-lens"], "lens 'no-such-lens' is neither 'logit' nor an existing lens folder or file"),
         (["show", TEXT, "--k", "0"], "--k must be at least 1"),
         (["show", TEXT, "--layer-stride", "0"], "--layer-stride must be at least 1"),
         (["table", TEXT, "--every", "0"], "--every must be at least 1"),
-        (["table", TEXT, "--lens", "no-such-lens"], "pass --lens logit, or the directory a tuned lens was saved to"),
-        (["eval", "--lens", "logit"], "pass --lens DIR"),
+        (["table", TEXT, "--lens", "no-such-lens"], "pass --lens logit, or a lens folder of a registered kind"),
+        (["eval", "--lens", "logit"], "pass --lens with a lens folder, not logit"),
         (["eval", "--model", "nothing-trained"], "there is no trained lens in runs/nothing-trained/lens"),
-        (["app", "--lens", "no-such-lens"], "is neither 'logit' nor an existing directory"),
+        (["app", "--lens", "no-such-lens"], "is neither 'logit' nor an existing lens folder or file"),
     ],
 )
 def test_more_bad_input_is_one_line_and_status_2(argv, message, tmp_path, monkeypatch, capsys):

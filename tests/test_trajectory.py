@@ -200,13 +200,3 @@ def test_stored_size_is_small_and_independent_of_the_vocabulary():
     traj = Trajectory.from_ids(model, LogitLens(model), ids, k=10)
     assert traj.top_ids.shape == (34, 1, 512, 10)
     assert traj.nbytes < 50e6 < 34 * 512 * 131072 * 4 / 100
-
-
-def test_to_grid_delegates_to_trajectory_grid(model, states, monkeypatch):
-    import depthlens.analysis.trajectory_grid as grid_module
-
-    calls = []
-    monkeypatch.setattr(grid_module, "trajectory_grid", lambda *args, **kwargs: calls.append((args, kwargs)) or "grid")
-    traj = Trajectory.from_states(LogitLens(model), states)
-    assert traj.to_grid("kl", batch=1, layer_stride=2, max_chars=5) == "grid"
-    assert calls == [((traj, "kl"), {"batch": 1, "layer_stride": 2, "max_chars": 5})]

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from depthlens.apps import cli_applications, cli_causal, cli_readouts
+from depthlens.apps.options import add_dtype, add_lens, add_model, add_out
 from depthlens.errors import DataError, DepthlensError, UsageError
 from depthlens.text.samples import SAMPLE_PROMPT
 
@@ -54,7 +55,7 @@ def _table(args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from depthlens.lenses.spec import check_spec, load_readout
+    from depthlens.lenses.registry import check_spec, load_readout
     from depthlens.model.hidden_states import capture
     from depthlens.model.load import load_model
     from depthlens.text.tokens import token_label
@@ -68,13 +69,13 @@ def _table(args: argparse.Namespace) -> None:
     states = capture(model, input_ids, parts=lens.parts)
     layers = sorted({*range(0, lens.num_layers + 1, args.every), lens.num_layers})
     with torch.no_grad():
-        _, top1 = lens.top_k(states, k=1, layers=layers)
+        top1 = {layer: logits[0].argmax(-1).tolist() for layer, logits in lens.iter_logits(states, layers)}
 
     table = Table(title=f"{lens.kind} lens on {args.model}: top-1 next token per layer (rows) and input token (columns)")
     table.add_column("layer", justify="right")
     for token_id in input_ids[0].tolist():
         table.add_column(token_label(tokenizer, token_id, args.width), no_wrap=True)
-    for layer, row in zip(layers, top1[:, 0, :, 0].tolist()):
+    for layer, row in top1.items():
         name = "output" if layer == lens.num_layers else str(layer)
         table.add_row(name, *(token_label(tokenizer, t, args.width) for t in row))
     Console(width=max(120, 12 + (args.width + 3) * input_ids.shape[1])).print(table)
@@ -109,14 +110,14 @@ def _check_ood(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from depthlens.atomic import check_output
-    from depthlens.lenses.spec import check_spec, is_logit, load_readout
+    from depthlens.lenses.registry import check_spec, is_logit, load_readout
     from depthlens.model.load import load_model
     from depthlens.training import runs
 
     _at_least_1(args, "tokens")
     _check_ood(args)
     if args.lens is not None and is_logit(args.lens):
-        raise UsageError("depthlens eval compares a tuned lens with the logit lens: pass --lens DIR, a tuned-lens directory")
+        raise UsageError("depthlens eval compares a readout with the logit lens: pass --lens with a lens folder, not logit")
     lens_dir = args.lens or runs.require_trained_lens(args.model)
     check_spec(lens_dir)
     out = check_output(args.out or runs.eval_dir_of_lens(lens_dir), "folder")
@@ -127,7 +128,9 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _evaluate_and_report(model, tokenizer, lens, args: argparse.Namespace, tokens: int, out: str | Path) -> None:
     """Evaluate on the held-out split of ``--data`` into ``out`` and, unless ``--ood none``, on the
-    whole ``--ood`` source into ``out/ood``; print both tables and a one-line summary of each."""
+    whole ``--ood`` source into ``out/ood``; print both tables and a one-line summary of each.
+
+    ``lens`` is any readout; it is compared with the logit lens under the name of its kind."""
     from rich.console import Console
 
     from depthlens.analysis.evaluate import evaluate_held_out
@@ -136,7 +139,7 @@ def _evaluate_and_report(model, tokenizer, lens, args: argparse.Namespace, token
     from depthlens.training.runs import ood_eval_dir
     from depthlens.viz.report import comparison_table, write_report
 
-    lenses = {"logit": LogitLens(model), "tuned": lens}
+    lenses = {"logit": LogitLens(model), lens.kind: lens}
     held_out = TextSource(args.data, column=args.column or "text", group_column=args.group_column)
     runs_ = [("held-out", held_out, "validation", Path(out))]
     if args.ood not in (None, "none"):
@@ -144,29 +147,29 @@ def _evaluate_and_report(model, tokenizer, lens, args: argparse.Namespace, token
     console = Console(width=max(Console().width, 100))
     summaries = []
     for name, source, split, folder in runs_:
-        report = evaluate_held_out(model, tokenizer, lenses, source, tokens=tokens, split=split)
+        report = evaluate_held_out(model, tokenizer, lenses, source, tokens=tokens, split=split, dtype=args.dtype)
         files = write_report(report, folder)
         console.print(comparison_table(report))
         console.print(f"{name} evaluation written to " + ", ".join(str(path) for path in files.values()), soft_wrap=True)
         means = {lens_name: sum(report.mean(lens_name, "kl")[:-1]) / max(1, len(report.mean(lens_name, "kl")) - 1)
                  for lens_name in lenses}
         summaries.append(f"{name} ({source}, {split} split, {report.tokens} tokens): mean KL over layers 0…L−1 "
-                         f"logit {means['logit']:.3f}, tuned {means['tuned']:.3f} nats")
+                         f"logit {means['logit']:.3f}, {lens.kind} {means[lens.kind]:.3f} nats")
     for line in summaries:
         console.print(line, soft_wrap=True)
 
 
 def _show_lens_spec(args: argparse.Namespace) -> str:
     """``--lens``, else the trained lens of the default run, else the logit lens; ``--compare``
-    needs a tuned one."""
-    from depthlens.lenses.spec import LOGIT, is_logit
+    needs another readout to compare with the logit lens."""
+    from depthlens.lenses.registry import LOGIT, is_logit
     from depthlens.training import runs
 
     trained = runs.trained_lens(args.model)
     lens_spec = args.lens or (str(trained) if trained else LOGIT)
     if args.compare and is_logit(lens_spec):
         missing = "" if trained else f" (there is none at {runs.default_lens(args.model)})"
-        raise UsageError(f"--compare needs a tuned lens: pass --lens DIR{missing}")
+        raise UsageError(f"--compare needs a lens other than logit: pass --lens with a lens folder{missing}")
     return lens_spec
 
 
@@ -174,7 +177,7 @@ def _show(args: argparse.Namespace) -> None:
     from depthlens.analysis.trajectory import Trajectory, statistic
     from depthlens.atomic import check_output
     from depthlens.lenses.logit import LogitLens
-    from depthlens.lenses.spec import check_spec, load_readout
+    from depthlens.lenses.registry import check_spec, load_readout
     from depthlens.model.load import load_model
     from depthlens.text.encode import encode
     from depthlens.viz.pictures import output_kind, save_figure
@@ -196,7 +199,8 @@ def _show(args: argparse.Namespace) -> None:
         print(f"depthlens: showing the first {args.max_tokens} of {input_ids.shape[1]} tokens (--max-tokens)", file=sys.stderr)
     lenses = [LogitLens(lens.parts), lens] if args.compare else [lens]
     trajectories = [
-        Trajectory.from_ids(model, each, input_ids[:, : args.max_tokens], tokenizer=tokenizer, k=args.k)
+        Trajectory.from_ids(model, each, input_ids[:, : args.max_tokens], tokenizer=tokenizer, k=args.k,
+                            dtype=args.dtype)
         for each in lenses
     ]
     if args.out:
@@ -213,14 +217,11 @@ def _app(args: argparse.Namespace) -> None:
     serve(args.model, args.lens, host=args.host, port=args.port, max_tokens=args.max_tokens)
 
 
-_MODEL_HELP = "built-in name, .gguf file, model directory or hub name"
-
-
 def _add_table(commands: argparse._SubParsersAction) -> None:
     table = commands.add_parser("table", help="print the top-1 prediction of every layer at every position")
     table.add_argument("text", nargs="?", help="text to decode, or - for standard input (default: a line of Hamlet)")
-    table.add_argument("--model", default="smollm2-135m", help=_MODEL_HELP)
-    table.add_argument("--lens", default="logit", help="'logit' or a tuned-lens directory")
+    add_model(table)
+    add_lens(table)
     table.add_argument("--every", type=int, default=1, help="show every N-th layer (the output row is always shown)")
     table.add_argument("--max-tokens", type=int, default=24, help="decode at most this many tokens")
     table.add_argument("--width", type=int, default=8, help="characters per token label")
@@ -228,14 +229,16 @@ def _add_table(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_train(commands: argparse._SubParsersAction) -> None:
-    training = commands.add_parser("train", help="train a tuned lens (defaults: smollm2-135m on Shakespeare, an 8-minute budget, ~10 minutes in all "
+    training = commands.add_parser("train", help="train a tuned lens (defaults: smollm2-135m on the mixed corpus, an 8-minute budget, ~10 minutes in all "
                                                      "with the two evaluations on a quiet 2-core CPU)")
-    training.add_argument("--model", default="smollm2-135m", help=_MODEL_HELP)
-    training.add_argument("--data", default="shakespeare", help="shakespeare, a .txt/.jsonl/.parquet file, folder or glob, or a datasets name")
+    add_model(training)
+    training.add_argument("--data", default="mixed", help="mixed (the built-in corpus of many kinds of text), shakespeare, "
+                                                          "a .txt/.jsonl/.parquet file, folder or glob, or a datasets name")
     training.add_argument("--column", help="text column of .jsonl/.parquet/datasets sources (default: text)")
     training.add_argument("--group-column", help="column whose value keeps documents together in the train/validation "
                                                  "split, e.g. a book id (default: split by document; shakespeare by play)")
-    training.add_argument("--out", help="run directory (default: runs/<model>); the lens goes to <out>/lens")
+    add_out(training, "run directory (default: runs/<model>); the lens goes to <out>/lens")
+    add_dtype(training)
     budget = training.add_mutually_exclusive_group()
     budget.add_argument("--minutes", type=float, help="wall-clock budget for training (default: 8)")
     budget.add_argument("--tokens", type=int, help="token budget for the KL steps")
@@ -263,24 +266,25 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     training.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
     training.add_argument("--eval-tokens", type=int, default=4096,
                           help="tokens for each final evaluation, held-out and out-of-domain (default: 4096)")
-    training.add_argument("--ood", default="python-docs",
-                          help="out-of-domain text for a second evaluation (default: python-docs, docstrings of "
-                               "Python's standard library); none to skip")
+    training.add_argument("--ood", default="mixed:dataset-descriptions",
+                          help="out-of-domain text for a second evaluation (default: mixed:dataset-descriptions, a kind "
+                               "the mixed corpus never trains on); none to skip")
     training.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     training.set_defaults(run=_train)
 
 
 def _add_eval(commands: argparse._SubParsersAction) -> None:
-    evaluation = commands.add_parser("eval", help="per-layer evaluation of a tuned lens against the logit lens")
-    evaluation.add_argument("--model", default="smollm2-135m", help=_MODEL_HELP)
-    evaluation.add_argument("--lens", help="tuned-lens directory (default: runs/<model>/lens)")
+    evaluation = commands.add_parser("eval", help="per-layer evaluation of a readout against the logit lens")
+    add_model(evaluation)
+    add_lens(evaluation, None, note="the readout to evaluate; default: runs/<model>/lens")
     evaluation.add_argument("--data", default="shakespeare", help="held-out text: the validation split of this source")
     evaluation.add_argument("--column", help="text column of .jsonl/.parquet/datasets sources (default: text)")
     evaluation.add_argument("--group-column", help="the grouping column the lens was trained with, if any")
     evaluation.add_argument("--ood", default="none",
                             help="also evaluate on the whole of this out-of-domain source, e.g. python-docs (default: none)")
     evaluation.add_argument("--tokens", type=int, default=4096, help="held-out tokens to evaluate on")
-    evaluation.add_argument("--out", help="output directory (default: next to the lens, eval/)")
+    add_out(evaluation, "output directory (default: next to the lens, eval/)")
+    add_dtype(evaluation)
     evaluation.set_defaults(run=_eval)
 
 
@@ -288,14 +292,15 @@ def _add_show(commands: argparse._SubParsersAction) -> None:
     show = commands.add_parser("show", help="picture (HTML, PNG, PDF, SVG) or table (CSV) of every layer's predictions")
     show.add_argument("text", nargs="?", help="text to decode, or - for standard input (default: a line of Hamlet)")
     show.add_argument("--file", help="read the text from this UTF-8 file")
-    show.add_argument("--model", default="smollm2-135m", help=_MODEL_HELP)
-    show.add_argument("--lens", help="'logit' or a tuned-lens directory (default: runs/<model>/lens if trained, else logit)")
-    show.add_argument("--compare", action="store_true", help="the logit lens and the tuned lens side by side, and their difference")
+    add_model(show)
+    add_lens(show, None, note="default: runs/<model>/lens if trained, else logit")
+    show.add_argument("--compare", action="store_true", help="the logit lens and --lens side by side, and their difference")
     show.add_argument("--stat", default="entropy", help="colour by entropy, kl, ce (nats), rank (log scale) or prob")
     show.add_argument("--k", type=int, default=5, help="top tokens kept per cell (shown on hover)")
     show.add_argument("--layer-stride", type=int, default=1, help="show every N-th layer (the output row is always shown)")
     show.add_argument("--max-tokens", type=int, default=64, help="decode at most this many tokens")
-    show.add_argument("--out", help="write a .html, .png, .pdf or .svg picture or a .csv table (default: print a summary)")
+    add_out(show, "write a .html, .png, .pdf or .svg picture or a .csv table (default: print a summary)")
+    add_dtype(show)
     show.add_argument("--plotlyjs", choices=["inline", "cdn"], default="inline",
                       help="HTML only: embed plotly.js (~5 MB, opens offline) or load it from the web")
     show.set_defaults(run=_show)
@@ -303,10 +308,9 @@ def _add_show(commands: argparse._SubParsersAction) -> None:
 
 def _add_app(commands: argparse._SubParsersAction) -> None:
     browser = commands.add_parser("app", help="explore every layer's predictions in the browser (a local web app)")
-    browser.add_argument("--model", default="smollm2-135m", help=_MODEL_HELP)
-    browser.add_argument("--lens", action="append", metavar="DIR",
-                         help="a tuned-lens directory to offer, repeatable (default: runs/<model>/lens if trained); "
-                              "the logit lens is always offered")
+    add_model(browser)
+    add_lens(browser, repeatable=True,
+             note="each one offered; default: runs/<model>/lens if trained; the logit lens is always offered")
     browser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     browser.add_argument("--port", type=int, default=7860)
     browser.add_argument("--max-tokens", type=int, default=64, help="longest text the app decodes, in tokens")

@@ -9,46 +9,29 @@
   a task, or its Spearman ρ with iteration learned over checkpoints;
 - ``depthlens overthink`` — calibrated accuracy per layer with correct / permuted demonstrations.
 
-Every command that runs a model takes ``--model`` and ``--lens DIR`` (a tuned lens, repeatable;
-the logit lens is always included) and writes into ``--out DIR``. ``python -m
+Every command that runs a model takes ``--model`` and ``--lens`` (any readout, repeatable; the
+logit lens is always included; options of :mod:`depthlens.apps.options`) and writes into
+``--out DIR``. ``python -m
 depthlens.apps.cli_applications`` runs these commands alone.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
 from pathlib import Path
 from typing import Any
 
+from depthlens.apps.options import add_lens, add_model, add_out, write_csv, write_json
 from depthlens.errors import DepthlensError, UsageError
-
-_MODEL_HELP = "smollm2-135m (default), gemma3-270m, a model folder, a .gguf file, or a hub name"
-
-
-def _write_json(path: Path, document: Any) -> Path:
-    from depthlens.atomic import write_file
-
-    return write_file(path, (json.dumps(document, indent=2, default=float) + "\n").encode())
-
-
-def _write_csv(path: Path, rows: list[dict]) -> Path:
-    from depthlens.atomic import write_file
-
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    return write_file(path, buffer.getvalue().encode())
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, dict]:
-    """Model, tokenizer and the readouts ``{"logit": …, "tuned": …}`` the arguments name."""
-    from depthlens.lenses.spec import load_lenses
+    """Model, tokenizer and the readouts the arguments name: the logit lens and each ``--lens``,
+    named as :func:`depthlens.lenses.spec.readout_names` names them."""
+    from depthlens.lenses.spec import load_lenses, readout_names
     from depthlens.model.load import load_model
 
+    readout_names(args.lens or [])
     model, tokenizer = load_model(args.model)
     lenses, _ = load_lenses(model, args.lens or [])
     return model, tokenizer, lenses
@@ -97,8 +80,8 @@ def _inject(args: argparse.Namespace) -> None:
     model, tokenizer, lenses = _load(args)
     result, _, _ = detect_injections(model, tokenizer, lenses, task, seeds=args.seeds, batch_size=args.batch_size)
     out = Path(args.out)
-    _write_json(out / "injection.json", {"model": args.model, **result.to_dict()})
-    _write_csv(out / "injection.csv", result.rows())
+    write_json(out / "injection.json", {"model": args.model, **result.to_dict()})
+    write_csv(out / "injection.csv", result.rows())
     save_figure(roc_figure(result), out / "roc.png")
     print(f"{task.name}: model accuracy {result.accuracy_clean:.3f} clean, {result.accuracy_injected:.3f} injected")
     for method in result.methods:
@@ -128,8 +111,8 @@ def _anomaly(args: argparse.Namespace) -> None:
         scores = score_texts(model, tokenizer, readout, reference, texts, detector=args.detector, max_tokens=args.max_tokens)
         rows.extend({"readout": name, "index": i, "score": float(s), "text": t[:200]} for i, (s, t) in enumerate(zip(scores, texts)))
     out = Path(args.out)
-    _write_json(out / "anomaly.json", {"model": args.model, "detector": args.detector, "scores": rows})
-    _write_csv(out / "anomaly.csv", rows)
+    write_json(out / "anomaly.json", {"model": args.model, "detector": args.detector, "scores": rows})
+    write_csv(out / "anomaly.csv", rows)
     for row in sorted(rows, key=lambda r: -r["score"])[:10]:
         print(f"{row['readout']:6s} {row['score']:10.3f}  {row['text'][:70]!r}")
     print(f"wrote {out}/anomaly.json, anomaly.csv")
@@ -157,7 +140,7 @@ def _depth(args: argparse.Namespace) -> None:
         save_figure(depth_grid(traj, width=args.width), out / f"depth_{name}.csv")
     if args.checkpoints:
         summary["training"] = _checkpoint_rho(args, model, tokenizer, lenses, text)
-    _write_json(out / "depth.json", summary)
+    write_json(out / "depth.json", summary)
     print({name: round(summary[name]["mean_depth"], 2) for name in lenses}, summary.get("training", ""))
     print(f"wrote {out}/depth.json and depth pictures")
 
@@ -185,8 +168,8 @@ def _task_depth(args: argparse.Namespace, model: Any, tokenizer: Any, lenses: di
                     for i, (d, c) in enumerate(zip(depths, scores.loglik[name][:, -1].argmax(-1) == scores.gold)))
         print(f"{name}: mean prediction depth {depths.mean():.2f} over {len(depths)} examples "
               f"(median {np.median(depths):.0f})")
-    _write_json(out / "depth.json", {"model": args.model, "task": task.name, "accuracy": scores.accuracy(), "rows": rows})
-    _write_csv(out / "depth.csv", rows)
+    write_json(out / "depth.json", {"model": args.model, "task": task.name, "accuracy": scores.accuracy(), "rows": rows})
+    write_csv(out / "depth.csv", rows)
 
 
 def _overthink(args: argparse.Namespace) -> None:
@@ -200,8 +183,8 @@ def _overthink(args: argparse.Namespace) -> None:
     result, _, _ = overthinking(model, tokenizer, lenses, task, shots=args.shots, shift=args.shift, limit=evaluated,
                                 seed=args.seed or 0, batch_size=args.batch_size)
     out = Path(args.out)
-    _write_json(out / "overthinking.json", {"model": args.model, **result.to_dict()})
-    _write_csv(out / "overthinking.csv", result.rows())
+    write_json(out / "overthinking.json", {"model": args.model, **result.to_dict()})
+    write_csv(out / "overthinking.csv", result.rows())
     save_figure(overthinking_figure(result), out / "overthinking.png")
     print(f"{task.name}: model accuracy {result.accuracy_correct:.3f} (correct demos), {result.accuracy_permuted:.3f} (permuted)")
     for name, curves in result.curves.items():
@@ -211,9 +194,9 @@ def _overthink(args: argparse.Namespace) -> None:
 
 
 def _common(parser: argparse.ArgumentParser, *, task: bool = True) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help=_MODEL_HELP)
-    parser.add_argument("--lens", action="append", metavar="DIR", help="a tuned-lens directory (repeatable); the logit lens is always used")
-    parser.add_argument("--out", required=True, help="output folder")
+    add_model(parser)
+    add_lens(parser, repeatable=True, note="the logit lens is always used")
+    add_out(parser, "output folder", required=True)
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")
     if task:
         parser.add_argument("--limit", type=int, help="use this many examples (shuffled with --seed)")

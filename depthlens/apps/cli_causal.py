@@ -1,5 +1,5 @@
 """``depthlens causal`` and ``depthlens drift``: the causal checks and representational drift of
-Belrose et al. (2023, §3–4) on the command line. Register with :func:`add_parsers`.
+Belrose et al. (2023, §4; drift is introduced in §1) on the command line. Register with :func:`add_parsers`.
 
 Both write into ``--out``: ``results.json`` (every number), ``results.csv`` (one row per layer),
 and pictures as HTML + PNG through the grid layer (:mod:`depthlens.viz.pictures`). ``causal``
@@ -9,22 +9,29 @@ also saves the bases (``bases/``: safetensors + JSON with the model fingerprint)
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from depthlens.apps.options import (
+    add_layers,
+    add_lens,
+    add_model,
+    add_out,
+    file_stem,
+    parse_layers,
+    write_csv,
+    write_json,
+)
 from depthlens.errors import UsageError
-
-_MODEL_HELP = "built-in name, .gguf file, model directory or hub name"
+from depthlens.model import DEFAULT_MODEL
 
 
 def _layers(text: str | None, num_layers: int, stride: int) -> list[int]:
-    """``"3,6,9"`` → ``[3, 6, 9]``; default every ``stride``-th layer and the last."""
-    if not text:
+    """The layers ``--layers`` selects (:func:`~depthlens.apps.options.parse_layers`); by default
+    every ``stride``-th layer and the last."""
+    selection = parse_layers(text)
+    if selection is None:
         return sorted({*range(0, num_layers + 1, stride), num_layers})
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UsageError(f"--layers must be comma-separated layer numbers, got {text!r}") from None
+    return selection.resolve(num_layers)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -36,20 +43,13 @@ def _check(args: argparse.Namespace) -> None:
                          "and --layer-stride at least 1")
     if getattr(args, "k", 1) < 1:
         raise UsageError(f"--k must be at least 1, got {args.k}")
+    parse_layers(args.layers)
 
 
 def _tokens(args: argparse.Namespace, tokenizer):
     from depthlens.text.data import load_chunks
 
     return load_chunks(args.data, tokenizer, args.chunk_len, max(1, args.tokens // args.chunk_len), split="validation")
-
-
-def _write_table(path: Path, rows: list[dict]) -> None:
-    import pandas as pd
-
-    from depthlens.atomic import write_file
-
-    write_file(path, pd.DataFrame(rows).to_csv(index=False).encode())
 
 
 PLOTLYJS = "inline"
@@ -69,20 +69,20 @@ def _causal(args: argparse.Namespace) -> None:
         load_bases,
         stimulus_response,
     )
-    from depthlens.atomic import write_file
     from depthlens.errors import CausalError
-    from depthlens.lenses.readout import check_layer
-    from depthlens.lenses.spec import load_readout
+    from depthlens.lenses.spec import load_readouts, readout_names
     from depthlens.model.hidden_states import capture
     from depthlens.model.load import load_model
 
     _check(args)
+    names = readout_names(args.lens)
+    if len({file_stem(name) for name in names}) < len(names):
+        raise UsageError(f"the --lens folders {', '.join(map(str, filter(None, names.values())))} give two readouts "
+                         "the same file names in --out: copy one to a folder of another name")
     model, tokenizer = load_model(args.model)
-    readouts = {spec if spec == "logit" else "tuned": load_readout(spec, model) for spec in args.lens}
+    readouts = load_readouts(model, args.lens)
     first = next(iter(readouts.values()))
     layers = _layers(args.layers, first.num_layers, args.layer_stride)
-    for layer in layers:
-        check_layer(layer, first.num_layers)
     check_directions(args.k, first.parts.d_model)
     given = load_bases(args.bases, model) if args.bases else None
     if given is not None and (len(readouts) != 1 or not set(layers) <= set(given)):
@@ -103,16 +103,18 @@ def _causal(args: argparse.Namespace) -> None:
                                       directions=args.directions, weights=args.weights, seed=args.seed, progress=True)
         results["alignment"] = alignment.summary()
         _pictures(out, "alignment", _alignment_grid(alignment, args.model))
-    write_file(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+    write_json(out / "results.json", results)
     if rows:
-        _write_table(out / "results.csv", rows)
+        write_csv(out / "results.csv", rows)
     print(f"wrote {out}/results.json, results.csv, pictures and bases/")
 
 
 def _one_readout(args: argparse.Namespace, model, name: str, readout, ids, states, layers: list[int],
                  given: dict | None, rows: list[dict]) -> dict:
     """Extract (or take) the basis of ``readout`` at each layer, measure its fidelity, save the
-    bases and pictures, append the CSV rows; returns the readout's part of results.json."""
+    bases (``bases/<name>``) and pictures (``energy_<name>``, ``fidelity_<name>``, with ``name``
+    made safe for a file name by :func:`~depthlens.apps.options.file_stem`), append the CSV rows;
+    returns the readout's part of results.json."""
     from depthlens.analysis.causal import causal_fidelity, extract_basis, prepare, save_bases
 
     out = Path(args.out)
@@ -129,8 +131,8 @@ def _one_readout(args: argparse.Namespace, model, name: str, readout, ids, state
                      "energy_total_nats": basis.captured(args.k), "seconds": basis.seconds})
         print(f"{name} layer {layer}: energy {basis.captured(args.k):.3f} nats, fidelity ρ = {fidelity.rho:.3f} "
               f"[{fidelity.low:.3f}, {fidelity.high:.3f}]", flush=True)
-    save_bases(out / "bases" / name, bases)
-    _pictures(out, f"energy_{name}", _energy_grid(bases, name, args.model))
+    save_bases(out / "bases" / file_stem(name), bases)
+    _pictures(out, f"energy_{file_stem(name)}", _energy_grid(bases, name, args.model))
     _fidelity_figures(out, name, fidelities)
     return {"bases": [b.summary() for b in bases], "fidelity": [f.summary() for f in fidelities]}
 
@@ -190,8 +192,9 @@ def _fidelity_figures(out: Path, name: str, fidelities) -> None:
         for axis in (axes[r][c].xaxis, axes[r][c].yaxis):
             axis.set_minor_formatter(NullFormatter())
     figure.update_layout(title=f"causal fidelity · {name} lens", height=300 * rows)
-    write_file(out / f"fidelity_{name}.html", figure.to_html(include_plotlyjs=True if PLOTLYJS == "inline" else "cdn").encode())
-    write_file(out / f"fidelity_{name}.png", render(static, "png"))
+    stem = f"fidelity_{file_stem(name)}"
+    write_file(out / f"{stem}.html", figure.to_html(include_plotlyjs=True if PLOTLYJS == "inline" else "cdn").encode())
+    write_file(out / f"{stem}.png", render(static, "png"))
 
 
 def _drift(args: argparse.Namespace) -> None:
@@ -202,11 +205,12 @@ def _drift(args: argparse.Namespace) -> None:
         tokens_per_byte,
         transfer_matrix,
     )
-    from depthlens.atomic import write_file
-    from depthlens.lenses.spec import load_readout
+    from depthlens.lenses.registry import check_spec, load_readout
     from depthlens.model.load import load_model
 
     _check(args)
+    if args.lens:
+        check_spec(args.lens)
     model, tokenizer = load_model(args.model)
     lens = load_readout(args.lens, model) if args.lens else None
     parts = lens.parts if lens else None
@@ -233,8 +237,8 @@ def _drift(args: argparse.Namespace) -> None:
         _pictures(out, "transfer_penalty", _square(transfer.ce_penalty, covariances.layers,
                                                    "transfer penalty (translator row on state column)", "nats", args.model))
         print(f"ρ(covariance similarity, transfer penalty) = {results['rho_similarity_vs_ce_penalty']:.3f}")
-    write_file(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
-    _write_table(out / "results.csv", [{"row_layer": i, "col_layer": j, "covariance_similarity": float(similarity[0][a, b])}
+    write_json(out / "results.json", results)
+    write_csv(out / "results.csv", [{"row_layer": i, "col_layer": j, "covariance_similarity": float(similarity[0][a, b])}
                                        for a, i in enumerate(covariances.layers) for b, j in enumerate(covariances.layers)])
     print(f"wrote {out}/results.json, results.csv and pictures")
 
@@ -253,8 +257,10 @@ def _square(matrix, layers: list[int], title: str, unit: str, model: str):
                 scale="log" if penalty else "sequential", value_range=None if penalty else (0.0, 1.0), value_format=".3g")
 
 
-def rerender_drift(out: str | Path, model: str = "smollm2-135m") -> None:
+def rerender_drift(out: str | Path, model: str = DEFAULT_MODEL) -> None:
     """Draw the drift pictures again from ``out/results.json`` (no model needed)."""
+    import json
+
     import torch
 
     out = Path(out)
@@ -270,13 +276,13 @@ def rerender_drift(out: str | Path, model: str = "smollm2-135m") -> None:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help=_MODEL_HELP)
+    add_model(parser)
     parser.add_argument("--data", default="shakespeare", help="text source; its validation split is used")
     parser.add_argument("--tokens", type=int, default=512, help="tokens of text (default 512)")
     parser.add_argument("--chunk-len", type=int, default=128, help="tokens per sequence")
-    parser.add_argument("--layers", help="comma-separated layers (default: every --layer-stride-th and the last)")
+    add_layers(parser, "default: every --layer-stride-th and the last")
     parser.add_argument("--layer-stride", type=int, default=6)
-    parser.add_argument("--out", required=True, help="output folder")
+    add_out(parser, "output folder: results.json, results.csv and the pictures", required=True)
     parser.add_argument("--plotlyjs", choices=["inline", "cdn"], default="inline",
                         help="HTML pictures: embed plotly.js (~5 MB each, opens offline) or load it from the web")
 
@@ -285,7 +291,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     """Register ``causal`` and ``drift`` on the ``depthlens`` command's subparsers."""
     causal = commands.add_parser("causal", help="causal basis extraction, causal fidelity and alignment of a readout")
     _common(causal)
-    causal.add_argument("--lens", action="append", default=None, help="'logit' or a tuned-lens directory, repeatable")
+    add_lens(causal, repeatable=True, note="default: logit; each result is named by the readout's kind, and by "
+             "kind and folder where two share a kind")
     causal.add_argument("--k", type=int, default=16, help="directions per layer")
     causal.add_argument("--mode", choices=["mean", "zero", "resample"], default="mean")
     causal.add_argument("--method", choices=["batched", "sequential"], default="batched")
@@ -295,13 +302,13 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     causal.add_argument("--alignment-tokens", type=int, default=256)
     causal.add_argument("--directions", type=int, default=8, help="random directions per layer for alignment")
     causal.add_argument("--weights", choices=["uniform", "model"], default="uniform", help="token weights of the Aitchison product")
-    causal.add_argument("--bases", help="a bases folder saved by an earlier run (bases/<lens>): measure fidelity of "
+    causal.add_argument("--bases", help="a bases folder saved by an earlier run (bases/<name>): measure fidelity of "
                         "those instead of extracting; refused if made for another model")
     causal.add_argument("--seed", type=int, default=0)
     causal.set_defaults(run=lambda args: _causal(_with_lens(args)))
     drift = commands.add_parser("drift", help="covariance similarity and translator transfer across layers")
     _common(drift)
-    drift.add_argument("--lens", help="tuned-lens directory for the transfer matrix (omit for covariances only)")
+    add_lens(drift, None, note="a tuned lens gives the transfer matrix; omit it for covariances only")
     drift.set_defaults(run=_drift, layer_stride=2)
 
 

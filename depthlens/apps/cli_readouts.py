@@ -15,32 +15,12 @@ depthlens.apps.cli_readouts`` runs these commands alone.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
+from depthlens.apps.options import add_layers, add_lens, add_model, add_out, parse_layers, write_csv, write_json
 from depthlens.errors import UsageError
-
-_MODEL_HELP = "smollm2-135m (default), gemma3-270m, a model folder, a .gguf file, or a hub name"
-
-
-def _write_json(path: Path, document: Any) -> Path:
-    from depthlens.atomic import write_file
-
-    return write_file(path, (json.dumps(document, indent=2, default=float, ensure_ascii=False) + "\n").encode())
-
-
-def _write_csv(path: Path, rows: list[dict]) -> Path:
-    from depthlens.atomic import write_file
-
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    return write_file(path, buffer.getvalue().encode())
 
 
 def _bar(total: int, what: str) -> Any:
@@ -49,23 +29,6 @@ def _bar(total: int, what: str) -> Any:
 
     bar = tqdm(total=total, desc=what, file=sys.stderr, leave=False)
     return bar, lambda done, _total: bar.update(done - bar.n)
-
-
-def _layers(text: str | None, num_layers: int) -> list[int] | None:
-    """``"0,5,10"`` or ``"0:30:3"`` as layers; ``None`` for all."""
-    if not text:
-        return None
-    try:
-        if ":" in text:
-            pieces = [int(p) for p in text.split(":")]
-            return list(
-                range(
-                    pieces[0], (pieces[1] if len(pieces) > 1 else num_layers) + 1, pieces[2] if len(pieces) > 2 else 1
-                )
-            )
-        return [int(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise UsageError(f"--layers must be numbers like 0,5,10 or START:END:STEP, got {text!r}") from None
 
 
 def _save_pictures(out: Path, stem: str, grid: Any, extra: dict[str, Any] | None = None) -> list[Path]:
@@ -108,8 +71,8 @@ def _attribute(args: argparse.Namespace) -> None:
     if not args.out:
         return
     out = Path(args.out)
-    _write_json(out / "faithfulness.json", rows)
-    _write_csv(out / "faithfulness.csv", rows)
+    write_json(out / "faithfulness.json", rows)
+    write_csv(out / "faithfulness.csv", rows)
     grid = faithfulness_grid(rows)
     keys = sorted({(r["relation"], r["beta"]) for r in rows})
     series = {
@@ -142,6 +105,7 @@ def _dla(args: argparse.Namespace) -> None:
     from depthlens.model.load import load_model
     from depthlens.viz.readout_charts import dla_bars
 
+    neurons = parse_layers(args.neurons, "--neurons")
     model, tokenizer = load_model(args.model)
     ids = tokenizer(args.text, return_tensors="pt").input_ids
     attribution = logit_attribution(
@@ -151,7 +115,7 @@ def _dla(args: argparse.Namespace) -> None:
         position=args.position,
         target=args.target,
         contrast=args.contrast,
-        neurons=_layers(args.neurons, 0) or (),
+        neurons=neurons.resolve(model.config.num_hidden_layers - 1) if neurons else (),
         top_neurons=args.top_neurons,
     )
     top = sorted(attribution.terms, key=lambda t: -abs(t.value))[: args.show]
@@ -166,8 +130,8 @@ def _dla(args: argparse.Namespace) -> None:
     if args.out:
         out = Path(args.out)
         written = [
-            _write_json(out / "dla.json", {**attribution.summary(), "terms": attribution.to_rows()}),
-            _write_csv(out / "dla-terms.csv", attribution.to_rows()),
+            write_json(out / "dla.json", {**attribution.summary(), "terms": attribution.to_rows()}),
+            write_csv(out / "dla-terms.csv", attribution.to_rows()),
         ]
         written += _save_pictures(
             out,
@@ -180,9 +144,11 @@ def _dla(args: argparse.Namespace) -> None:
 
 def _patchscope(args: argparse.Namespace) -> None:
     from depthlens.analysis.patchscope import TARGET_PROMPTS, Patch, patchscope, patchscope_generate, tuned_map
-    from depthlens.lenses.spec import load_readout
+    from depthlens.lenses.registry import check_spec, load_readout
     from depthlens.model.load import load_model
 
+    check_spec(args.lens)
+    parse_layers(args.layers)
     model, tokenizer = load_model(args.model)
     if args.identity_curve:
         return _identity_curve(args, model, tokenizer)
@@ -193,7 +159,7 @@ def _patchscope(args: argparse.Namespace) -> None:
     target_ids = tokenizer(target, return_tensors="pt").input_ids
     readout = load_readout(args.lens, model)
     if args.map == "tuned" and readout.kind != "tuned":
-        raise UsageError("--map tuned needs --lens DIR, a tuned lens")
+        raise UsageError(f"--map tuned needs a tuned lens: pass --lens with a tuned-lens folder, not a {readout.kind} readout")
     mapping = tuned_map(readout, args.source_layer) if args.map == "tuned" else None
     patch = Patch(args.source_layer, args.source_position, args.target_layer, args.target_position)
     result = patchscope(model, source_ids, target_ids, patch, mapping=mapping)
@@ -217,7 +183,7 @@ def _patchscope(args: argparse.Namespace) -> None:
     if args.out:
         out = Path(args.out)
         trajectory = result.trajectory(readout, tokenizer)
-        written = [_write_json(out / "patchscope.json", document)]
+        written = [write_json(out / "patchscope.json", document)]
         written += [trajectory.to_csv(out / "patchscope-trajectory.csv")]
         from depthlens.viz.pictures import save_figure
 
@@ -235,7 +201,8 @@ def _identity_curve(args: argparse.Namespace, model: Any, tokenizer: Any) -> Non
         texts += [line for line in Path(args.texts).read_text(encoding="utf-8").splitlines() if line.strip()]
     if not texts:
         raise UsageError("--identity-curve needs source texts: give TEXT or --texts FILE")
-    layers = _layers(args.layers, model.config.num_hidden_layers)
+    selection = parse_layers(args.layers)
+    layers = selection.resolve(model.config.num_hidden_layers) if selection else None
     bar, progress = _bar(len(layers) if layers else model.config.num_hidden_layers + 1, "source layers")
     curve = token_identity_curve(
         model,
@@ -254,8 +221,8 @@ def _identity_curve(args: argparse.Namespace, model: Any, tokenizer: Any) -> Non
     if args.out:
         out = Path(args.out)
         written = [
-            _write_json(out / "identity-curve.json", curve.to_rows()),
-            _write_csv(out / "identity-curve.csv", curve.to_rows()),
+            write_json(out / "identity-curve.json", curve.to_rows()),
+            write_csv(out / "identity-curve.csv", curve.to_rows()),
         ]
         figure = curves(
             curve.layers,
@@ -273,13 +240,15 @@ def _generate(args: argparse.Namespace) -> None:
     import torch
 
     from depthlens.analysis.generate import generate_from_layer
-    from depthlens.lenses.spec import load_readout
+    from depthlens.lenses.registry import check_spec, load_readout
     from depthlens.model.load import load_model
     from depthlens.text.encode import encode
 
+    check_spec(args.lens)
+    selection = parse_layers(args.layers)
     model, tokenizer = load_model(args.model)
     readout = load_readout(args.lens, model)
-    layers = _layers(args.layers, readout.num_layers) or [readout.num_layers]
+    layers = selection.resolve(readout.num_layers) if selection else [readout.num_layers]
     ids, mask = encode(tokenizer, args.text)
     generator = torch.Generator().manual_seed(args.seed)
     results = []
@@ -311,7 +280,7 @@ def _generate(args: argparse.Namespace) -> None:
         bar.update(1)
     bar.close()
     if args.out:
-        print(f"wrote {_write_json(Path(args.out) / 'generations.json', results)}")
+        print(f"wrote {write_json(Path(args.out) / 'generations.json', results)}")
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
@@ -339,7 +308,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         "--target", help="target token (exactly one token, e.g. ' Paris', or #ID); default: the model's top-1"
     )
     dla.add_argument("--contrast", help="attribute target − contrast")
-    dla.add_argument("--neurons", help="MLP layers to split into neurons, e.g. 20,25")
+    add_layers(dla, "MLP layers 0 … L−1 to split into neurons, e.g. 20,25; default: none", option="--neurons")
     dla.add_argument("--top-neurons", type=int, default=10)
     dla.add_argument("--show", type=int, default=15, help="print this many largest terms")
 
@@ -352,28 +321,26 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     patch.add_argument("--target", default="identity", help="identity, description, or a target prompt")
     patch.add_argument("--target-layer", type=int, help="default: the source layer")
     patch.add_argument("--target-position", type=int, default=-1)
-    patch.add_argument(
-        "--lens", default="logit", help="readout of the patched run's layers: logit or a tuned-lens folder"
-    )
+    add_lens(patch, note="reads the patched run's layers; default: logit")
     patch.add_argument(
         "--map", choices=["identity", "tuned"], default="identity", help="map the state through --lens's translator"
     )
     patch.add_argument("--generate", type=int, default=0, help="also generate this many tokens")
     patch.add_argument("--identity-curve", action="store_true", help="precision@1 of token identity per source layer")
     patch.add_argument("--texts", help="source texts, one per line (with --identity-curve)")
-    patch.add_argument("--layers", help="source layers, e.g. 0,5,10 or 0:30:3")
+    add_layers(patch, "source layers of --identity-curve; default: all")
 
     generate = commands.add_parser("generate", help="generate from a readout at chosen layers")
     generate.add_argument("text", nargs="+", help="prompt(s); several make a padded batch")
-    generate.add_argument("--lens", default="logit", help="logit or a tuned-lens folder")
-    generate.add_argument("--layers", help="layers, e.g. 10,15,20 or 10:30:5 (default: the last)")
+    add_lens(generate, note="the readout generated from; default: logit")
+    add_layers(generate, "layers to generate from; default: the last")
     generate.add_argument("--max-new-tokens", type=int, default=20)
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     generate.add_argument("--top-k", type=int)
     generate.add_argument("--top-p", type=float)
     generate.add_argument("--seed", type=int, default=0)
     for parser, run in ((attribute, _attribute), (dla, _dla), (patch, _patchscope), (generate, _generate)):
-        parser.add_argument("--model", default="smollm2-135m", help=_MODEL_HELP)
-        parser.add_argument("--out", help="write JSON, CSV and pictures into this folder")
+        add_model(parser)
+        add_out(parser, "write JSON, CSV and pictures into this folder (default: print a summary only)")
         parser.set_defaults(run=run)
     attribute.add_argument("--seed", type=int, default=0, help="seed of the train / held-out split")

@@ -39,8 +39,8 @@ from depthlens.analysis.trajectory import STATISTICS, Trajectory
 from depthlens.apps.evaluation_tab import evaluation_tab, read_evaluations
 from depthlens.apps.web_readouts import readout_tabs
 from depthlens.errors import AppError, DepthlensError
-from depthlens.lenses import spec
-from depthlens.lenses.readout import Lens
+from depthlens.lenses import registry, spec
+from depthlens.lenses.readout import Readout
 from depthlens.text.encode import encode
 from depthlens.text.samples import SAMPLE_PROMPT
 from depthlens.training import runs
@@ -81,7 +81,7 @@ class Explorer:
         self,
         model: nn.Module,
         tokenizer: PreTrainedTokenizerBase,
-        lenses: Mapping[str, Lens],
+        lenses: Mapping[str, Readout],
         *,
         max_tokens: int = DEFAULT_MAX_TOKENS,
     ) -> None:
@@ -101,7 +101,7 @@ class Explorer:
 
     @property
     def default_view(self) -> str:
-        """The view the page opens with: the second lens (a tuned one) if there is one."""
+        """The view the page opens with: the second lens (the first one given besides the logit lens) if there is one."""
         names = list(self.lenses)
         return names[1] if len(names) > 1 else names[0]
 
@@ -173,7 +173,7 @@ class _Files:
 def build_app(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    lenses: Mapping[str, Lens],
+    lenses: Mapping[str, Readout],
     eval_dirs: Mapping[str, Path] | None = None,
     *,
     max_tokens: int = DEFAULT_MAX_TOKENS,
@@ -276,12 +276,12 @@ def _downloads_handler(files: _Files) -> Callable[[tuple[list[Trajectory], str] 
     return prepare_downloads
 
 
-def load_lenses(model: nn.Module, lens_dirs: Sequence[str | os.PathLike] = ()) -> tuple[dict[str, Lens], dict[str, Path]]:
-    """The lenses the app offers (:func:`depthlens.lenses.spec.load_lenses`: the logit lens and
-    a tuned lens from each directory, by name) and the evaluation folders found next to them
+def load_lenses(model: nn.Module, lens_dirs: Sequence[str | os.PathLike] = ()) -> tuple[dict[str, Readout], dict[str, Path]]:
+    """The readouts the app offers (:func:`depthlens.lenses.spec.load_lenses`: the logit lens and
+    the readout of each spec, by name) and the evaluation folders found next to them
     (:func:`depthlens.training.runs.find_evaluations`).
 
-    Raises :class:`~depthlens.errors.LensFileError` for a directory that holds no lens for this model.
+    Raises :class:`~depthlens.errors.LensFileError` for a spec that names no readout for this model.
     """
     lenses, sources = spec.load_lenses(model, lens_dirs)
     return lenses, runs.find_evaluations(sources)
@@ -322,7 +322,7 @@ def serve(
         trained = runs.trained_lens(model_spec)
         lens_dirs = [trained] if trained else []
     for lens_spec in lens_dirs:
-        spec.check_spec(lens_spec)
+        registry.check_spec(lens_spec)
     model, tokenizer = load_model(model_spec)
     lenses, eval_dirs = load_lenses(model, lens_dirs)
     demo = build_app(model, tokenizer, lenses, eval_dirs, max_tokens=max_tokens)

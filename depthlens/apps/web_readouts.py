@@ -25,7 +25,7 @@ from depthlens.analysis.patchscope import TARGET_PROMPTS, Patch, patchscope, pat
 from depthlens.analysis.trajectory import Trajectory
 from depthlens.errors import AppError, DepthlensError
 from depthlens.lenses.attribute import AttributeLens, faithfulness, fit_attribute_lens
-from depthlens.lenses.readout import Lens
+from depthlens.lenses.readout import Readout
 from depthlens.text.relations import BUILTIN_RELATIONS, load_relation
 from depthlens.viz.pictures import heatmap_figure
 from depthlens.viz.readout_charts import curves, dla_bars
@@ -43,7 +43,7 @@ class Readouts:
         self,
         model: nn.Module,
         tokenizer: PreTrainedTokenizerBase,
-        lenses: Mapping[str, Lens],
+        lenses: Mapping[str, Readout],
         *,
         max_tokens: int = 64,
         lock: AbstractContextManager | None = None,
@@ -171,7 +171,7 @@ def _guard(function: Callable[..., tuple], empty: tuple) -> Callable[..., tuple]
 def readout_tabs(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    lenses: Mapping[str, Lens],
+    lenses: Mapping[str, Readout],
     *,
     max_tokens: int = 64,
     lock: AbstractContextManager | None = None,

@@ -1,11 +1,9 @@
-"""Lens specs: the strings a user names a readout with (``--lens`` on the command line).
+"""Several lens specs at once: the named set of readouts a command or the app compares.
 
-A spec is ``"logit"`` (the logit lens: every state decoded by the model's own final norm and
-unembedding) or the path of a tuned-lens directory written by
-:meth:`~depthlens.lenses.tuned.TunedLens.save_pretrained` (``depthlens train`` writes one to
-``runs/<model>/lens``). :func:`load_readout` turns one spec into a readout, :func:`load_lenses`
-turns several into the named set of lenses the app offers. Anything else is a
-:class:`~depthlens.errors.LensFileError` naming the spec and what to pass instead.
+Each spec is read by :mod:`depthlens.lenses.registry` (``"logit"``, or a folder or file of any
+registered kind). A readout is named by its kind (``"tuned"``, ``"attribute"``), and by kind and
+path where several share a kind (``"tuned (runs/a/lens)"``, ``"tuned (runs/b/lens)"``), so two
+readouts never share a name and results written under their names never overwrite each other.
 """
 
 from __future__ import annotations
@@ -16,73 +14,48 @@ from pathlib import Path
 
 from torch import nn
 
-from depthlens.errors import LensFileError
-from depthlens.lenses.logit import LogitLens
-from depthlens.lenses.readout import Lens, Readout
-from depthlens.lenses.tuned import TunedLens
+from depthlens.lenses.readout import Readout
+from depthlens.lenses.registry import LOGIT, check_spec, is_logit, load_readout
 from depthlens.model.architecture import ModelParts
 
-LOGIT = "logit"
-"""The spec of the logit lens."""
-
-__all__ = ["LOGIT", "check_spec", "is_logit", "lens_directory", "load_lenses", "load_readout"]
+__all__ = ["load_lenses", "load_readouts", "readout_names"]
 
 
-def is_logit(spec: str | os.PathLike) -> bool:
-    """Whether ``spec`` names the logit lens (``"logit"``, not a directory of that name)."""
-    return os.fspath(spec) == LOGIT
+def readout_names(specs: Iterable[str | os.PathLike]) -> dict[str, Path | None]:
+    """The name of each distinct spec, and its path (``None`` for the logit lens), in order.
 
-
-def lens_directory(spec: str | os.PathLike) -> Path:
-    """The tuned-lens directory ``spec`` names; raises :class:`LensFileError` if there is none.
-
-    A spec that is neither ``"logit"`` nor an existing directory is refused here, with the fix,
-    before any file is read (``"./logit"`` names a directory called ``logit``).
+    Reads only the specs' ``config.json`` files (:func:`~depthlens.lenses.registry.check_spec`),
+    so it runs before any model is loaded and raises :class:`~depthlens.errors.LensFileError` for
+    a spec that names no readout. A path given twice counts once.
     """
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return path
-    problem = "is a file, not a lens directory" if path.exists() else "is neither 'logit' nor an existing directory"
-    raise LensFileError(
-        f"lens {os.fspath(spec)!r} {problem}: pass --lens logit, or the directory a tuned lens "
-        "was saved to (depthlens train writes runs/<model>/lens)"
-    )
+    distinct = list(dict.fromkeys(LOGIT if is_logit(spec) else Path(spec) for spec in specs))
+    kinds = {spec: check_spec(spec) for spec in distinct}
+    shared = {kind for kind in kinds.values() if list(kinds.values()).count(kind) > 1}
+    return {
+        (kind if kind not in shared else f"{kind} ({spec})"): (None if spec == LOGIT else spec)
+        for spec, kind in kinds.items()
+    }
 
 
-def check_spec(spec: str | os.PathLike) -> None:
-    """Raise :class:`LensFileError` now, before a model is loaded, for a spec that is neither
-    ``"logit"`` nor a directory (the lens files themselves are checked when loaded)."""
-    if not is_logit(spec):
-        lens_directory(spec)
-
-
-def load_readout(spec: str | os.PathLike, model: nn.Module | ModelParts) -> Readout:
-    """The readout ``spec`` names, on ``model``: a :class:`LogitLens` for ``"logit"``, else the
-    :class:`TunedLens` saved in directory ``spec``.
-
-    Raises :class:`LensFileError` for a spec that is neither, a damaged lens directory, or a lens
-    trained for another model.
-    """
-    if is_logit(spec):
-        return LogitLens(model)
-    return TunedLens.from_pretrained(lens_directory(spec), model)
+def load_readouts(model: nn.Module | ModelParts, specs: Iterable[str | os.PathLike]) -> dict[str, Readout]:
+    """The readout of each distinct spec on ``model``, by the names of :func:`readout_names`."""
+    return _load(model, readout_names(specs))
 
 
 def load_lenses(
     model: nn.Module | ModelParts, specs: Iterable[str | os.PathLike] = ()
-) -> tuple[dict[str, Lens], dict[str, Path]]:
-    """The logit lens and a tuned lens from each directory in ``specs``, by name, and the
-    directory each tuned lens came from (same names).
+) -> tuple[dict[str, Readout], dict[str, Path]]:
+    """The logit lens and the readout of each spec in ``specs``, by name, and the path each
+    non-logit readout came from (same names).
 
-    The logit lens (``"logit"``) always comes first; ``"logit"`` in ``specs`` adds nothing, and
-    a directory named twice is loaded once. One tuned lens is called ``"tuned"``; several are
-    ``"tuned (DIR)"``. Raises :class:`LensFileError` as :func:`load_readout` does.
+    The logit lens (``"logit"``) always comes first; ``"logit"`` in ``specs`` adds nothing. Names
+    are those of :func:`readout_names`: one tuned lens is ``"tuned"``, two are
+    ``"tuned (DIR)"`` each. Raises :class:`~depthlens.errors.LensFileError` as
+    :func:`~depthlens.lenses.registry.load_readout` does.
     """
-    folders = list(dict.fromkeys(Path(spec) for spec in specs if not is_logit(spec)))
-    lenses: dict[str, Lens] = {LOGIT: LogitLens(model)}
-    sources: dict[str, Path] = {}
-    for folder in folders:
-        name = "tuned" if len(folders) == 1 else f"tuned ({folder})"
-        lenses[name] = TunedLens.from_pretrained(lens_directory(folder), model)
-        sources[name] = folder
-    return lenses, sources
+    names = readout_names([LOGIT, *specs])
+    return _load(model, names), {name: path for name, path in names.items() if path is not None}
+
+
+def _load(model: nn.Module | ModelParts, names: dict[str, Path | None]) -> dict[str, Readout]:
+    return {name: load_readout(path or LOGIT, model) for name, path in names.items()}

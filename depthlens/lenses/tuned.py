@@ -62,8 +62,10 @@ class TunedLens(Lens):
         }
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` atomically into ``directory``."""
+        """Write ``config.json`` (with ``"kind": "tuned"``, which the readout registry reads) +
+        ``model.safetensors`` atomically into ``directory``."""
         config = {
+            "kind": self.kind,
             "lens_type": self.kind,
             "library_version": __version__,
             "model": self.model_info(),
@@ -80,8 +82,9 @@ class TunedLens(Lens):
         """
         config, tensors = read_lens_dir(directory)
         lens = cls(model, training=config.get("training"))
-        if config.get("lens_type") != cls.kind:
-            raise LensFileError(f"{directory} holds a {config.get('lens_type')!r} lens, not a {cls.kind!r} lens")
+        others = {config.get(key, cls.kind) for key in ("kind", "lens_type")} - {cls.kind}
+        if others:
+            raise LensFileError(f"{directory} holds a {others.pop()!r} lens, not a {cls.kind!r} lens")
         expected, actual = config.get("model", {}), lens.model_info()
         if expected.get("fingerprint") != actual["fingerprint"]:
             raise LensFileError(

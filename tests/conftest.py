@@ -1,6 +1,7 @@
 """Shared fixtures: one torch thread, a tiny byte-level BPE tokenizer built in memory (no download),
 and a tiny model saved to disk with it."""
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +10,11 @@ import torch
 from tiny_models import tiny_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+os.environ["DEPTHLENS_FAST_BFLOAT16"] = "0"
+"""``--dtype auto`` (the command line's default) means float32 in the tests, on every CPU, so that
+results compared with float32 references do not depend on whether this CPU is fast at bfloat16;
+``tests/test_precision.py`` forces each path itself."""
 
 _TRAINING_TEXT = [
     "When shall we three meet again in thunder, lightning, or in rain?",

@@ -69,6 +69,7 @@ def test_attention_is_split_into_heads(family):
 def test_a_mixture_of_experts_mlp_is_one_term():
     attribution = logit_attribution(tiny_model("mixtral"), IDS, neurons=[1])
     assert [t.kind for t in attribution.terms if t.layer == 1 and t.kind.startswith("mlp")] == ["mlp"]
+    assert attribution.notes == ["layer 1: the MLP could not be split into neurons (a mixture of experts?)"]
 
 
 def test_neurons_and_the_rest_make_up_the_mlp(llama):

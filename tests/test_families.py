@@ -85,17 +85,6 @@ def random_ids(seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(seed))
 
 
-def randomize_norms(model: nn.Module, seed: int = 0) -> None:
-    """Move every norm's parameters off their init (weight 1, bias 0), where applying one norm
-    too many or too few barely changes the logits."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if "norm" in type(module).__name__.lower():
-                for parameter in module.parameters(recurse=False):
-                    parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
-
-
 def head_input(parts: ModelParts, state: torch.Tensor) -> torch.Tensor:
     """``state`` after the modules between the last block and the unembedding."""
     for module in parts.final_norm:
@@ -141,13 +130,13 @@ CASES = {
     "opt-project-out": Case("opt", {"word_embed_proj_dim": 16}, embeds_exactly=False),
     "opt-post-norm": Case("opt", {"do_layer_norm_before": False}, embeds_exactly=False),
     "inkling-padded-vocab": Case("inkling_text", {"unpadded_vocab_size": 300}, ("vocab_limit",)),
+    "llama-tied": Case("llama", {"tie_word_embeddings": True}),
 }
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_family_decodes_its_last_state_like_the_model(case: Case) -> None:
-    model = tiny_model(case.model_type, **case.overrides)
-    randomize_norms(model)
+    model = tiny_model(case.model_type, **case.overrides)  # norms already off their init (weight 1, bias 0)
     parts, ids = find_parts(model), random_ids()
     hs = capture(model, ids, parts=parts)
 
@@ -178,6 +167,51 @@ def test_opt_projects_down_after_its_final_norm() -> None:
 
 def test_post_norm_opt_has_no_final_norm() -> None:
     assert find_parts(tiny_model("opt", do_layer_norm_before=False)).final_norm == ()
+
+
+def test_llama_comes_tied_and_untied() -> None:
+    tied, untied = find_parts(tiny_model("llama", tie_word_embeddings=True)), find_parts(tiny_model("llama"))
+    assert tied.unembedding.weight is tied.embedding.weight
+    assert untied.unembedding.weight is not untied.embedding.weight
+    assert not torch.equal(untied.unembedding.weight, untied.embedding.weight)
+
+
+BLOCK_PARTS = {
+    "llama": ("self_attn.o_proj", "mlp.down_proj", ""),
+    "gpt2": ("attn.c_proj", "mlp.c_proj", ""),
+    "opt": ("self_attn.out_proj", "fc2", ""),
+    "gpt_neox": ("attention.dense", "mlp.dense_4h_to_h", ""),
+    "gptj": ("attn.out_proj", "mlp.fc_out", ""),
+    "gpt_neo": ("attn.attention.out_proj", "mlp.c_proj", ""),
+    "phi": ("self_attn.dense", "mlp.fc2", ""),
+    "bloom": ("self_attention.dense", "mlp.dense_4h_to_h", ""),
+    "falcon": ("self_attention.dense", "mlp.dense_4h_to_h", ""),
+    "mpt": ("attn.out_proj", "ffn.down_proj", ""),
+    "gemma2": ("self_attn.o_proj", "mlp.down_proj", "post_attention_layernorm"),
+    "olmo2": ("self_attn.o_proj", "mlp.down_proj", "post_attention_layernorm"),
+    "mixtral": ("self_attn.o_proj", "", ""),
+}
+"""Per family, inside a block: the attention's output projection, the MLP's last projection
+(none in a mixture of experts) and the sandwich norm after attention (none in most)."""
+
+
+@pytest.mark.parametrize("family", BLOCK_PARTS)
+def test_the_projections_and_sandwich_norms_inside_a_block(family: str) -> None:
+    model = tiny_model(family)
+    parts = find_parts(model)
+    heads, neurons, attn_norm = BLOCK_PARTS[family]
+    assert (parts.paths["heads"], parts.paths["neurons"], parts.paths["attn_norm"]) == BLOCK_PARTS[family]
+    assert parts.paths["mlp_norm"] == ("post_feedforward_layernorm" if attn_norm else "")
+    assert parts.num_heads == model.config.num_attention_heads == 4
+    assert parts.branch("heads", 0) is parts.blocks[0].get_submodule(heads)
+    assert (parts.branch("neurons", 2) is None) == (not neurons)
+
+
+def test_a_family_rule_names_the_projections_and_the_head_count(monkeypatch) -> None:
+    monkeypatch.setitem(FAMILY_RULES, "llama", FamilyRule(heads="", neurons="mlp.up_proj", num_heads="num_key_value_heads"))
+    parts = find_parts(tiny_model("llama"))
+    assert (parts.paths["heads"], parts.paths["neurons"], parts.num_heads) == ("", "mlp.up_proj", 2)
+    assert parts.branch("heads", 1) is None and parts.branch("neurons", 1) is parts.blocks[1].mlp.up_proj
 
 
 # --------------------------------------------------------------------------- all families
@@ -211,7 +245,6 @@ def invariant_failure(model_type: str) -> str | None:
     """``None`` if a tiny ``model_type`` decodes its last state like the model, else why not."""
     try:
         model = tiny_model(model_type)
-        randomize_norms(model)
         parts = find_parts(model)
         hs = capture(model, random_ids(), parts=parts)
         decoded = parts.decode(hs.states[-1])

@@ -1,4 +1,9 @@
-"""Tiny random-weight causal LMs built from configs (no download), for every family we test."""
+"""Tiny random-weight causal LMs built from configs (no download), for every family we test.
+
+They hide nothing: every bias a family has is switched on where its config offers the choice
+(:data:`BIAS_SWITCHES`) and drawn non-zero, and every norm's gain is drawn away from 1
+(:func:`perturb`), so that code which forgets a bias or a norm weight gives wrong numbers.
+"""
 
 from __future__ import annotations
 
@@ -152,15 +157,21 @@ FAMILY_OVERRIDES: dict[str, dict[str, object]] = {
 lens must apply them. One table for all families."""
 
 _TOKEN_ID_NAMES = ("pad_token_id", "bos_token_id", "eos_token_id")
+BIAS_SWITCHES = ("attention_bias", "mlp_bias")
+"""Config switches that give a family's projections biases (Llama, Gemma, OLMo, …): set to
+``True`` wherever the family's config has them, unless an override says otherwise."""
 
 
 def tiny_config(model_type: str, **overrides: object) -> PretrainedConfig:
     """A config for ``model_type`` with 3 layers of width 32 and a 320-token vocabulary.
 
-    :data:`FAMILY_OVERRIDES` supplies what a family needs beyond :data:`TINY`; special token ids
+    :data:`FAMILY_OVERRIDES` supplies what a family needs beyond :data:`TINY`, every switch of
+    :data:`BIAS_SWITCHES` the config has is on; special token ids
     that the default config puts outside the small vocabulary are moved to 0.
     """
-    values = {**TINY, **FAMILY_OVERRIDES.get(model_type, {}), **overrides}
+    defaults = AutoConfig.for_model(model_type)
+    switches = {name: True for name in BIAS_SWITCHES if getattr(defaults, name, None) is False}
+    values = {**TINY, **switches, **FAMILY_OVERRIDES.get(model_type, {}), **overrides}
     config = AutoConfig.for_model(model_type, **{k: v for k, v in values.items() if v is not FAMILY_DEFAULT})
     for name in _TOKEN_ID_NAMES:
         value = getattr(config, name, None)
@@ -169,10 +180,32 @@ def tiny_config(model_type: str, **overrides: object) -> PretrainedConfig:
     return config
 
 
+BIAS_STD = 0.1
+"""Standard deviation of the noise given to every bias."""
+GAIN_STD = 0.2
+"""Standard deviation of the noise added to every norm's weight (its gain, 1 + w in Gemma's form)."""
+
+
+def perturb(model: torch.nn.Module, seed: int) -> None:
+    """Draw every parameter named ``bias`` from N(0, BIAS_STD²) and add N(0, GAIN_STD²) noise to
+    the weight of every norm module (a class whose name contains "Norm"), from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            is_norm = "norm" in type(module).__name__.lower()
+            for name, parameter in module.named_parameters(recurse=False):
+                if name == "bias":
+                    parameter.copy_(BIAS_STD * torch.randn(parameter.shape, generator=generator))
+                elif is_norm and name == "weight":
+                    parameter.add_(GAIN_STD * torch.randn(parameter.shape, generator=generator))
+
+
 def tiny_model(model_type: str = "llama", seed: int = 0, **overrides: object) -> PreTrainedModel:
-    """A float32 model in eval mode with random weights from ``seed``."""
+    """A float32 model in eval mode with random weights from ``seed``, biases and norm gains
+    included (:func:`perturb`)."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=torch.float32)
+    perturb(model, seed)
     return model.eval()
 
 

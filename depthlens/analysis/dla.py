@@ -8,13 +8,15 @@ the difference ``t − t'``) is ``u · x + c``: each part's share is ``u · part
 ``c`` (the final norm's bias, a bias of a projection after it, the unembedding's bias) are terms of
 their own. The terms therefore add up to the model's logit, to rounding.
 
-Attention is split per head at the input of its output projection (``o_proj``, GPT-2's
-``c_proj``, NeoX's ``dense``, OPT's ``out_proj``, …): head ``h`` writes ``W_O[:, h] z_h``, the
-projection's bias is a term of its own. Where a sandwich norm follows the branch (Gemma 2/3,
-OLMo 2) its scale is frozen too, so heads still split linearly. MLPs are one term each
-(mixtures of experts included); with ``neurons`` the chosen MLPs are split into their ``top``
-neurons and the rest. Families with logit soft-capping are attributed before the cap, and
-:attr:`LogitAttribution.softcap` says so.
+Attention is split per head at the input of its output projection (the hook point
+``heads.{i}``; where that projection is, ``o_proj``, GPT-2's ``c_proj``, NeoX's ``dense``, …, is
+the family table's business): head ``h`` writes ``W_O[:, h] z_h``, the projection's bias is a
+term of its own. Where a sandwich norm follows the branch (Gemma 2/3, OLMo 2) its scale is
+frozen too, so heads still split linearly. MLPs are one term each (mixtures of experts
+included); with ``neurons`` the chosen MLPs are split, at the input of their last projection
+(``neurons.{i}``), into their ``top`` neurons and the rest. Every value is read through
+:mod:`depthlens.model.hooks`. Families with logit soft-capping are attributed before the cap,
+and :attr:`LogitAttribution.softcap` says so.
 """
 
 from __future__ import annotations
@@ -27,17 +29,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from depthlens.analysis.dla_model import (
-    DOWN_PROJECTIONS,
-    OUT_PROJECTIONS,
-    LinearNorm,
-    attention_module,
-    freeze_norm,
-    inputs_of,
-    mlp_module,
-    num_heads,
-    projection,
-)
+from depthlens.analysis.dla_model import LinearNorm, freeze_norm, projection
 from depthlens.errors import AttributionError
 from depthlens.model.architecture import ModelParts, find_parts
 from depthlens.model.hooks import hooked
@@ -167,25 +159,25 @@ def resolve_token(tokenizer: PreTrainedTokenizerBase | None, token: str | int, v
 @dataclass
 class _Run:
     values: dict[str, torch.Tensor]
-    inputs: dict[str, torch.Tensor]
     logits: torch.Tensor
+
+    def at(self, point: str, p: int) -> torch.Tensor:
+        """The value read at ``point`` for position ``p`` of the one text, float64 ``[d]``."""
+        value = self.values[point]
+        return value.reshape(-1, value.shape[-1])[p].double().cpu()
 
 
 def _run(model: nn.Module, parts: ModelParts, ids: torch.Tensor, neurons: Sequence[int]) -> _Run:
-    """One clean forward pass reading every residual state, branch and projection input."""
-    watch = {}
-    for i in range(parts.num_layers):
-        out = projection(attention_module(parts, i)[0], OUT_PROJECTIONS)
-        if out is not None:
-            watch[f"o.{i}"] = out.module
-        if i in neurons and (down := projection(mlp_module(parts, i)[0], DOWN_PROJECTIONS)) is not None:
-            watch[f"down.{i}"] = down.module
+    """One clean forward pass reading every residual state and branch, every attention output
+    projection's input, and the MLP last projection's input in the layers of ``neurons``."""
     names = [f"resid.{i}" for i in range(parts.num_layers + 1)]
-    names += [f"{k}.{i}" for i in range(parts.num_layers) for k in ("attn", "mlp") if parts.branch(k, i) is not None]
+    for i in range(parts.num_layers):
+        wanted = ("attn", "mlp", "heads", *(("neurons",) if i in neurons else ()))
+        names += [f"{kind}.{i}" for kind in wanted if parts.branch(kind, i) is not None]
     device = parts.embedding.weight.device
-    with torch.no_grad(), hooked(parts, read=names) as values, inputs_of(watch) as inputs:
+    with torch.no_grad(), hooked(parts, read=names) as values:
         logits = model(input_ids=ids.to(device), use_cache=False).logits
-    return _Run(values, inputs, logits)
+    return _Run(values, logits)
 
 
 def _decoder_covector(parts: ModelParts, x: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, list[Term]]:
@@ -236,20 +228,14 @@ def _split(
 
 
 def _attention_terms(
-    parts: ModelParts, run: _Run, i: int, p: int, u: torch.Tensor, heads: int, notes: list[str]
+    parts: ModelParts, run: _Run, i: int, p: int, u: torch.Tensor, notes: list[str]
 ) -> list[Term]:
-    whole = run.values[f"attn.{i}"][0, p].double().cpu()
-    module, post = attention_module(parts, i)
-    out = projection(module, OUT_PROJECTIONS)
-    if out is not None and heads and f"o.{i}" in run.inputs and out.weight.shape[1] % heads == 0:
-        a = run.inputs[f"o.{i}"][0, p].double().cpu()
-        weight = out.weight.detach().double().cpu()
-        width = weight.shape[1] // heads
-        pieces = torch.stack(
-            [weight[:, h * width : (h + 1) * width] @ a[h * width : (h + 1) * width] for h in range(heads)]
-        )
-        bias = out.bias.detach().double().cpu() if out.bias is not None else torch.zeros_like(whole)
-        split = _split(pieces, bias, post, whole)
+    whole, heads = run.at(f"attn.{i}", p), parts.num_heads
+    out = projection(parts, "heads", i)
+    if out is not None and heads and f"heads.{i}" in run.values and out.weight.shape[1] % heads == 0:
+        z = run.at(f"heads.{i}", p).reshape(heads, -1)
+        pieces = torch.einsum("dhk,hk->hd", out.weight.reshape(out.weight.shape[0], heads, -1), z)
+        split = _split(pieces, out.bias, parts.branch("attn_norm", i), whole)
         if split is not None:
             terms = [Term(f"L{i}.H{h}", "head", i, h, float(u @ piece)) for h, piece in enumerate(split[0])]
             return terms + [Term(f"L{i}.attn bias", "attn_bias", i, None, float(u @ split[1]))]
@@ -258,23 +244,19 @@ def _attention_terms(
 
 
 def _mlp_terms(parts: ModelParts, run: _Run, i: int, p: int, u: torch.Tensor, top: int, notes: list[str]) -> list[Term]:
-    after, before = run.values[f"resid.{i + 1}"][0, p], run.values[f"resid.{i}"][0, p]
-    whole = (after - before - run.values[f"attn.{i}"][0, p]).double().cpu()
+    """Block ``i``'s MLP as one term, or (``top > 0``) as its ``top`` neurons and the rest."""
+    whole = run.at(f"resid.{i + 1}", p) - run.at(f"resid.{i}", p) - run.at(f"attn.{i}", p)
     total = float(u @ whole)
-    if f"down.{i}" not in run.inputs:
+    if not top:
         return [Term(f"L{i}.mlp", "mlp", i, None, total)]
-    module, post = mlp_module(parts, i)
-    down = projection(module, DOWN_PROJECTIONS)
-    a = run.inputs[f"down.{i}"][0, p].double().cpu()
-    weight = down.weight.detach().double().cpu()
-    bias = down.bias.detach().double().cpu() if down.bias is not None else torch.zeros_like(whole)
-    covector = u
-    if _split((weight @ a)[None], bias, post, whole) is None:
+    down = projection(parts, "neurons", i)
+    a = run.at(f"neurons.{i}", p) if f"neurons.{i}" in run.values else None
+    post = parts.branch("mlp_norm", i)
+    if down is None or a is None or _split((down.weight @ a)[None], down.bias, post, whole) is None:
         notes.append(f"layer {i}: the MLP could not be split into neurons (a mixture of experts?)")
         return [Term(f"L{i}.mlp", "mlp", i, None, total)]
-    if post is not None:
-        covector = freeze_norm(post, weight @ a + bias).adjoint(u)
-    scores = (weight.T @ covector) * a
+    covector = u if post is None else freeze_norm(post, down.weight @ a + down.bias).adjoint(u)
+    scores = (down.weight.T @ covector) * a
     chosen = scores.abs().topk(min(top, scores.numel())).indices.tolist()
     terms = [Term(f"L{i}.N{n}", "neuron", i, n, float(scores[n])) for n in chosen]
     return terms + [Term(f"L{i}.mlp rest", "mlp_rest", i, None, total - sum(t.value for t in terms))]
@@ -340,12 +322,12 @@ def logit_attribution(
     weights, label = _logit_weights(run.logits[0, p], tokenizer, target, contrast, parts.vocab_size)
     u, constants = _decoder_covector(parts, x, weights)
     notes: list[str] = []
-    heads = num_heads(model)
-    terms = [Term("embeddings", "embed", None, None, float(u @ run.values["resid.0"][0, p].double().cpu()))]
+    terms = [Term("embeddings", "embed", None, None, float(u @ run.at("resid.0", p)))]
     for i in range(parts.num_layers):
-        terms += _attention_terms(parts, run, i, p, u, heads, notes)
-        terms += _mlp_terms(parts, run, i, p, u, top_neurons, notes)
-    uncapped = replace(parts, logit_softcap=None).decode(x).double().cpu() @ weights.to(torch.float64)
+        terms += _attention_terms(parts, run, i, p, u, notes)
+        terms += _mlp_terms(parts, run, i, p, u, top_neurons if i in neurons else 0, notes)
+    with torch.no_grad():
+        uncapped = replace(parts, logit_softcap=None).decode(x).double().cpu() @ weights.to(torch.float64)
     capped = float(run.logits[0, p].double().cpu()[: parts.vocab_size] @ weights)
     if parts.logit_softcap is not None:
         notes.append(
@@ -358,7 +340,7 @@ def logit_attribution(
         label,
         p,
         parts.num_layers,
-        heads,
+        parts.num_heads,
         softcap=parts.logit_softcap,
         capped_logit=capped,
         model_name=parts.model_name,
@@ -367,8 +349,6 @@ def logit_attribution(
 
 
 __all__ = [
-    "DOWN_PROJECTIONS",
-    "OUT_PROJECTIONS",
     "LinearNorm",
     "LogitAttribution",
     "Term",

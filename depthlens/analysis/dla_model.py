@@ -1,46 +1,39 @@
-"""The model side of direct logit attribution: where each branch's projection is, and norms
-linearised with a frozen scale (:func:`freeze_norm`). See :mod:`depthlens.analysis.dla`."""
+"""The model side of direct logit attribution: a branch's last projection as float64 tensors, and
+norms linearised with a frozen scale (:func:`freeze_norm`). Where the projections and norms are
+is the family table's business (``ModelParts.paths``); see :mod:`depthlens.analysis.dla`."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from depthlens.errors import AttributionError
-from depthlens.model.architecture import ATTENTION_NAMES, POST_NORMS, ModelParts
-
-OUT_PROJECTIONS = ("o_proj", "out_proj", "dense", "c_proj", "wo", "o")
-"""Names, tried in order inside an attention module, of its output projection."""
-DOWN_PROJECTIONS = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "fc_out", "w2", "wo")
-"""Names, tried in order inside an MLP (or a block, where the MLP is inline), of its last projection."""
+from depthlens.model.architecture import ModelParts
 
 
 @dataclass(frozen=True)
 class Projection:
-    """A projection ``y = W a + b`` as it runs: ``weight [out, in]``, ``bias [out]`` or ``None``."""
+    """A projection ``y = W a + b`` as it runs, in float64 on the CPU: ``weight [out, in]`` and
+    ``bias [out]`` (zeros where the layer has none)."""
 
-    module: nn.Module
     weight: torch.Tensor
-    bias: torch.Tensor | None
+    bias: torch.Tensor
 
 
-def projection(module: nn.Module | None, names: Sequence[str]) -> Projection | None:
-    """The first submodule of ``module`` named in ``names`` that is a linear layer (or GPT-2's
-    ``Conv1D``, whose weight is stored transposed)."""
+def projection(parts: ModelParts, kind: str, index: int) -> Projection | None:
+    """Block ``index``'s attention output projection (``kind="heads"``) or MLP last projection
+    (``"neurons"``), a linear layer or GPT-2's ``Conv1D`` (whose weight is stored transposed);
+    ``None`` where the family has none."""
+    module = parts.branch(kind, index)
     if module is None:
         return None
-    found = {name.rpartition(".")[2]: child for name, child in module.named_modules() if name}
-    for name in names:
-        child = found.get(name)
-        if isinstance(child, nn.Linear):
-            return Projection(child, child.weight, child.bias)
-        if type(child).__name__ == "Conv1D":
-            return Projection(child, child.weight.T, child.bias)
-    return None
+    weight = module.weight.detach().double().cpu()
+    weight = weight.T if not isinstance(module, nn.Linear) else weight
+    if module.bias is None:
+        return Projection(weight, torch.zeros(weight.shape[0], dtype=torch.float64))
+    return Projection(weight, module.bias.detach().double().cpu())
 
 
 @dataclass(frozen=True)
@@ -103,61 +96,4 @@ def freeze_norm(module: nn.Module, x: torch.Tensor) -> LinearNorm:
     return LinearNorm(gamma, beta, centre, scale)
 
 
-@contextmanager
-def inputs_of(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the first positional input ``[batch, seq, in]`` of each module while inside."""
-    seen: dict[str, torch.Tensor] = {}
-
-    def record(key: str, args: tuple) -> None:
-        value = args[0]
-        seen[key] = value.reshape(1, -1, value.shape[-1]) if value.dim() == 2 else value
-
-    handles = [m.register_forward_pre_hook(lambda _m, args, key=key: record(key, args)) for key, m in modules.items()]
-    try:
-        yield seen
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def attention_module(parts: ModelParts, index: int) -> tuple[nn.Module | None, nn.Module | None]:
-    """Block ``index``'s attention module and the sandwich norm after it (``None`` if none)."""
-    block = parts.blocks[index]
-    if parts.paths.get("attn") == POST_NORMS["attn"]:
-        inner = next(
-            (getattr(block, n) for n in ATTENTION_NAMES if isinstance(getattr(block, n, None), nn.Module)), None
-        )
-        return inner, getattr(block, POST_NORMS["attn"])
-    return parts.branch("attn", index), None
-
-
-def mlp_module(parts: ModelParts, index: int) -> tuple[nn.Module | None, nn.Module | None]:
-    """Block ``index``'s MLP (the block itself where it is inline) and its sandwich norm."""
-    block = parts.blocks[index]
-    if parts.paths.get("mlp") == POST_NORMS["mlp"]:
-        return getattr(block, "mlp", None), getattr(block, POST_NORMS["mlp"])
-    module = parts.branch("mlp", index)
-    return (module if module is not None else block), None
-
-
-def num_heads(model: nn.Module) -> int:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    for name in ("num_attention_heads", "n_head", "num_heads", "n_heads"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 0
-
-
-__all__ = [
-    "DOWN_PROJECTIONS",
-    "OUT_PROJECTIONS",
-    "LinearNorm",
-    "Projection",
-    "attention_module",
-    "freeze_norm",
-    "inputs_of",
-    "mlp_module",
-    "num_heads",
-    "projection",
-]
+__all__ = ["LinearNorm", "Projection", "freeze_norm", "projection"]

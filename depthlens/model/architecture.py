@@ -22,18 +22,10 @@ import torch
 from torch import nn
 
 from depthlens.errors import UnsupportedModelError
+from depthlens.model.block_parts import count_heads, find_branch, find_projection, sandwich_norms
 
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f", "final_norm")
 """Attribute names, tried in order on the base model, under which families keep the final norm."""
-
-ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
-"""Attribute names, tried in order on a block, of its attention module."""
-MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe", "ffn", "moe")
-"""Attribute names, tried in order on a block, of its MLP (or mixture-of-experts) module."""
-POST_NORMS = {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"}
-"""Sandwich-norm blocks (Gemma 2/3, OLMo 2) normalise each branch's output before adding it; a
-block that has ``post_feedforward_layernorm`` uses these as the branches' last modules."""
-
 
 @dataclass(frozen=True)
 class FamilyRule:
@@ -67,6 +59,15 @@ class FamilyRule:
     """The branches (``"attn"``, ``"mlp"``) whose module returns ``residual + branch`` rather than
     the branch alone (BLOOM's both, MPT's MLP); hooks subtract the ``residual`` argument so that a
     branch's value is its contribution."""
+    heads: str | None = None
+    """Path, inside each block, of the attention's output projection, whose input holds the heads'
+    outputs side by side (``[..., heads · d_head]``); ``""`` when the family has none to split."""
+    neurons: str | None = None
+    """Path, inside each block, of the MLP's last projection, whose input is the neurons'
+    activations; ``""`` when the family has none (a mixture of experts)."""
+    num_heads: str | None = None
+    """Config attribute holding the number of attention heads (``None``: the first of
+    :data:`~depthlens.model.block_parts.HEAD_COUNTS` that the config has)."""
     note: str = ""
 
 
@@ -160,13 +161,17 @@ class ModelParts:
     logit_softcap: float | None = None
     vocab_limit: int | None = None
     branches_add_residual: tuple[str, ...] = ()
+    num_heads: int = 0
+    """Attention heads per block (0 if the config does not say)."""
     paths: dict[str, str | tuple[str, ...]] = field(default_factory=dict)
     """Where the parts live: ``blocks``, ``final_norm``, and inside each block ``attn`` and
-    ``mlp`` (``""`` when the family exposes no such module)."""
+    ``mlp`` (the modules whose outputs are the branches), ``heads`` and ``neurons`` (the
+    attention's output projection and the MLP's last projection), ``attn_norm`` and ``mlp_norm``
+    (the sandwich norms that end the branches); ``""`` where the family has no such module."""
 
     def branch(self, kind: str, index: int) -> nn.Module | None:
-        """Block ``index``'s ``"attn"`` or ``"mlp"`` module (whose output is that branch's
-        contribution to the residual stream), or ``None`` where the family exposes none."""
+        """Block ``index``'s module at ``paths[kind]`` (``"attn"``, ``"mlp"``, ``"heads"``,
+        ``"neurons"``, ``"attn_norm"``, ``"mlp_norm"``), or ``None`` where the family has none."""
         path = self.paths.get(kind) or ""
         try:
             return self.blocks[index].get_submodule(path) if path else None
@@ -285,11 +290,15 @@ def find_parts(model: nn.Module) -> ModelParts:
         logit_softcap=number(rule.logit_softcap),
         vocab_limit=None if (limit := number(rule.vocab_limit)) is None else int(limit),
         branches_add_residual=rule.branches_add_residual,
+        num_heads=count_heads(text_config, rule.num_heads),
         paths={
             "blocks": blocks_path,
             "final_norm": tuple(norm_paths),
-            "attn": rule.attention if rule.attention is not None else _find_branch(blocks[0], "attn"),
-            "mlp": rule.mlp if rule.mlp is not None else _find_branch(blocks[0], "mlp"),
+            "attn": rule.attention if rule.attention is not None else find_branch(blocks[0], "attn"),
+            "mlp": rule.mlp if rule.mlp is not None else find_branch(blocks[0], "mlp"),
+            "heads": rule.heads if rule.heads is not None else find_projection(blocks[0], "attn"),
+            "neurons": rule.neurons if rule.neurons is not None else find_projection(blocks[0], "mlp"),
+            **sandwich_norms(blocks[0]),
         },
     )
 
@@ -316,14 +325,6 @@ def _find_final_norm(model: nn.Module, blocks_path: str) -> tuple[str, ...] | No
             return (prefix + name,)
     norms = [name for name, child in parent.named_children() if "norm" in type(child).__name__.lower()]
     return (prefix + norms[0],) if len(norms) == 1 else None
-
-
-def _find_branch(block: nn.Module, kind: str) -> str:
-    """Path inside ``block`` of its ``"attn"`` or ``"mlp"`` branch's last module, ``""`` if none."""
-    if isinstance(getattr(block, POST_NORMS["mlp"], None), nn.Module):
-        return POST_NORMS[kind]
-    names = ATTENTION_NAMES if kind == "attn" else MLP_NAMES
-    return next((name for name in names if isinstance(getattr(block, name, None), nn.Module)), "")
 
 
 def _optional_submodule(model: nn.Module, model_type: str, path: str) -> nn.Module | None:

@@ -11,6 +11,10 @@ Hook points are named strings, in the style of TransformerLens:
   family's modules add the residual themselves, as BLOOM's do, it is subtracted). Where a family
   exposes no such module (see ``FamilyRule.attention`` / ``FamilyRule.mlp``) the point does not
   exist.
+- ``"heads.{i}"`` and ``"neurons.{i}"`` for ``0 ≤ i < L``: the inputs of block ``i``'s attention
+  output projection (the heads' outputs side by side, ``[batch, seq, heads · d_head]``) and of
+  its MLP's last projection (the neurons' activations, ``[batch, seq, d_mlp]``), where the family
+  has them (``FamilyRule.heads`` / ``FamilyRule.neurons``).
 
 One idiom reads and writes (like nnsight's)::
 
@@ -96,11 +100,17 @@ class HookRun:
     """The model's output logits ``[batch, seq, vocab]`` (after the edits)."""
 
 
+_BLOCK_KINDS = ("heads", "attn", "neurons", "mlp")
+"""The hook points inside each block, in forward order."""
+_INPUT_KINDS = ("heads", "neurons")
+"""The points read at a module's input rather than its output."""
+
+
 def points(parts: ModelParts) -> list[str]:
     """Every hook point this model exposes, in forward order."""
     names = ["resid.0"]
     for index in range(parts.num_layers):
-        names += [f"{kind}.{index}" for kind in ("attn", "mlp") if parts.branch(kind, index) is not None]
+        names += [f"{kind}.{index}" for kind in _BLOCK_KINDS if parts.branch(kind, index) is not None]
         names.append(f"resid.{index + 1}")
     return names
 
@@ -108,15 +118,17 @@ def points(parts: ModelParts) -> list[str]:
 def _parse(point: str, parts: ModelParts) -> tuple[str, int]:
     kind, _, number = point.partition(".")
     limit = parts.num_layers if kind == "resid" else parts.num_layers - 1
-    if kind not in ("resid", "attn", "mlp") or not number.lstrip("-").isdigit():
-        raise EditError(f"unknown hook point {point!r}: use resid.<layer>, attn.<block> or mlp.<block>")
+    if kind not in ("resid", *_BLOCK_KINDS) or not number.lstrip("-").isdigit():
+        raise EditError(
+            f"unknown hook point {point!r}: use resid.<layer>, or attn, mlp, heads or neurons.<block>"
+        )
     index = int(number)
     if not 0 <= index <= limit:
         raise EditError(f"hook point {point!r} is out of range: this model has {kind}.0 … {kind}.{limit}")
     if kind != "resid" and parts.branch(kind, index) is None:
         raise EditError(
             f"hook point {point!r} does not exist: the {parts.model_type} family exposes no {kind} module "
-            "(record its path in FamilyRule.attention / FamilyRule.mlp)"
+            "(record its path in FamilyRule.attention / .mlp / .heads / .neurons)"
         )
     return kind, index
 
@@ -245,6 +257,8 @@ def _register(parts: ModelParts, name: str, point: _Point) -> torch.utils.hooks.
     kind, index = _parse(name, parts)
     if kind == "resid" and index == 0:
         return parts.blocks[0].register_forward_pre_hook(point.input_hook, with_kwargs=True)
+    if kind in _INPUT_KINDS:
+        return parts.branch(kind, index).register_forward_pre_hook(point.input_hook, with_kwargs=True)
     module = parts.blocks[index - 1] if kind == "resid" else parts.branch(kind, index)
     return module.register_forward_hook(point.output_hook, with_kwargs=True)
 

@@ -3,9 +3,9 @@
 :func:`extract_basis` finds ``k`` ordered orthonormal directions of the residual space at a layer
 whose erasure changes a readout most (energies in nats, see
 :mod:`depthlens.analysis.causal.erasure`), by the batched search (default) or the paper's
-sequential reference (:mod:`depthlens.analysis.causal.search`). Works with any readout: the
-erasure acts on the residual state, the readout (a tuned lens's translator included) decodes
-the erased state.
+sequential reference, the authors' algorithm (:mod:`depthlens.analysis.causal.search`). Works
+with any readout: the erasure acts on the residual state, the readout (a tuned lens's translator
+included) decodes the erased state.
 
 A set of bases is saved as ``bases.safetensors`` + ``bases.json`` (atomic, through
 :func:`depthlens.atomic.write_dir`); the JSON carries the model's decoder fingerprint
@@ -113,7 +113,8 @@ def extract_basis(
     ``data [N, d]`` / ``[batch, seq, d]`` (or prepared :class:`ErasureData`).
 
     ``method`` is ``"batched"`` or ``"sequential"``; ``options`` go to the search
-    (e.g. ``max_iter`` for the sequential one, ``refine_steps`` for the batched one). Bad ``k``,
+    (e.g. ``max_iter`` and ``tolerance`` for the sequential one, ``refine_steps`` for the batched
+    one); ``seed`` draws the resample derangement and the batched search's minibatches. Bad ``k``,
     layer, method or mode are refused before any work."""
     check_layer(layer, readout.num_layers)
     check_directions(k, readout.parts.d_model)
@@ -123,8 +124,10 @@ def extract_basis(
         data = prepare(readout, data, layer, mode, seed=seed, max_rows=max_rows)
     elif data.layer != layer:
         raise CausalError(f"the prepared data are of layer {data.layer}, not {layer}: prepare them for layer {layer}")
-    search = batched_search if method == "batched" else sequential_search
-    result = search(readout, data, k, seed=seed, max_rows=max_rows, progress=progress, **options)
+    if method == "batched":
+        result = batched_search(readout, data, k, seed=seed, max_rows=max_rows, progress=progress, **options)
+    else:
+        result = sequential_search(readout, data, k, max_rows=max_rows, progress=progress, **options)
     return CausalBasis(
         layer=layer, basis=result.basis.detach(), energies=result.energies.detach(), mean=data.mean, mode=data.mode,
         readout=readout.kind, method=method, fingerprint=fingerprint(readout.parts),

@@ -1,14 +1,18 @@
-"""The two searches for a causal basis (Belrose et al. 2023, §3.1, "causal basis extraction").
+"""The two searches for a causal basis (Belrose et al. 2023, §4, "causal basis extraction").
 
 Both return an ordered orthonormal frame ``[k, d]`` whose rows have high energy
 ``E(v) = mean_n KL(readout(h_n) ‖ readout(r(h_n, v)))`` (nats, see
 :mod:`depthlens.analysis.causal.erasure`).
 
-- :func:`sequential_search` is the paper's reference: for ``i = 1 … k`` an L-BFGS run maximises
-  ``E`` over one direction, which is projected orthogonal to ``v_1 … v_{i−1}`` and normalised
-  at every evaluation (and once more at the end). Cost: ``k`` × (L-BFGS evaluations) × ``N``
-  decodes.
-- :func:`batched_search` optimises the whole ``k``-frame at once, as the paper suggests:
+- :func:`sequential_search` is the reference, the authors' algorithm as their code has it
+  (``tuned_lens.causal.extract_causal_bases``; the paper excerpt's Appendix D gives no details):
+  for ``i = 1 … k`` one L-BFGS run maximises ``E`` over one direction, projected orthogonal to
+  ``v_1 … v_{i−1}`` and normalised at every evaluation. It starts from the ``i``-th right
+  singular vector of the (effective) unembedding and stops when the energy changes by less than
+  a relative ``1e-4`` between two evaluations, or after about 100 evaluations (a line search
+  under way may finish); the frame is then sorted by exact energy. Cost: ``k`` × (evaluations per
+  direction) × ``N`` decodes with gradients.
+- :func:`batched_search` optimises the whole ``k``-frame at once, as the paper's §6 suggests:
   it maximises the *Brockett* objective ``Σ_i w_i E(v_i)`` with decreasing weights ``w_i`` over
   orthonormal frames (a QR retraction), whose maximiser for a quadratic ``E`` is exactly the
   ordered greedy solution (the eigenvectors in order) — so the directions stay ordered instead
@@ -43,7 +47,7 @@ from depthlens.analysis.causal.erasure import (
     per_position_energy,
     shortlist,
 )
-from depthlens.lenses.readout import Readout
+from depthlens.lenses.readout import Lens, Readout
 
 
 @dataclass
@@ -79,33 +83,55 @@ def _sorted(readout: Readout, data: ErasureData, frame: torch.Tensor, max_rows: 
     return frame[order].contiguous(), energies[order]
 
 
-def _one_direction(
-    readout: Readout, data: ErasureData, previous: torch.Tensor, start: torch.Tensor, max_iter: int, max_rows: int
-) -> tuple[torch.Tensor, int]:
-    """One L-BFGS run from ``start [d]`` maximising the energy of ``v = P⊥u / ‖P⊥u‖`` (``P⊥``
-    projects orthogonal to the rows of ``previous [i, d]``); returns ``v [d]`` and the number of
-    energy evaluations."""
-    u = start.clone().requires_grad_(True)
-    optimizer = torch.optim.LBFGS([u], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
-                                  tolerance_grad=1e-12, tolerance_change=1e-12)
-    evaluations = 0
+def unembedding_start(readout: Readout, layer: int, k: int, mean: torch.Tensor) -> torch.Tensor:
+    """The reference's start, ``[k, d]``: the top ``k`` right singular vectors of the effective
+    unembedding ``W J`` (``W [vocab, d]`` the model's unembedding weight, ``J [d, d]`` the
+    Jacobian of the lens's transform at ``mean [d]``: ``I + A_l`` for a tuned lens, ``I`` for
+    the logit lens; ``W`` alone for a readout that is not a :class:`Lens`). The final norm is
+    left out, as in the authors' code, who take the left singular vectors of ``(W J)ᵀ``."""
+    weight = readout.parts.unembedding.weight.detach().float()[: readout.parts.vocab_limit]
+    if isinstance(readout, Lens):
+        jacobian = torch.autograd.functional.jacobian(lambda h: readout.transform(h, layer).float(), mean.float(),
+                                                      vectorize=True)
+        weight = weight @ jacobian
+    return torch.linalg.svd(weight, full_matrices=False).Vh[:k].contiguous()
 
+
+def _one_direction(
+    readout: Readout, data: ErasureData, previous: torch.Tensor, start: torch.Tensor, max_iter: int,
+    tolerance: float, max_rows: int,
+) -> tuple[torch.Tensor, int]:
+    """Maximise the energy of ``v = P⊥u / ‖P⊥u‖`` (``P⊥`` projects orthogonal to the rows of
+    ``previous [i, d]``) from ``u = start [d]``: L-BFGS steps (strong Wolfe) until the relative
+    change of the energy between the last two evaluations is below ``tolerance`` or ``max_iter``
+    evaluations are spent; ``u`` is projected back onto the sphere after each step. Returns
+    ``v [d]`` and the number of energy evaluations."""
     def direction(raw: torch.Tensor) -> torch.Tensor:
         projected = raw - previous.T @ (previous @ raw)
-        return projected / projected.norm()
+        return projected / (projected.norm() + torch.finfo(projected.dtype).eps)
+
+    u = direction(start).requires_grad_(True)
+    optimizer = torch.optim.LBFGS([u], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+    history: list[float] = []
 
     def closure() -> torch.Tensor:
-        nonlocal evaluations
         optimizer.zero_grad()
         v = direction(u)
         energy, grad = energy_and_grad(readout, data, v.detach()[None], torch.ones(1), max_rows=max_rows)
         v.backward(-grad[0])
-        evaluations += 1
+        history.append(float(energy[0]))
         return -energy[0]
 
-    optimizer.step(closure)
+    while len(history) < max_iter:
+        optimizer.param_groups[0]["max_eval"] = max_iter - len(history)
+        optimizer.step(closure)
+        with torch.no_grad():
+            u.copy_(direction(u))
+        last, change = history[-1], history[-1] - (history[-2] if len(history) > 1 else 0.0)
+        if last == 0.0 or abs(change / last) < tolerance:
+            break
     with torch.no_grad():
-        return direction(direction(u.detach())), evaluations  # projected twice, against rounding
+        return direction(direction(u.detach())), len(history)  # projected twice, against rounding
 
 
 def sequential_search(
@@ -113,26 +139,27 @@ def sequential_search(
     data: ErasureData,
     k: int,
     *,
-    max_iter: int = 20,
-    seed: int = 0,
+    max_iter: int = 100,
+    tolerance: float = 1e-4,
     max_rows: int = MAX_ROWS,
     progress: bool = False,
 ) -> SearchResult:
-    """The reference: one L-BFGS run (strong Wolfe line search, ``max_iter`` iterations) per
-    direction, each from a random start, projected orthogonal to the earlier ones at every
-    evaluation and once more at the end."""
+    """The reference, the authors' algorithm (``tuned_lens.causal.extract_causal_bases``): direction
+    ``i`` starts from the ``i``-th right singular vector of the effective unembedding
+    (:func:`unembedding_start`), projected orthogonal to ``v_1 … v_{i−1}``, and is refined by
+    L-BFGS under their convergence test (relative energy change below ``tolerance``, at most
+    ``max_iter`` evaluations). The energies are then recomputed exactly at the final directions
+    (one no-gradient evaluation each, counted) and the frame is sorted by them."""
     start = time.perf_counter()
-    d = data.states.shape[1]
-    generator = torch.Generator().manual_seed(seed)
-    basis = torch.zeros(0, d)
-    energies: list[float] = []
+    starts = unembedding_start(readout, data.layer, k, data.mean)
+    basis = torch.zeros(0, data.states.shape[1])
     evaluations = 0
-    for _ in tqdm(range(k), desc=f"sequential CBE, layer {data.layer}", disable=not progress, unit="dir"):
-        v, used = _one_direction(readout, data, basis, torch.randn(d, generator=generator), max_iter, max_rows)
+    for i in tqdm(range(k), desc=f"sequential CBE, layer {data.layer}", disable=not progress, unit="dir"):
+        v, used = _one_direction(readout, data, basis, starts[i], max_iter, tolerance, max_rows)
         basis = torch.cat([basis, v[None]])
-        energies.append(float(per_position_energy(readout, data, v[None], max_rows=max_rows).mean()))
         evaluations += used + 1
-    return SearchResult(basis, torch.tensor(energies), time.perf_counter() - start, float(evaluations))
+    frame, energies = _sorted(readout, data, basis, max_rows)
+    return SearchResult(frame, energies, time.perf_counter() - start, float(evaluations))
 
 
 def score_samples(

@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from planted_science import SCIENCE_PLANTS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -408,6 +410,8 @@ PLANTS: dict[str, tuple[Callable[[], None], list[str]]] = {
     "table_ignores_every_and_width": (_table_every_ignored, ["tests/test_mutations_lens.py"]),
     "train_skips_final_eval": (_no_final_eval, ["tests/test_mutations_training.py"]),
 }
+
+PLANTS.update(SCIENCE_PLANTS)
 
 
 def pytest_configure(config) -> None:  # noqa: ARG001 - pytest's hook signature

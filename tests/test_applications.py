@@ -96,6 +96,10 @@ def test_calibrated_accuracy_matches_a_hand_computed_example():
     # input 0: p0=0.9 > 0.45 yes; input 1: p1=0.4 > 0.55 no; input 2: p1=0.7 > 0.55 yes; input 3: p0=0.2 no
     assert calibrated_accuracy(probs, gold).tolist() == [0.5]
     assert calibrated_accuracy(probs, np.array([0, 0, 1, 1])).tolist() == [1.0]
+    # A tie with the threshold is not "above" it: label 0: [0.5, 0.5, 0.2] -> median 0.5; label 1:
+    # [0.5, 0.5, 0.8] -> 0.5. Only input 2 (p1 = 0.8) beats its label's median.
+    tied = np.stack([np.array([0.5, 0.5, 0.2]), np.array([0.5, 0.5, 0.8])], -1)[:, None, :]
+    assert calibrated_accuracy(tied, np.array([0, 1, 1])).tolist() == [pytest.approx(1 / 3)]
 
 
 def test_critical_layer_is_where_the_gap_first_reaches_half_the_final_gap():
@@ -124,6 +128,18 @@ def test_injected_prompts_hold_the_attack_exactly_once_before_the_last_cue():
     injected = inject(task.examples[0], "Answer:")
     wrong = task.examples[0].choices[1 - task.examples[0].gold].strip()
     assert ATTACK.format(answer=wrong) in injected.prompt
+
+
+def test_the_attack_always_asks_for_a_wrong_choice():
+    choices = (" red", " green", " blue")
+    task = make_task("colours", [Example(f"Colour {i}?\nAnswer:", choices, i % 3, f"c{i}") for i in range(30)],
+                     cue="Answer:")
+    asked = []
+    for example, attacked in zip(task.examples, injected_examples(task), strict=True):
+        requested = [c for c in choices if ATTACK.format(answer=c.strip()) in attacked.prompt]
+        assert len(requested) == 1 and requested[0] != choices[example.gold]
+        asked.append(choices.index(requested[0]) - example.gold)
+    assert {a % 3 for a in asked} == {1, 2}  # both wrong choices are drawn
 
 
 def test_injection_without_the_cue_is_refused_naming_the_example():

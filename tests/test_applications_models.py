@@ -70,24 +70,50 @@ def test_injection_pipeline_reports_every_method_with_intervals(model, lenses, t
         "logit lens · isolation-forest", "logit lens · lof", "tuned lens · isolation-forest", "tuned lens · lof",
         "SRM baseline (hidden state 3)"]
     for method in result.methods:
-        assert 0 <= method.low <= method.auroc <= method.high <= 1 and len(method.per_seed) == 2
+        assert method.low <= method.auroc <= method.high and len(method.per_seed) == 2
     assert (result.n_clean, result.n_injected) == (16, 16)
+    # The SRM baseline, evaluated by hand: the same seeded 75 % splits, fit on clean training rows
+    # only, scikit-learn's AUROC of held-out clean (0) against injected (1).
+    from sklearn.metrics import roc_auc_score
+
+    from depthlens.analysis.applications.anomaly import SRM
+
+    expected = []
+    for seed in range(2):
+        train = np.sort(np.random.default_rng(seed).permutation(16)[:12])
+        held = np.setdiff1d(np.arange(16), train)
+        detector = SRM().fit(clean.hidden[train, -1])
+        scores = detector.score(np.concatenate([clean.hidden[held, -1], injected.hidden[:, -1]]))
+        expected.append(roc_auc_score(np.r_[np.zeros(len(held)), np.ones(16)], scores))
+    assert result.methods[-1].per_seed == pytest.approx(expected, abs=1e-12)
     json.dumps(result.to_dict())
 
 
 def test_overthinking_pipeline_gives_curves_for_every_layer(model, lenses, tiny_tokenizer):
-    result, _, _ = overthinking(model, tiny_tokenizer, lenses, _task(12, (" fog", " rain")), shots=2, limit=8,
-                                batch_size=3, progress=False)
+    result, right, wrong = overthinking(model, tiny_tokenizer, lenses, _task(12, (" fog", " rain")), shots=2,
+                                        limit=8, batch_size=3, progress=False)
     assert result.examples == 8 and set(result.curves) == {"logit", "tuned"}
     curves = result.curves["tuned"]
-    assert len(curves.correct) == len(curves.permuted) == 4
-    assert all(0 <= a <= 1 for a in curves.correct + curves.permuted)
+
+    def by_hand(scores):  # per layer: gold probability strictly above its label's median (n = 2)
+        probs = np.exp(scores.loglik["tuned"]) / np.exp(scores.loglik["tuned"]).sum(-1, keepdims=True)
+        out = []
+        for layer in range(4):
+            median = [np.quantile(probs[:, layer, c], 0.5) for c in range(2)]
+            out.append(np.mean([probs[i, layer, g] > median[g] for i, g in enumerate(scores.gold)]))
+        return out
+
+    assert curves.correct == pytest.approx(by_hand(right)) and curves.permuted == pytest.approx(by_hand(wrong))
+    assert curves.gap == pytest.approx(np.subtract(curves.correct, curves.permuted).tolist())
     assert len(result.rows()) == 8
 
 
 def test_text_anomaly_scores_rank_a_planted_anomaly_first(model, lenses, tiny_tokenizer):
     features = text_features(model, tiny_tokenizer, lenses["logit"], LINES[:3], progress=False)
     assert features.shape == (3, 3 * 4)
+    # At layer L the logit lens is the model: KL 0 and the model's top-1 at rank 0, for every text.
+    np.testing.assert_allclose(features[:, 3 * 3 + 1: 3 * 3 + 3], 0.0, atol=1e-5)
+    assert (features[:, 1: 3 * 3: 3] > 1e-4).any()  # earlier layers do differ from the output
     reference = LINES * 3
     texts = [LINES[0], "zzzz qqqq xxxx zzzz qqqq xxxx zzzz qqqq", LINES[3]]
     scores = score_texts(model, tiny_tokenizer, lenses["logit"], reference, texts, detector="isolation-forest",
@@ -98,7 +124,14 @@ def test_text_anomaly_scores_rank_a_planted_anomaly_first(model, lenses, tiny_to
 def test_token_depth_and_training_correlation(model, lenses, tiny_tokenizer):
     traj = Trajectory.from_text(model, tiny_tokenizer, lenses["tuned"], ["To be, or not to be", "Fair"], k=1)
     depth = token_depths(traj)
-    assert depth.shape == traj.input_ids.shape and depth.max() <= 3 and (depth[1, 2:] == -1).all()
+    for b in range(2):
+        for t in range(depth.shape[1]):
+            if not traj.attention_mask[b, t]:
+                assert depth[b, t] == -1
+                continue
+            tops = traj.top_ids[:, b, t, 0].tolist()  # the top-1 at layers 0 … 3
+            assert depth[b, t] == min(s for s in range(4) if all(x == tops[-1] for x in tops[s:]))
+    assert (depth[1, 2:] == -1).all()
     grid = depth_grid(traj, width=4)
     assert grid.shape[1] == 4 and grid.cell_text[-1][0]
     torch.manual_seed(5)
@@ -109,7 +142,8 @@ def test_token_depth_and_training_correlation(model, lenses, tiny_tokenizer):
     assert found.tokens == ids.numel()
 
 
-def test_commands_write_json_csv_and_pictures(tiny_model_dir, tmp_path, capsys):
+def test_commands_write_json_csv_and_pictures(tiny_model_dir, tiny_tokenizer, tmp_path, capsys):
+    model = tiny_model("llama").eval()
     task_file = tmp_path / "task.jsonl"
     task_file.write_text("".join(json.dumps({"prompt": f"{line}?\nAnswer:", "choices": [" fog", " rain"], "gold": i % 2}) + "\n"
                                  for i, line in enumerate(LINES * 2)))
@@ -122,7 +156,11 @@ def test_commands_write_json_csv_and_pictures(tiny_model_dir, tmp_path, capsys):
     assert json.loads((out / "overthinking.json").read_text())["examples"] == 10
     out = tmp_path / "depth"
     assert main(["depth", "To be, or not to be", "--model", str(tiny_model_dir), "--out", str(out)]) == 0
-    assert (out / "depth_logit.png").stat().st_size > 0 and (out / "depth.json").is_file()
+    assert (out / "depth_logit.png").stat().st_size > 0
+    shown = json.loads((out / "depth.json").read_text())["logit"]
+    traj = Trajectory.from_text(model, tiny_tokenizer, LogitLens(model), "To be, or not to be", k=1)
+    assert shown["depths"] == token_depths(traj)[0].tolist()
+    assert shown["mean_depth"] == pytest.approx(float(np.mean(shown["depths"])))
     assert main(["depth", "--task", str(task_file), "--limit", "6", "--model", str(tiny_model_dir), "--out", str(out)]) == 0
     assert len(json.loads((out / "depth.json").read_text())["rows"]) == 6
     texts = tmp_path / "texts.txt"

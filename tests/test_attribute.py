@@ -63,6 +63,12 @@ def test_an_lre_from_one_subject_reproduces_it_at_every_layer(family, tiny_token
     score = faithfulness(lens, model, tiny_tokenizer, RELATION, [("lazy", "dog")])
     assert score.agreement == [1.0] * (lens.num_layers + 1)
     assert len(score.to_rows()) == lens.num_layers + 1
+    # ... and it reads the state: a move δ of the input moves the output by β W δ (a lens that is
+    # only its bias would agree above, since its bias is the subject's final state minus W h_s).
+    delta = torch.randn(32, generator=torch.Generator().manual_seed(0))
+    moved = lens.transform(delta, 0) - lens.transform(torch.zeros(32), 0)
+    torch.testing.assert_close(moved, lens.weight[0] @ delta, atol=1e-4, rtol=1e-4)
+    assert float((lens.weight[0] @ delta).abs().max()) > 1e-2
 
 
 def test_the_lens_is_a_readout_with_beta_and_low_rank(llama, tiny_tokenizer):
@@ -77,7 +83,7 @@ def test_the_lens_is_a_readout_with_beta_and_low_rank(llama, tiny_tokenizer):
     trajectory = Trajectory.from_text(llama, tiny_tokenizer, lens, "The fox of fair is")
     assert trajectory.lens_kind == "attribute" and trajectory.layers == (0, 1, 2, 3)
     held = faithfulness(lens, llama, tiny_tokenizer, RELATION, [("fair", "foul"), ("thunder", "rain")])
-    assert all(0 <= a <= 1 for a in held.agreement) and held.subjects == ["fair", "thunder"]
+    assert held.subjects == ["fair", "thunder"]  # (its values: test_oracle_attribute.py, by hand)
     with pytest.raises(LayerError):
         lens.transform(h, 4)
 
@@ -176,6 +182,14 @@ def test_the_command_scores_faithfulness_and_saves_the_lens(tiny_model_dir, tmp_
     )
     rows = json.loads((out / "faithfulness.json").read_text())
     assert {r["beta"] for r in rows} == {1.0, 2.0} and len(rows) == 2 * 4
+    from depthlens.model.load import load_model
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    saved = AttributeLens.from_pretrained(out / "lens-fox", model)
+    held = RELATION.split(2)[1]
+    for beta in (1.0, 2.0):
+        expected = faithfulness(saved.with_beta(beta), model, tokenizer, RELATION, held).agreement
+        assert [r["faithfulness"] for r in rows if r["beta"] == beta] == expected
     assert (out / "faithfulness.png").exists() and (out / "lens-fox" / "config.json").exists()
     assert (out / "trajectory-fox.html").exists()
     assert main(["attribute", "--model", str(tiny_model_dir), "--relation", str(relation), "--train", "5"]) == 2

@@ -117,5 +117,15 @@ def test_the_command_generates_at_each_layer(tiny_model_dir, tmp_path):
         == 0
     )
     rows = json.loads((tmp_path / "generations.json").read_text())
-    assert [r["layer"] for r in rows] == [1, 3] and all(len(r["continuations"]) == 2 for r in rows)
+    assert [r["layer"] for r in rows] == [1, 3]
+    from depthlens.model.load import load_model
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    ids, mask = encode(tokenizer, ["Fair is", "To be, or not"])
+    generator = torch.Generator().manual_seed(0)  # the command's default --seed, drawn layer after layer
+    for row in rows:
+        expected = generate_from_layer(model, LogitLens(model), ids, mask, layer=row["layer"], max_new_tokens=4,
+                                       temperature=0.8, top_p=0.9, generator=generator)
+        assert row["continuations"] == expected.texts(tokenizer)
+        assert row["mean_log_prob"] == pytest.approx(float(expected.log_probs.mean()), abs=1e-6)
     assert main(["generate", "Fair", "--model", str(tiny_model_dir), "--layers", "9"]) == 2

@@ -96,8 +96,10 @@ class AttributeLens(Lens):
         )
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` atomically into ``directory``."""
+        """Write ``config.json`` (with ``"kind": "attribute"``, which the readout registry reads) +
+        ``model.safetensors`` atomically into ``directory``; ``--lens DIR`` loads it."""
         config = {
+            "kind": self.kind,
             "lens_type": self.kind,
             "library_version": __version__,
             "beta": self.beta,
@@ -112,7 +114,7 @@ class AttributeLens(Lens):
         """Load a lens saved by :meth:`save_pretrained`; :class:`LensFileError` if it was made for another model."""
         config, tensors = read_lens_dir(directory)
         parts = model_parts(model)
-        if config.get("lens_type") != cls.kind or "weight" not in tensors or "bias" not in tensors:
+        if {config.get("kind"), config.get("lens_type")} - {None} != {cls.kind} or "weight" not in tensors or "bias" not in tensors:
             raise LensFileError(f"{directory} does not hold an attribute lens")
         if config.get("model", {}).get("fingerprint") != fingerprint(parts):
             raise LensFileError(

@@ -22,7 +22,7 @@ def dla_bars(attribution: LogitAttribution, backend: str = "plotly") -> go.Figur
     layers = [str(i) for i in range(attribution.num_layers)]
     title = (
         f"direct logit attribution of {attribution.target} "
-        f"(sum {attribution.total:.3f} = logit {attribution.logit:.3f} nats)"
+        f"(sum {attribution.total:.3f} = logit {attribution.logit:.3f})"
     )
     extra = {"embeddings": totals["embeddings"][0], "biases": totals["other"][0]}
     if backend == "plotly":

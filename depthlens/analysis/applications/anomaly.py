@@ -6,7 +6,8 @@ Every detector is fit on normal inputs only and scores new ones, **higher = more
 - ``"lof"``: :class:`sklearn.neighbors.LocalOutlierFactor` in novelty mode on standardised features;
 - ``"srm"``: the simplified relative Mahalanobis distance (Ren et al. 2021), :class:`SRM` — the
   squared Mahalanobis distance under the full covariance minus that under the diagonal one, each
-  with a small ridge; the tuned-lens paper's baseline on raw hidden states.
+  with a small ridge; the tuned-lens paper's injection-detection baseline on raw hidden states
+  (§5.2; the baseline's details are quoted from memory of the full paper, unverified).
 
 :func:`text_features` turns free texts into trajectory features (per layer, the mean over tokens
 of the entropy, the KL to the model's output, and ``log(1 + rank)`` of the model's top-1 token);

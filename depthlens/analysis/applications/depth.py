@@ -1,4 +1,5 @@
-"""Prediction depth (Baldock et al. 2021, read with a lens as in Belrose et al. 2023, §5.2).
+"""Prediction depth (Baldock et al. 2021, read with a lens as in Belrose et al. 2023, §5.3
+and Table 2).
 
 The **prediction depth** of a token (or an example) is the first layer from which the readout's
 top-1 prediction equals the final one at every later layer: ``0`` if the top-1 never changes,

@@ -1,4 +1,4 @@
-"""Prompt-injection detection from prediction trajectories (Belrose et al. 2023, §5.1).
+"""Prompt-injection detection from prediction trajectories (Belrose et al. 2023, §5.2).
 
 Injected prompts (:func:`inject`) carry the attack of Perez & Ribeiro (2022), set off by dashed
 lines, just before the prompt's last answer cue::

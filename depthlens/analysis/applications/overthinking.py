@@ -1,4 +1,4 @@
-"""Overthinking the truth (Halawi et al. 2023), read through a lens (Belrose et al. 2023, §5.3).
+"""Overthinking the truth (Halawi et al. 2023), read through a lens (Belrose et al. 2023, §5.1).
 
 Few-shot prompts whose demonstrations are answered correctly are compared with the same prompts
 whose demonstration labels are permuted (label ``g`` shown as ``g + c mod n``). Per layer, each

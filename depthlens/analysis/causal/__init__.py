@@ -1,4 +1,4 @@
-"""Causal checks of a readout (Belrose et al. 2023, §3): causal basis extraction, causal
+"""Causal checks of a readout (Belrose et al. 2023, §4): causal basis extraction, causal
 fidelity against the model, and stimulus–response alignment."""
 
 from depthlens.analysis.causal.alignment import (

@@ -1,4 +1,4 @@
-"""Stimulus–response alignment (Belrose et al. 2023, §3.2): does an edit at layer ``i`` move the
+"""Stimulus–response alignment (Belrose et al. 2023, §4): does an edit at layer ``i`` move the
 readout at ``i`` the way it moves the model's output?
 
 A direction ``v`` is resample-ablated at layer ``i`` (its component taken from another position,

@@ -1,4 +1,4 @@
-"""Causal fidelity (Belrose et al. 2023, §3.1): does the readout rely on the features the model uses?
+"""Causal fidelity (Belrose et al. 2023, §4, Figure 20): does the readout rely on the features the model uses?
 
 For each direction ``v_i`` of a causal basis at layer ``ℓ``, the *same* erasure
 ``h ↦ h − ((h − ρ) · v_i) v_i`` is applied (a) to the readout's input and (b) to the model's
@@ -30,8 +30,11 @@ MIN_GROUPS = 4
 
 
 def ranks(values: torch.Tensor) -> torch.Tensor:
-    """Ranks ``0 … k−1`` along the last axis (ties broken by order), float64."""
-    return values.argsort(-1).argsort(-1).double()
+    """Ranks ``0 … k−1`` along the last axis, tied values given their average rank, float64
+    (``[..., k]`` from ``[..., k]``; builds one ``[..., k, k]`` comparison)."""
+    below = (values.unsqueeze(-1) > values.unsqueeze(-2)).sum(-1)
+    tied = (values.unsqueeze(-1) == values.unsqueeze(-2)).sum(-1)
+    return below.double() + (tied.double() - 1) / 2
 
 
 def spearman(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Representational drift (Belrose et al. 2023, §4): how much the residual stream's geometry
+"""Representational drift (Belrose et al. 2023, introduced in §1): how much the residual stream's geometry
 changes from layer to layer.
 
 :func:`stream_covariances` accumulates every layer's residual covariance ``[d, d]`` in one

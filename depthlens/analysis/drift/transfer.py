@@ -1,5 +1,7 @@
-"""Translator transfer (Belrose et al. 2023, §4, Figure 6): decode layer ``j``'s states with the
-translator trained for layer ``i`` and measure how much worse that is than ``j``'s own.
+"""Translator transfer (Belrose et al. 2023, representational drift, introduced in its §1; what
+this module quotes of the paper's transfer-penalty experiment is from memory, unverified): decode
+layer ``j``'s states with the translator trained for layer ``i`` and measure how much worse that
+is than ``j``'s own.
 
 ``ce[i, j]`` is the mean next-token cross-entropy (nats) of ``decode(T_i(h_j))``, ``kl[i, j]``
 the mean ``KL(model output ‖ decode(T_i(h_j)))``; ``T_L`` is the identity (the logit lens). The
@@ -95,7 +97,7 @@ def tokens_per_byte(tokenizer, input_ids: torch.Tensor) -> float:
 
 def drift_correlation(similarity: torch.Tensor, penalty: torch.Tensor) -> float:
     """Spearman ``ρ`` between covariance similarity and transfer penalty over the off-diagonal
-    pairs ``i ≠ j`` (the paper: ``ρ = −0.78`` on Pythia-12B)."""
+    pairs ``i ≠ j`` (the paper: ``ρ = −0.78`` on Pythia-12B, from memory, unverified)."""
     from depthlens.analysis.causal.fidelity import spearman
 
     mask = ~torch.eye(similarity.shape[0], dtype=torch.bool)

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from depthlens.apps import cli_applications, cli_causal, cli_readouts
+from depthlens.apps import cli_applications, cli_causal, cli_hub, cli_readouts
 from depthlens.apps.options import add_dtype, add_lens, add_model, add_out
 from depthlens.errors import DataError, DepthlensError, UsageError
 from depthlens.text.samples import SAMPLE_PROMPT
@@ -371,9 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="depthlens", description="See what a language model predicts at every layer.")
     commands = parser.add_subparsers(dest="command", required=True)
     for add in (_add_table, _add_train, _add_eval, _add_show, _add_app, _add_cache,
-                cli_causal.add_parsers, cli_applications.add_parsers, cli_readouts.add_parsers):
+                cli_causal.add_parsers, cli_applications.add_parsers, cli_readouts.add_parsers, cli_hub.add_parsers):
         add(commands)
-    for name in set(commands.choices) - {"cache", "tasks"}:
+    for name in set(commands.choices) - {"cache", "tasks", "push"}:
         commands.choices[name].add_argument("--no-cache", action="store_true",
                                             help="load the model without the model cache (see depthlens cache)")
     return parser

@@ -1,7 +1,8 @@
 """The readout registry: every kind of readout a lens spec (``--lens``) can name, and its loader.
 
-A spec is ``"logit"`` (the model's own decoding at every layer), or the path of a lens folder or
-file of a registered kind. A depthlens lens folder holds ``config.json`` with a top-level
+A spec is ``"logit"`` (the model's own decoding at every layer), the path of a lens folder or
+file of a registered kind, or such a folder on the Hugging Face Hub,
+``hf:[spaces/|datasets/]OWNER/NAME[/SUBFOLDER][@REVISION]`` (:mod:`depthlens.lenses.hub`). A depthlens lens folder holds ``config.json`` with a top-level
 ``"kind"`` key (folders written before that key existed are tuned lenses, or name their kind in
 ``"lens_type"``) beside its safetensors weights. A foreign format without our key is recognised
 by the ``detect`` function its kind registered (a tuned-lens folder with ``params.pt``, say).
@@ -35,6 +36,7 @@ from pathlib import Path
 from torch import nn
 
 from depthlens.errors import LensFileError
+from depthlens.lenses import hub
 from depthlens.lenses.logit import LogitLens
 from depthlens.lenses.readout import Readout, model_parts
 from depthlens.model.architecture import ModelParts
@@ -124,14 +126,19 @@ def is_logit(spec: str | os.PathLike) -> bool:
 
 
 def locate(spec: str | os.PathLike) -> Path:
-    """The local folder or file ``spec`` names; :class:`LensFileError` with the fix if none exists."""
+    """The local folder or file ``spec`` names: an existing path (which always wins), else a
+    Hugging Face Hub spec ``hf:OWNER/NAME[/SUBFOLDER][@REVISION]`` downloaded into
+    huggingface_hub's cache (:mod:`depthlens.lenses.hub`); :class:`LensFileError` with the fix if
+    neither."""
     path = Path(spec).expanduser()
     if path.exists():
         return path
+    if hub.is_hub_spec(spec):
+        return hub.download(hub.parse_hub_spec(os.fspath(spec)))
     raise LensFileError(
         f"lens {os.fspath(spec)!r} is neither 'logit' nor an existing lens folder or file: pass --lens logit, "
-        f"or a lens folder of a registered kind ({', '.join(_folder_kinds())}); depthlens train writes "
-        "runs/<model>/lens"
+        f"or a lens folder of a registered kind ({', '.join(_folder_kinds())}; depthlens train writes "
+        f"runs/<model>/lens), or a Hugging Face Hub lens as {hub.GRAMMAR}"
     )
 
 

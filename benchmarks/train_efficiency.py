@@ -2,7 +2,8 @@
 
 Methods (all on smollm2-135m and the built-in Shakespeare corpus, through ``depthlens.training.train``):
 
-- ``sgd``: the paper's recipe: identity start, exact KL, SGD with Nesterov momentum 0.9, lr 1.0,
+- ``sgd``: the paper's recipe (from memory, unverified; see the README's SGD recipe for how it
+  differs from the authors' code): identity start, exact KL, SGD with Nesterov momentum 0.9, lr 1.0,
   weight decay 1e-3, gradient clipping 1.0, linear decay;
 - ``muon``: identity start, exact KL, Muon for the translator matrices and Adam for the biases;
 - ``default``: what ``depthlens train`` does with no options: the closed-form least-squares start,

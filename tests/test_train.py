@@ -245,13 +245,13 @@ def test_learning_rates_shrink_with_depth_warm_up_and_decay(model_dir, text, tmp
     assert scales == pytest.approx([1.0 - 0.6 * layer / lens.num_layers for layer in range(lens.num_layers)])
 
     factors = []
-    real = training._step
+    real = training.train_step
 
     def recording(*args, lr_factor, **kwargs):
         factors.append(lr_factor)
         return real(*args, lr_factor=lr_factor, **kwargs)
 
-    monkeypatch.setattr(training, "_step", recording)
+    monkeypatch.setattr(training, "train_step", recording)
     train(**_config(model_dir, text, tmp_path / "run", tokens=320, warmup_steps=4))
     expected = [min(1.0, (step + 1) / 4) * (1.0 - step / 10) for step in range(10)]
     assert factors == pytest.approx(expected)
@@ -326,9 +326,9 @@ def test_the_command_reports_held_out_and_out_of_domain_evaluations(model_dir, t
                "--chunk-len", "16", "--batch-tokens", "32", "--init-tokens", "256", "--eval-tokens", "2048"]
     assert main(["train", *options]) == 0
     printed = " ".join(capsys.readouterr().out.split())
-    assert "held-out (" in printed and "out-of-domain (python-docs, all split, 2040 tokens)" in printed
+    assert "held-out (" in printed and "out-of-domain (mixed:dataset-descriptions, all split, 2040 tokens)" in printed
     held, ood = json.loads((out / "eval" / "eval.json").read_text()), json.loads((out / "eval" / "ood" / "eval.json").read_text())
-    assert held["meta"]["split"] == "validation" and ood["meta"]["source"] == "python-docs"
+    assert held["meta"]["split"] == "validation" and ood["meta"]["source"] == "mixed:dataset-descriptions"
     assert ood["intervals"] == "95% bootstrap intervals over 8 groups of chunks"
     assert main(["train", *options, "--ood", str(text)]) == 2
     assert "is the --data source itself" in capsys.readouterr().err

@@ -37,6 +37,7 @@ from depthlens.errors import EvaluationError
 from depthlens.lenses.readout import Readout
 from depthlens.model.architecture import ModelParts, find_parts
 from depthlens.model.hidden_states import capture
+from depthlens.model.precision import DtypeName, computing_in, float32_logits, resolve_dtype
 from depthlens.stats.bootstrap import bootstrap_samples, centred_interval
 from depthlens.stats.divergences import LogitStatistics
 from depthlens.text.data import Split, TextSource, load_chunks
@@ -135,14 +136,18 @@ def evaluate(
     resamples: int = 500,
     seed: int = 0,
     progress: bool = True,
+    dtype: DtypeName | torch.dtype = "float32",
 ) -> EvalReport:
     """Evaluate ``lenses`` (name → readout of ``model``) on token ``chunks`` (each ``[chunk_len]``).
 
     ``byte_counts`` gives, per chunk, the UTF-8 bytes of its predicted tokens (all but the
     first), which converts nats to bits per byte. Chunks go round-robin to ``min(groups, chunks)``
     bootstrap groups; with fewer than :data:`MIN_GROUPS` chunks the report has no intervals (and
-    a warning says so). Raises :class:`EvaluationError` if a readout decodes with another model
-    object than ``model``, or for no chunks at all.
+    a warning says so). ``dtype`` (``"auto"``, ``"float32"``, ``"bfloat16"``, see
+    :func:`~depthlens.model.precision.resolve_dtype`) sets the precision of the matrix products
+    of the forward pass and the decoding; statistics are float32 either way, and
+    ``meta["dtype"]`` records the one used. Raises :class:`EvaluationError` if a readout decodes
+    with another model object than ``model``, or for no chunks at all.
     """
     parts = find_parts(model)
     for name, lens in lenses.items():
@@ -154,13 +159,14 @@ def evaluate(
     if groups < 1:
         raise EvaluationError(f"groups must be at least 1, got {groups}")
     groups = min(groups, len(chunk_list))
-    totals = _Totals.zeros(lenses, groups, parts.num_layers + 1, parts.vocab_size,
-                             next(model.parameters()).device)
+    device = next(model.parameters()).device
+    products = resolve_dtype(dtype, device)
+    totals = _Totals.zeros(lenses, groups, parts.num_layers + 1, parts.vocab_size, device)
     bar = tqdm(total=len(chunk_list) * (chunk_list[0].numel() - 1) if chunk_list else 0,
                desc="evaluating", unit="tok", disable=not progress)
     for start in range(0, len(chunk_list), batch_size):
         batch = torch.stack(chunk_list[start : start + batch_size])
-        _add_batch(totals, model, parts, lenses, batch, start)
+        _add_batch(totals, model, parts, lenses, batch, start, products)
         totals.bytes += sum(bytes_list[start : start + batch_size])
         bar.update(batch[:, :-1].numel())
     bar.close()
@@ -175,18 +181,23 @@ def evaluate(
     table = _table(totals.cpu(), tokens, resamples if with_intervals else 0, seed)
     if with_intervals and not all(row["ci_low"] is not None for row in table):
         meta["interval_note"] = "some rows have no interval: their resamples were not finite"
+    meta["dtype"] = str(products).removeprefix("torch.")
     return EvalReport(table=table, tokens=tokens, bytes=totals.bytes, meta=meta)
 
 
 def _add_batch(
     totals: _Totals, model: torch.nn.Module, parts: ModelParts, lenses: Mapping[str, Readout],
-    batch: torch.Tensor, first: int,
+    batch: torch.Tensor, first: int, products: torch.dtype,
 ) -> None:
     """Add the statistics of the chunks ``batch [chunks, chunk_len]`` (chunk ``first`` onwards).
 
     Positions are scored in windows of :func:`~depthlens.analysis.cells.chunk_windows`, one layer
-    at a time, by :class:`~depthlens.stats.divergences.LogitStatistics`, and summed per group."""
-    states = capture(model, batch, parts=parts)
+    at a time, by :class:`~depthlens.stats.divergences.LogitStatistics`, and summed per group. The
+    forward pass and the decoding run with products in ``products``
+    (:func:`~depthlens.model.precision.computing_in`), the statistics in float32."""
+    device = totals.token_counts.device
+    with computing_in(products, device):
+        states = capture(model, batch, parts=parts)
     groups, per_chunk = totals.token_counts.numel(), batch.shape[1] - 1
     row_groups = (first + torch.arange(batch.shape[0], device=totals.token_counts.device)).remainder(groups)
     row_groups = row_groups.repeat_interleave(per_chunk)
@@ -200,7 +211,8 @@ def _add_batch(
         totals.final_marginal.index_add_(0, window_groups, scorer.probs)
         for name, lens in lenses.items():
             sums = totals.sums[name]
-            for layer, logits in lens.iter_logits([state[:, window] for state in flat]):
+            decoded = lens.iter_logits([state[:, window] for state in flat])
+            for layer, logits in float32_logits(decoded, products, device):
                 scores = scorer(logits, into=(window_groups, sums.marginals[layer]), ranks=False)
                 per_token = torch.stack([scores.kl, scores.ce, scores.entropy, (scores.rank == 0).float()])
                 sums.values[:, :, layer].index_add_(1, window_groups, per_token.double())

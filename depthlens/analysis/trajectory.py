@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -40,12 +39,14 @@ from depthlens.analysis.cells import CHUNK_ELEMENTS, STATISTICS, Cells, Statisti
 from depthlens.atomic import write_file
 from depthlens.errors import DataError, TrajectoryError
 from depthlens.lenses.readout import Readout
+from depthlens.model.architecture import ModelParts
 from depthlens.model.hidden_states import HiddenStates, capture
+from depthlens.model.precision import DtypeName, computing_in, float32_logits, resolve_dtype
 from depthlens.text.encode import encode
 from depthlens.text.tokens import token_label
 
 if TYPE_CHECKING:
-    from depthlens.stats.grid import Grid
+    import pandas as pd
 
 LABEL_CHARS = 40
 """Token labels are stored up to this many characters; pictures shorten them further."""
@@ -114,14 +115,15 @@ class Trajectory:
         max_tokens: int | None = None,
         chunk_tokens: int | None = None,
         lens_name: str | None = None,
+        dtype: DtypeName | torch.dtype = "float32",
     ) -> Trajectory:
         """Tokenize ``text`` (one string or a batch, see :func:`encode`), run ``model`` once and
         build the trajectory of ``lens`` (any :class:`Readout`); the other arguments are those of
-        :meth:`from_states`."""
+        :meth:`from_ids`."""
         input_ids, attention_mask = encode(tokenizer, text, max_tokens)
         return cls.from_ids(
             model, lens, input_ids, attention_mask, tokenizer=tokenizer, k=k, layers=layers,
-            chunk_tokens=chunk_tokens, lens_name=lens_name,
+            chunk_tokens=chunk_tokens, lens_name=lens_name, dtype=dtype,
         )
 
     @classmethod
@@ -137,8 +139,11 @@ class Trajectory:
         layers: Sequence[int] | None = None,
         chunk_tokens: int | None = None,
         lens_name: str | None = None,
+        dtype: DtypeName | torch.dtype = "float32",
     ) -> Trajectory:
-        """Run ``model`` once on ``input_ids [batch, seq]`` and build the trajectory of ``lens``.
+        """Run ``model`` once on ``input_ids [batch, seq]`` and build the trajectory of ``lens``;
+        ``dtype`` sets the precision of the products of the forward pass and the decoding, as in
+        :meth:`from_states`.
 
         Raises :class:`DataError` if the text is longer than the model's context window.
         """
@@ -148,10 +153,13 @@ class Trajectory:
                 f"the text has {input_ids.shape[-1]} tokens but the model reads at most {limit}; "
                 "keep fewer tokens (max_tokens)"
             )
-        states = capture(model, input_ids, attention_mask, parts=lens.parts)
+        device = next(model.parameters()).device
+        products = resolve_dtype(dtype, device)
+        with computing_in(products, device):
+            states = capture(model, input_ids, attention_mask, parts=lens.parts)
         return cls.from_states(
             lens, states, attention_mask, tokenizer=tokenizer, k=k, layers=layers,
-            chunk_tokens=chunk_tokens, lens_name=lens_name,
+            chunk_tokens=chunk_tokens, lens_name=lens_name, dtype=products,
         )
 
     @classmethod
@@ -167,19 +175,25 @@ class Trajectory:
         layers: Sequence[int] | None = None,
         chunk_tokens: int | None = None,
         lens_name: str | None = None,
+        dtype: DtypeName | torch.dtype = "float32",
     ) -> Trajectory:
         """Build the trajectory of ``lens`` from captured hidden states.
 
         ``layers`` picks the rows (default: every layer ``0 … L``); layer ``L`` is always added
         and is read from ``states.logits``. Positions are processed ``chunk_tokens`` tokens at a
-        time (default: :data:`CHUNK_ELEMENTS` divided by the vocabulary size). Statistics are
-        computed in float32 by :class:`~depthlens.stats.divergences.LogitStatistics`. Without a
-        ``tokenizer``, labels are ``#id``. ``lens`` may be any :class:`Readout`.
+        time (default: :data:`CHUNK_ELEMENTS` divided by the vocabulary size). ``dtype``
+        (``"auto"``, ``"float32"`` or ``"bfloat16"``, see
+        :func:`~depthlens.model.precision.resolve_dtype`) sets the precision of the decoding's
+        products; statistics are computed in float32 either way, by
+        :class:`~depthlens.stats.divergences.LogitStatistics`. Without a ``tokenizer``, labels are
+        ``#id``. ``lens`` may be any :class:`Readout`.
         """
         rows = layer_rows(layers, lens.num_layers)
         input_ids = states.input_ids.to(states.logits.device)
         mask = position_mask(attention_mask, input_ids)
-        cells = Cells.compute(lens, states, mask, rows, k, chunk_tokens)
+        products = resolve_dtype(dtype, input_ids.device)
+        readout = lens if products == torch.float32 else _DecodingIn(lens, products, input_ids.device)
+        cells = Cells.compute(readout, states, mask, rows, k, chunk_tokens)
         input_ids = input_ids.cpu()
         return cls(
             input_ids=input_ids,
@@ -251,20 +265,12 @@ class Trajectory:
             max_prob=self.max_prob[index],
         )
 
-    def to_grid(
-        self, stat: str = "entropy", *, batch: int = 0, layer_stride: int = 1, max_chars: int = 8
-    ) -> Grid:
-        """Statistic ``stat`` of batch item ``batch`` as a :class:`~depthlens.stats.grid.Grid`
-        (rows: layers, every ``layer_stride``-th plus the output; columns: positions; labels cut
-        to ``max_chars``), built by :func:`depthlens.analysis.trajectory_grid.trajectory_grid`."""
-        from depthlens.analysis.trajectory_grid import trajectory_grid
-
-        return trajectory_grid(self, stat, batch=batch, layer_stride=layer_stride, max_chars=max_chars)
-
     def to_dataframe(self) -> pd.DataFrame:
         """A tidy table, one row per layer × batch item × position × statistic (real positions
         only), with columns ``lens, layer, batch, position, token, prediction, statistic, value``:
         ``token`` is the input token at the position, ``prediction`` the lens's top-1 label."""
+        import pandas as pd
+
         rows, batch, seq = self.entropy.shape
         layer, item, position = np.meshgrid(np.array(self.layers), np.arange(batch), np.arange(seq), indexing="ij")
         keep = self.attention_mask.expand(rows, batch, seq).numpy().ravel()
@@ -307,6 +313,34 @@ class Trajectory:
                 f"{ranks[row]:7.0f} {means['prob'][row]:6.3f}  {self.label(int(self.top_ids[row, batch, last, 0]), 12)}"
             )
         return "\n".join(lines)
+
+
+@dataclass
+class _DecodingIn:
+    """``readout`` with its decoding's products in ``dtype`` and its logits handed on in float32
+    (:func:`~depthlens.model.precision.float32_logits`); a :class:`Readout` itself."""
+
+    readout: Readout
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def kind(self) -> str:
+        return self.readout.kind
+
+    @property
+    def parts(self) -> ModelParts:
+        return self.readout.parts
+
+    @property
+    def num_layers(self) -> int:
+        return self.readout.num_layers
+
+    def iter_logits(
+        self, states: Sequence[torch.Tensor], layers: Iterable[int] | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """The readout's ``(layer, logits [batch, seq, vocab])`` in float32, each valid until the next."""
+        return float32_logits(self.readout.iter_logits(states, layers), self.dtype, self.device)
 
 
 def _labels(tokenizer: PreTrainedTokenizerBase | None, ids: torch.Tensor) -> dict[int, str]:

@@ -30,7 +30,7 @@ from depthlens.model import DEFAULT_MODEL
 
 MODEL_HELP = f"built-in name ({DEFAULT_MODEL}, the default, or gemma3-270m), .gguf file, model folder or hub name"
 """What ``--model`` accepts."""
-LENS_HELP = "logit, a lens folder of any registered kind, or a hub name"
+LENS_HELP = "logit, a lens folder of any registered kind, or a Hugging Face Hub lens hf:OWNER/NAME[/SUBFOLDER][@REVISION]"
 """What ``--lens`` accepts, in every command."""
 
 

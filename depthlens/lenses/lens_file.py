@@ -47,6 +47,19 @@ def fingerprint(parts: ModelParts) -> str:
     return digest.hexdigest()
 
 
+def model_info(parts: ModelParts) -> dict[str, Any]:
+    """What identifies the model a lens decodes, as its ``config.json`` stores it: name, family,
+    ``L``, ``d``, vocabulary size and :func:`fingerprint`."""
+    return {
+        "name_or_path": parts.model_name,
+        "model_type": parts.model_type,
+        "num_layers": parts.num_layers,
+        "d_model": parts.d_model,
+        "vocab_size": parts.vocab_size,
+        "fingerprint": fingerprint(parts),
+    }
+
+
 def write_lens_dir(directory: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
     """Atomically write ``config`` and ``tensors`` as a lens directory; returns its path."""
     payload = save({name: t.detach().to("cpu").contiguous() for name, t in tensors.items()})

@@ -18,7 +18,7 @@ from torch import nn
 
 from depthlens._version import __version__
 from depthlens.errors import LensFileError
-from depthlens.lenses.lens_file import fingerprint, read_lens_dir, write_lens_dir
+from depthlens.lenses.lens_file import model_info, read_lens_dir, write_lens_dir
 from depthlens.lenses.readout import Lens
 from depthlens.model.architecture import ModelParts
 
@@ -52,14 +52,7 @@ class TunedLens(Lens):
 
     def model_info(self) -> dict[str, Any]:
         """What identifies the model this lens decodes (stored in ``config.json``)."""
-        return {
-            "name_or_path": self.parts.model_name,
-            "model_type": self.parts.model_type,
-            "num_layers": self.num_layers,
-            "d_model": self.parts.d_model,
-            "vocab_size": self.parts.vocab_size,
-            "fingerprint": fingerprint(self.parts),
-        }
+        return model_info(self.parts)
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``config.json`` (with ``"kind": "tuned"``, which the readout registry reads) +

@@ -3,7 +3,8 @@
 For each layer ``l`` we look for ``A_l, b_l`` with ``h_l + A_l h_l + b_l ≈ h_L`` in the least
 squares sense (cf. Din et al. 2023, "Jump to Conclusions"). The statistics ``Xᵀ X`` and ``Xᵀ Y``
 with ``X = [h_l, 1]`` and ``Y = h_L − h_l`` are accumulated in float64 during ordinary forward
-passes, ``O(d²)`` per token and layer, and solved once. Tokens from many batches, processes or
+passes, ``O(d²)`` per token and layer, and solved once, on the CPU unless told otherwise (a GPU
+holds them for a large model: 2 × 32 × 4097² float64 values are 8.6 GB at width 4096). Tokens from many batches, processes or
 machines are combined by adding the statistics (:meth:`LeastSquares.merge`).
 """
 
@@ -20,18 +21,19 @@ from depthlens.lenses.tuned import TunedLens
 class LeastSquares:
     """Running sums for the affine regression of every layer's state onto the last state."""
 
-    def __init__(self, num_layers: int, d_model: int) -> None:
-        self.xtx = torch.zeros(num_layers, d_model + 1, d_model + 1, dtype=torch.float64)
-        self.xty = torch.zeros(num_layers, d_model + 1, d_model, dtype=torch.float64)
+    def __init__(self, num_layers: int, d_model: int, device: torch.device | str = "cpu") -> None:
+        self.xtx = torch.zeros(num_layers, d_model + 1, d_model + 1, dtype=torch.float64, device=device)
+        self.xty = torch.zeros(num_layers, d_model + 1, d_model, dtype=torch.float64, device=device)
         self.tokens = 0
 
     def update(self, states: Sequence[torch.Tensor], mask: torch.Tensor | None = None) -> None:
         """Add one forward pass: ``states`` are ``L + 1`` tensors ``[batch, seq, d]``;
         ``mask [batch, seq]`` (optional) selects the positions to use."""
-        final = _rows(states[-1], mask)
-        ones = torch.ones(final.shape[0], 1, dtype=torch.float64)
+        device = self.xtx.device
+        final = _rows(states[-1], mask, device)
+        ones = torch.ones(final.shape[0], 1, dtype=torch.float64, device=device)
         for layer in range(self.xtx.shape[0]):
-            x = torch.cat([_rows(states[layer], mask), ones], dim=1)
+            x = torch.cat([_rows(states[layer], mask, device), ones], dim=1)
             self.xtx[layer] += x.T @ x
             self.xty[layer] += x.T @ (final - x[:, :-1])
         self.tokens += final.shape[0]
@@ -56,7 +58,8 @@ class LeastSquares:
         d = self.xty.shape[-1]
         weights, biases = [], []
         for xtx, xty in zip(self.xtx, self.xty):
-            penalty = torch.full((d + 1,), ridge * xtx.diagonal()[:d].mean().item(), dtype=torch.float64)
+            penalty = torch.full((d + 1,), ridge * xtx.diagonal()[:d].mean().item(), dtype=torch.float64,
+                                 device=xtx.device)
             penalty[-1] = 0.0
             solution = torch.linalg.solve(xtx + torch.diag(penalty), xty)
             weights.append(solution[:d].T)
@@ -72,6 +75,6 @@ class LeastSquares:
                 translator.bias.copy_(bias)
 
 
-def _rows(state: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def _rows(state: torch.Tensor, mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     rows = state.reshape(-1, state.shape[-1]) if mask is None else state[mask.bool()]
-    return rows.detach().to("cpu", torch.float64)
+    return rows.detach().to(device, torch.float64)

@@ -6,7 +6,7 @@ A run on a model writes into one folder, ``runs/<model name>`` unless told other
         lens/          the trained tuned lens   (TunedLens.save_pretrained / from_pretrained)
         checkpoint/    the latest training state (training.checkpoint)
         eval/          its evaluation on held-out text (viz.report.write_report / read_report)
-            ood/       its evaluation on out-of-domain text (depthlens train --ood, default python-docs)
+            ood/       its evaluation on out-of-domain text (depthlens train --ood, default mixed:dataset-descriptions)
 
 Every path convention lives here, each with its reader: :func:`run_dir` and the three subpaths
 name where things are written; :func:`run_of_lens` and :func:`eval_dir_of_lens` go back from a

@@ -42,7 +42,9 @@ from depthlens.errors import TrainingError
 from depthlens.lenses.tuned import TunedLens
 from depthlens.model.hidden_states import capture
 from depthlens.model.load import load_model
-from depthlens.text.data import TextSource, token_chunks
+from depthlens.model.precision import computing_in, resolve_dtype
+from depthlens.paths import portable
+from depthlens.text.data import TextSource, token_chunks, token_shares
 from depthlens.training.checkpoint import load_checkpoint, save_checkpoint
 from depthlens.training.closed_form import LeastSquares
 from depthlens.training.config import DEFAULT_LR, TrainConfig
@@ -51,7 +53,8 @@ from depthlens.training.optim import make_optimizers
 from depthlens.training.processes import Processes, is_first_process
 from depthlens.training.runs import checkpoint_dir, lens_dir, run_dir
 
-__all__ = ["DEFAULT_LR", "TrainConfig", "TrainResult", "TrainingError", "is_first_process", "make_optimizers", "run_dir", "train"]
+__all__ = ["DEFAULT_LR", "TrainConfig", "TrainResult", "TrainingError", "is_first_process", "make_optimizers", "run_dir", "train",
+           "train_step"]
 
 
 @dataclass
@@ -92,12 +95,13 @@ def _check_data(source: TextSource, tokenizer: Any, config: TrainConfig) -> None
 
 def _least_squares_start(
     lens: TunedLens, model: torch.nn.Module, batches: Iterator[torch.Tensor], config: TrainConfig, procs: Processes,
-    started: float,
+    started: float, products: torch.dtype,
 ) -> int:
     """Fit every translator in closed form on ``init_tokens`` tokens, or on those read before
     ``init_share`` of a time budget (counted from ``started``) is spent, whichever comes first;
-    returns the number of chunks consumed (all ranks)."""
-    stats = LeastSquares(lens.num_layers, lens.parts.d_model)
+    returns the number of chunks consumed (all ranks). Products in ``products``; float64 sums on the lens's device."""
+    device = lens.translators[0].weight.device
+    stats = LeastSquares(lens.num_layers, lens.parts.d_model, device)
     per_rank = config.batch_tokens // config.chunk_len
     total_chunks = config.init_tokens // config.chunk_len
     deadline = started + config.init_share * config.minutes * 60 if config.minutes is not None else math.inf
@@ -108,7 +112,9 @@ def _least_squares_start(
             consumed += len(group)
             mine = group[procs.rank :: procs.world]
             if mine:
-                stats.update(capture(model, torch.stack(mine), parts=lens.parts).states)
+                with computing_in(products, device):
+                    states = capture(model, torch.stack(mine).to(device), parts=lens.parts).states
+                stats.update(states)
             bar.update(len(group) * config.chunk_len)
     procs.sum_(stats.xtx)
     procs.sum_(stats.xty)
@@ -141,7 +147,8 @@ def train(
     if job.procs.rank == 0:
         tqdm.write(_plan(config, job.progress))
     if config.init == "least_squares" and not job.progress["initialised"]:
-        job.progress["chunks"] += _least_squares_start(job.lens, job.model, job.batches, config, job.procs, job.started)
+        job.progress["chunks"] += _least_squares_start(job.lens, job.model, job.batches, config, job.procs, job.started,
+                                                       job.products)
         job.progress["init_tokens_used"] = job.progress["chunks"] * config.chunk_len
         job.progress["initialised"] = True
     job.progress["seconds"] = time.monotonic() - job.started
@@ -168,6 +175,7 @@ class _Job:
     batches: Iterator[torch.Tensor]
     on_step: Callable[[TunedLens, dict[str, Any]], None] | None
     started: float
+    products: torch.dtype = torch.float32  # config.dtype resolved on this machine
     smoothed: _Smoothed | None = None
 
     @property
@@ -198,8 +206,9 @@ def _start(
             raise TrainingError(f"the checkpoint in {checkpoint} belongs to a run with other settings; start without --resume")
     progress["config"] = asdict(config)
     batches = _batches(source, tokenizer, config, progress["chunks"])
+    products = resolve_dtype(config.dtype, lens.translators[0].weight.device)
     return _Job(config, procs, model, tokenizer, lens, optimizers, progress, batches, on_step,
-                started=time.monotonic() - progress["seconds"])
+                started=time.monotonic() - progress["seconds"], products=products)
 
 
 def _kl_steps(job: _Job) -> None:
@@ -216,7 +225,8 @@ def _kl_steps(job: _Job) -> None:
         group = list(itertools.islice(job.batches, per_rank_chunks * procs.world))
         batch = torch.stack(group[procs.rank * per_rank_chunks : (procs.rank + 1) * per_rank_chunks])
         warmup = min(1.0, (progress["step"] + 1) / config.warmup_steps) if config.warmup_steps else 1.0
-        losses = _step(job.lens, job.model, batch, job.optimizers, config, procs, lr_factor=warmup * (1.0 - done))
+        losses = train_step(job.lens, job.model, batch, job.optimizers, config, procs=procs,
+                            lr_factor=warmup * (1.0 - done), products=job.products)
         progress["step"] += 1
         progress["chunks"] += len(group)
         progress["tokens"] += step_tokens
@@ -281,8 +291,11 @@ def _finish(job: _Job) -> TrainResult:
     progress, procs = job.progress, job.procs
     progress["complete"] = True
     _checkpoint(job.run, job.lens, [], progress, procs)
-    job.lens.training_info = {"config": asdict(job.config), "steps": progress["step"], "tokens": progress["tokens"],
-                              "seconds": round(progress["seconds"], 1), "processes": procs.world}
+    recorded = {**asdict(job.config), "out": portable(job.config.out) if job.config.out else None}
+    job.lens.training_info = {"config": recorded, "steps": progress["step"], "tokens": progress["tokens"],
+                              "seconds": round(progress["seconds"], 1), "processes": procs.world,
+                              "products": str(job.products).removeprefix("torch."),
+                              "sources": _shares(job)}
     saved = lens_dir(job.run)
     if procs.rank == 0:
         job.lens.save_pretrained(saved)
@@ -290,6 +303,14 @@ def _finish(job: _Job) -> TrainResult:
     procs.close()
     return TrainResult(job.lens, saved, job.model, job.tokenizer, progress["step"], progress["tokens"],
                        progress["seconds"], progress["history"])
+
+
+def _shares(job: _Job) -> dict[str, float]:
+    """Each kind's (or the source's) share of the training tokens the run read, rounded to 4 places."""
+    config = job.config
+    source = TextSource(config.data, column=config.column, group_column=config.group_column)
+    shares = token_shares(source, job.tokenizer, config.chunk_len, job.progress["chunks"], config.seed)
+    return {name: round(share, 4) for name, share in shares.items()}
 
 
 def _call(on_step: Callable[[TunedLens, dict[str, Any]], None] | None, lens: TunedLens, progress: dict[str, Any]) -> float:
@@ -320,17 +341,26 @@ def _budget_used(config: TrainConfig, progress: dict[str, Any], step_tokens: int
     return progress["seconds"] / (config.minutes * 60)
 
 
-def _step(
+def train_step(
     lens: TunedLens,
     model: torch.nn.Module,
     batch: torch.Tensor,
     optimizers: list[torch.optim.Optimizer],
     config: TrainConfig,
-    procs: Processes,
-    lr_factor: float,
+    *,
+    procs: Processes | None = None,
+    lr_factor: float = 1.0,
+    products: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """One optimisation step on ``batch [chunks, chunk_len]``; returns the mean loss per layer."""
-    states = capture(model, batch, parts=lens.parts)
+    """One optimisation step on the token ids ``batch [chunks, chunk_len]``; returns the mean loss per
+    layer ``[L]`` (nats per token, float64). The model's forward pass and the lens decoding run with
+    products in ``products`` (:func:`~depthlens.model.precision.computing_in`), the targets, losses and
+    gradients in float32. ``procs`` (default ``Processes()``) sums gradients across ``torchrun``
+    workers; the learning rate is ``config``'s times ``lr_factor``."""
+    procs = procs or Processes()
+    device = lens.translators[0].weight.device
+    with computing_in(products, device):
+        states = capture(model, batch.to(device), parts=lens.parts)
     flat = [s.reshape(-1, s.shape[-1]) for s in states.states]
     if config.objective == "kl":
         target = states.logits.reshape(flat[0].shape[0], -1).float().log_softmax(-1)
@@ -340,7 +370,7 @@ def _step(
         optimizer.zero_grad(set_to_none=False)
     tokens = torch.tensor(float((target != -100).sum() if config.objective == "ce" else target.shape[0]))
     procs.sum_(tokens)
-    with _autocast(flat[0].device):
+    with computing_in(products, device):
         shortlist = Shortlist(config.shortlist, config.negatives) if config.shortlist else None
         losses = accumulate_gradients(lens, flat, target, objective=config.objective, scale=1.0 / tokens.item(),
                                       shortlist=shortlist)
@@ -361,12 +391,6 @@ def _step(
             group["lr"] = config.learning_rate * lr_factor * group["layer_scale"]
         optimizer.step()
     return losses
-
-
-def _autocast(device: torch.device) -> torch.autocast:
-    """bf16 autocast where bf16 is fast (CUDA with bf16 support); float32 elsewhere, CPU included."""
-    fast = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast)
 
 
 def _checkpoint(run: Path, lens: TunedLens, optimizers: list[torch.optim.Optimizer], progress: dict[str, Any], procs: Processes) -> None:

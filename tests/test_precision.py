@@ -1,0 +1,243 @@
+"""bfloat16 products where they are fast: the dtype choice, the cached weights, and the error bound.
+
+Both paths are forced here through ``dtype`` or :data:`FAST_BFLOAT16_ENV`, so they are tested on
+any CPU, with or without fast bfloat16. No test times anything.
+
+The bound on the bfloat16 decoding: a logit ``z_v = Σ_i W_vi n_i`` (``n`` the normed state,
+float32 either way) computed with ``W`` and ``n`` rounded to bfloat16 (relative error at most
+``u = 2⁻⁸`` each), a float32 sum, and the result rounded to bfloat16 again, is off by at most
+``E_v = (3u + 3u² + d·ε₃₂) Σ_i |W_vi| |n_i|``. A shift ``δ`` of the logits moves ``log Σ exp z``
+and ``Σ_v p_v z_v`` each by an amount between ``min δ`` and ``max δ``, so KL(p ‖ q) and the
+cross-entropy move by at most ``max δ − min δ ≤ 2 max_v E_v``.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from tiny_models import tiny_model
+
+from depthlens.analysis.evaluate import evaluate
+from depthlens.analysis.trajectory import Trajectory
+from depthlens.errors import TrainingError, UsageError
+from depthlens.lenses.logit import LogitLens
+from depthlens.model.architecture import find_parts
+from depthlens.model.hidden_states import capture
+from depthlens.model.precision import (
+    FAST_BFLOAT16_ENV,
+    bfloat16_is_fast,
+    computing_in,
+    float32_logits,
+    lowered,
+    product_rates,
+    resolve_dtype,
+)
+from depthlens.stats.divergences import LogitStatistics
+from depthlens.training.config import TrainConfig
+
+U = 2.0**-8
+"""Unit roundoff of bfloat16 (8 significant bits)."""
+EPS32 = torch.finfo(torch.float32).eps
+
+
+@pytest.fixture
+def frozen():
+    """The tiny Llama, frozen as :func:`~depthlens.model.load.load_model` leaves a model."""
+    return tiny_model("llama", seed=0).requires_grad_(False)
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize(("forced", "expected"), [("1", torch.bfloat16), ("0", torch.float32)])
+def test_auto_follows_the_forced_answer_and_names_win(monkeypatch, forced, expected):
+    monkeypatch.setenv(FAST_BFLOAT16_ENV, forced)
+    assert bfloat16_is_fast() is (forced == "1")
+    assert resolve_dtype("auto") == expected
+    assert resolve_dtype("float32") == torch.float32
+    assert resolve_dtype("bfloat16") == torch.bfloat16
+    assert resolve_dtype(torch.bfloat16) == torch.bfloat16
+
+
+def test_bad_names_and_settings_are_refused_in_one_line(monkeypatch):
+    for bad in ("float16", "bf16", ""):
+        with pytest.raises(UsageError, match="auto, float32, bfloat16"):
+            resolve_dtype(bad)
+    monkeypatch.setenv(FAST_BFLOAT16_ENV, "yes")
+    with pytest.raises(UsageError, match=FAST_BFLOAT16_ENV):
+        resolve_dtype("auto")
+    with pytest.raises(TrainingError, match="unknown dtype"):
+        TrainConfig(dtype="half").check()
+
+
+def test_devices_without_a_timing_answer_without_one(monkeypatch):
+    monkeypatch.delenv(FAST_BFLOAT16_ENV, raising=False)
+    assert bfloat16_is_fast("meta") is False
+    if not torch.cuda.is_available():
+        assert bfloat16_is_fast("cuda") is False
+    rates = product_rates((4, 8, 16), repeats=1)
+    assert set(rates) == {"float32", "bfloat16"} and all(rate > 0 for rate in rates.values())
+
+
+def test_frozen_weights_are_rounded_once_and_again_after_a_change():
+    """Planted bug: a cache that ignores in-place changes keeps decoding with the old weights."""
+    weight = torch.nn.Parameter(torch.randn(6, 4), requires_grad=False)
+    first = lowered(weight, torch.bfloat16)
+    assert lowered(weight, torch.bfloat16) is first
+    assert torch.equal(first, weight.detach().bfloat16())
+    with torch.no_grad():
+        weight.mul_(3.0)
+    assert torch.equal(lowered(weight, torch.bfloat16), weight.detach().bfloat16())
+
+
+def test_bfloat16_products_are_the_rounded_products_and_float32_is_untouched():
+    linear = torch.nn.Linear(16, 8).requires_grad_(False)
+    x = torch.randn(5, 16)
+    with computing_in(torch.bfloat16):
+        low = linear(x)
+    expected = torch.nn.functional.linear(x.bfloat16(), linear.weight.bfloat16(), linear.bias.bfloat16())
+    assert low.dtype == torch.bfloat16 and torch.equal(low, expected)
+    with computing_in(torch.float32):
+        assert torch.equal(linear(x), x @ linear.weight.T + linear.bias)
+    assert linear(x).dtype == torch.float32
+
+
+def test_trainable_weights_keep_their_gradients():
+    """Planted bug: swapping a weight that requires gradients for its detached bfloat16 copy
+    leaves the lens untrained (no gradient reaches it)."""
+    linear = torch.nn.Linear(16, 8)
+    with computing_in(torch.bfloat16):
+        linear(torch.randn(5, 16)).float().square().sum().backward()
+    assert linear.weight.grad is not None and linear.weight.grad.dtype == torch.float32
+    assert linear.weight.grad.abs().sum() > 0
+
+
+def test_the_context_is_per_thread():
+    """Another thread using the same module outside the context stays in float32."""
+    linear = torch.nn.Linear(16, 8).requires_grad_(False)
+    x, seen = torch.randn(5, 16), {}
+    entered, leave = threading.Event(), threading.Event()
+
+    def inside() -> None:
+        with computing_in(torch.bfloat16):
+            seen["inside"] = linear(x).dtype
+            entered.set()
+            leave.wait(10)
+
+    worker = threading.Thread(target=inside)
+    worker.start()
+    entered.wait(10)
+    seen["outside"] = linear(x).dtype
+    leave.set()
+    worker.join()
+    assert seen == {"inside": torch.bfloat16, "outside": torch.float32}
+
+
+def test_only_the_decoding_runs_in_the_context_and_each_layer_gets_its_own_logits(frozen, ids):
+    """Planted bug: a reused float32 buffer that is not refilled hands on the previous layer's
+    logits."""
+    lens = LogitLens(frozen)
+    states = capture(frozen, ids)
+    inside = []
+
+    def decoded():
+        for layer, logits in lens.iter_logits(states):
+            inside.append(torch.is_autocast_enabled("cpu"))
+            yield layer, logits
+
+    for layer, logits in float32_logits(decoded(), torch.bfloat16):
+        assert not torch.is_autocast_enabled("cpu")
+        assert logits.dtype == torch.float32
+        with computing_in(torch.bfloat16):
+            expected = lens(states[layer], layer).float()
+        assert torch.equal(logits, expected)
+    assert inside == [True] * len(states)
+
+
+def _logit_bound(frozen, states) -> list[torch.Tensor]:
+    """Per layer and position, ``2 max_v E_v`` (module docstring) plus float32 slack for the
+    statistics (sums of ``vocab`` terms of size up to ``1 + max |z|``)."""
+    parts = find_parts(frozen)
+    weight = parts.unembedding.weight.detach().abs()
+    d, vocab = weight.shape[1], weight.shape[0]
+    bounds = []
+    for state in states:
+        normed = state.reshape(-1, d)
+        for module in parts.final_norm:
+            normed = module(normed)
+        scale = normed.abs() @ weight.T
+        logits = parts.decode(state.reshape(-1, d))
+        slack = 4 * vocab * EPS32 * (1 + logits.abs().amax(-1))
+        bounds.append(2 * (3 * U + 3 * U**2 + d * EPS32) * scale.amax(-1) + slack)
+    return bounds
+
+
+def test_bfloat16_decoding_stays_within_the_derived_bound(frozen, ids):
+    states = capture(frozen, ids)
+    lens = LogitLens(frozen)
+    targets = ids[:, 1:].reshape(-1)
+    scorer = LogitStatistics(states.logits[:, :-1], targets)
+    exact = {layer: scorer(logits[:, :-1]) for layer, logits in lens.iter_logits(states)}
+    bounds = _logit_bound(frozen, [state[:, :-1] for state in states.states])
+    low = float32_logits(lens.iter_logits([state[:, :-1] for state in states.states]), torch.bfloat16)
+    for layer, logits in low:
+        scores = scorer(logits)
+        assert (scores.kl - exact[layer].kl).abs().le(bounds[layer]).all()
+        assert (scores.ce - exact[layer].ce).abs().le(bounds[layer]).all()
+        assert not torch.equal(scores.kl, exact[layer].kl) or layer == len(states) - 1
+
+
+def test_trajectories_in_bfloat16_stay_within_the_derived_bound(frozen, ids):
+    lens = LogitLens(frozen)
+    states = capture(frozen, ids)
+    exact = Trajectory.from_states(lens, states)
+    low = Trajectory.from_states(lens, states, dtype="bfloat16")
+    bounds = torch.stack(_logit_bound(frozen, states.states)).view_as(exact.kl_to_final)
+    assert (low.kl_to_final - exact.kl_to_final).abs().le(bounds).all()
+    assert (low.ce - exact.ce).abs().nan_to_num(0.0).le(bounds).all()
+
+
+@pytest.mark.parametrize("forced", ["0", "1"])
+def test_evaluation_records_its_dtype_and_agrees_at_the_output(frozen, monkeypatch, forced):
+    """With products in bfloat16 for the forward pass too, the logit lens at layer L decodes
+    exactly what the model output, so its KL is 0 up to the float32 rounding of the statistics
+    (sums of 320 terms of size up to ``1 + max |z|``) on either path."""
+    monkeypatch.setenv(FAST_BFLOAT16_ENV, forced)
+    chunks = list(torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(2)))
+    with pytest.warns(UserWarning, match="no bootstrap intervals"):
+        report = evaluate(frozen, {"logit": LogitLens(frozen)}, chunks, [15, 15], groups=2, progress=False, dtype="auto")
+    assert report.meta["dtype"] == ("bfloat16" if forced == "1" else "float32")
+    kl = report.mean("logit", "kl")
+    largest = frozen(torch.stack(chunks)).logits.abs().max()
+    assert 0.0 <= kl[-1] <= 4 * 320 * EPS32 * (1 + largest)
+    assert all(value > 0 for value in kl[:-1])
+
+
+def test_the_command_line_offers_the_same_dtypes():
+    """``--dtype`` spells its choices out, so that building the parser does not import torch."""
+    from depthlens.apps.options import DTYPE_CHOICES
+    from depthlens.model.precision import DTYPE_NAMES
+
+    assert DTYPE_CHOICES == DTYPE_NAMES
+
+
+def test_show_computes_in_the_dtype_it_is_given(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """``depthlens show --dtype bfloat16`` writes the bfloat16 trajectory, not the float32 one.
+    Planted bug: the option parsed but not passed on."""
+    import pandas as pd
+
+    from depthlens.apps.cli import main
+
+    text, out = "Fair is foul, and foul is fair", tmp_path / "table.csv"
+    assert main(["show", text, "--model", str(tiny_model_dir), "--lens", "logit", "--dtype", "bfloat16",
+                 "--out", str(out)]) == 0
+    written = pd.read_csv(out, keep_default_na=False, na_values=[""]).value.to_numpy()
+    model = tiny_model("llama").requires_grad_(False)
+    frames = {dtype: Trajectory.from_text(model, tiny_tokenizer, LogitLens(model), text, dtype=dtype).to_dataframe()
+              for dtype in ("float32", "bfloat16")}
+    assert written == pytest.approx(frames["bfloat16"].value.to_numpy(), nan_ok=True, abs=1e-6)
+    assert written != pytest.approx(frames["float32"].value.to_numpy(), nan_ok=True, abs=1e-6)

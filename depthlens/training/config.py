@@ -60,7 +60,7 @@ class TrainConfig:
     negatives: int = 512
     tokens: int | None = None
     """Budget of KL-step tokens (all processes together); exclusive with ``minutes``."""
-    minutes: float | None = 7.0
+    minutes: float | None = 6.5
     """Budget of wall-clock minutes for initialisation plus KL steps."""
     lr: float | None = None
     """Peak learning rate; default :data:`DEFAULT_LR` of the optimizer (0.01 for Adam and Muon)."""

@@ -24,9 +24,19 @@ MACHINE_FOLDERS = re.compile(
 BINARY = {".png", ".jpg", ".gif", ".safetensors", ".pt", ".whl", ".gguf", ".ico"}
 
 
+UNTRACKED_DIRS = {".git", "__pycache__", "runs", "build", "dist", ".pytest_cache"}
+"""Folders that are never committed (``.gitignore``), skipped where this is not a git checkout."""
+
+
 def _tracked_files() -> list[Path]:
-    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True)
-    return [ROOT / name for name in listed.stdout.split("\0") if name]
+    """The files git tracks, or, outside a git checkout (an unpacked copy), every file except
+    those under virtual environments and the never-committed folders."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode == 0:
+        return [ROOT / name for name in listed.stdout.split("\0") if name]
+    return [path for path in ROOT.rglob("*") if path.is_file() and not any(
+        part in UNTRACKED_DIRS or part.startswith(".venv") or part.endswith(".egg-info")
+        for part in path.relative_to(ROOT).parts[:-1])]
 
 
 def test_the_pattern_finds_machine_paths_and_spares_others():

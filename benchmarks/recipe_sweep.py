@@ -44,7 +44,8 @@ def main() -> None:
             "python_docs_held_out": held_out(model, tokenizer, TextSource("python-docs"), "validation", 2048)}
     start = TunedLens(model)
 
-    config = TrainConfig(**{"tokens": args.steps * 256, "minutes": None, **args.overrides})
+    config = TrainConfig(**{"data": "shakespeare", "dtype": "float32", "tokens": args.steps * 256, "minutes": None,
+                            **args.overrides})
     begun = time.monotonic()
     with tempfile.TemporaryDirectory() as folder:
         result = train(config, out=f"{folder}/run", loaded=(model, tokenizer), on_step=keeping_start(start))

@@ -33,6 +33,7 @@ _HOMES = {
     "LensDivergence": "depthlens.analysis.compare",
     "LensFileError": "depthlens.errors",
     "LogitLens": "depthlens.lenses.logit",
+    "MidTunedLens": "depthlens.lenses.mid",
     "ModelLoadError": "depthlens.errors",
     "ModelParts": "depthlens.model.architecture",
     "Readout": "depthlens.lenses.readout",
@@ -44,6 +45,7 @@ _HOMES = {
     "find_parts": "depthlens.model.architecture",
     "load_model": "depthlens.model.load",
     "register_family": "depthlens.model.architecture",
+    "unwrap_model": "depthlens.model.unwrap",
 }
 """The module each public name lives in."""
 
@@ -59,6 +61,7 @@ __all__ = [
     "LensDivergence",
     "LensFileError",
     "LogitLens",
+    "MidTunedLens",
     "ModelLoadError",
     "ModelParts",
     "Readout",
@@ -71,6 +74,7 @@ __all__ = [
     "find_parts",
     "load_model",
     "register_family",
+    "unwrap_model",
 ]
 
 
@@ -107,8 +111,10 @@ if TYPE_CHECKING:
         UnsupportedModelError,
     )
     from depthlens.lenses.logit import LogitLens
+    from depthlens.lenses.mid import MidTunedLens
     from depthlens.lenses.readout import Lens, Readout
     from depthlens.lenses.tuned import TunedLens
     from depthlens.model.architecture import FAMILY_RULES, FamilyRule, ModelParts, find_parts, register_family
     from depthlens.model.hidden_states import HiddenStates, capture
     from depthlens.model.load import BUILTIN_MODELS, load_model
+    from depthlens.model.unwrap import unwrap_model

@@ -61,6 +61,27 @@ def test_least_squares_recovers_an_exact_affine_map():
     assert torch.allclose(bias[0], c, atol=1e-4)
 
 
+def test_the_ridge_penalises_the_translator_and_not_its_bias():
+    """Ridge regression with a free intercept, written out another way: centre ``h`` and the target
+    ``h_L − h``, then least squares on ``[X_c; √λ I] A = [Y_c; 0]`` with ``λ = ridge · mean diag(XᵀX)``,
+    and ``b = ȳ − A x̄``. The states sit far from 0, so a penalised bias would show."""
+    generator = torch.Generator().manual_seed(1)
+    d, n, ridge = 6, 40, 0.3
+    x = torch.randn(1, n, d, generator=generator, dtype=torch.float64) + 3.0
+    final = x @ torch.randn(d, d, generator=generator, dtype=torch.float64).T + 2.0
+    stats = LeastSquares(num_layers=1, d_model=d)
+    stats.update([x, final])
+    weight, bias = stats.solve(ridge=ridge)
+    h, y = x[0], (final - x)[0]
+    penalty = ridge * float(h.square().sum(0).mean())
+    system = torch.cat([h - h.mean(0), penalty**0.5 * torch.eye(d, dtype=torch.float64)])
+    target = torch.cat([y - y.mean(0), torch.zeros(d, d, dtype=torch.float64)])
+    expected = torch.linalg.lstsq(system, target).solution.T
+    torch.testing.assert_close(weight[0].double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bias[0].double(), y.mean(0) - expected @ h.mean(0), atol=1e-5, rtol=1e-5)
+    assert (expected - stats.solve(ridge=0.0)[0][0].double()).abs().max() > 1e-2  # the ridge does matter here
+
+
 def test_training_beats_the_logit_lens_and_saves_the_lens(model_dir, text, tmp_path):
     result = train(**_config(model_dir, text, tmp_path / "run", tokens=640))
     assert result.steps == 20 and result.tokens == 640
@@ -285,16 +306,16 @@ def test_resuming_a_finished_run_changes_nothing(model_dir, text, tmp_path):
 
 
 def test_the_progress_shows_phases_steps_and_a_smoothed_loss(model_dir, text, tmp_path, capsys):
-    import depthlens.training.train as training
+    from depthlens.training import progress
 
-    config = training.TrainConfig(minutes=2.0)
-    bar = training._steps_bar(config, {"seconds": 80.0, "tokens": 0}, disable=True)
+    config = progress.TrainConfig(minutes=2.0)
+    bar = progress.steps_bar(config, {"seconds": 80.0, "tokens": 0}, disable=True)
     assert (bar.total, bar.n) == (40, 0)
-    smoothed = training._Smoothed()
+    smoothed = progress.Smoothed()
     assert smoothed.add(5.0) == pytest.approx(5.0)
     values = [smoothed.add(v) for v in [-20.0, 30.0] * 50]
     assert all(v > -2.0 for v in values[5:])
-    plan = training._plan(config, {"step": 0, "initialised": False})
+    plan = progress.plan(config, {"step": 0, "initialised": False})
     assert plan.startswith("phase 1: least-squares start on") and "phase 2: KL steps" in plan
     assert "2 minutes in all" in plan and "checkpoints every 2 min and at the end" in plan
     result = train(**_config(model_dir, text, tmp_path / "run", tokens=320))

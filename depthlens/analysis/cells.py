@@ -107,7 +107,7 @@ class Cells:
         cells = cls.empty(len(rows), *input_ids.shape, k)
         for window in chunk_windows(*input_ids.shape, vocab, chunk_tokens):
             scorer = LogitStatistics(states.logits[:, window], targets[:, window])
-            chunk_states = [state[:, window] for state in states.states]
+            chunk_states = states.map_states(lambda state, window=window: state[:, window])
             decoded = (logits for _, logits in readout.iter_logits(chunk_states, rows[:-1]))
             for row, logits in enumerate(itertools.chain(decoded, [states.logits[:, window]])):
                 cells.fill(row, window, logits, scorer)

@@ -1,7 +1,10 @@
 """Per-layer evaluation of readouts on held-out text, with bootstrap confidence intervals.
 
 For every readout (any :class:`~depthlens.lenses.readout.Readout`, e.g. a lens) and layer ``l``
-(0 … L) and every position that has a next token:
+(0 … L) and every position that has a next token (a lens inside the blocks,
+:class:`~depthlens.lenses.mid.MidTunedLens`, reads the mid states of the same forward pass and its
+rows sit at half-layers: ``"layer"`` is ``l + 0.5`` for ``l < L``, see
+:func:`~depthlens.model.hidden_states.depth`):
 
 - ``kl``: KL(p_L ‖ q_l), the distillation loss, in nats;
 - ``ce``: cross-entropy of q_l to the actual next token;
@@ -34,10 +37,12 @@ from tqdm.auto import tqdm
 
 from depthlens.analysis.cells import chunk_windows
 from depthlens.errors import EvaluationError
+from depthlens.lenses.mid import site_of
 from depthlens.lenses.readout import Readout
 from depthlens.model.architecture import ModelParts, find_parts
-from depthlens.model.hidden_states import capture
+from depthlens.model.hidden_states import capture_sites, depth
 from depthlens.model.precision import DtypeName, computing_in, float32_logits, resolve_dtype
+from depthlens.model.unwrap import unwrap_model
 from depthlens.stats.bootstrap import bootstrap_samples, centred_interval
 from depthlens.stats.divergences import LogitStatistics
 from depthlens.text.data import Split, TextSource, load_chunks
@@ -149,6 +154,7 @@ def evaluate(
     ``meta["dtype"]`` records the one used. Raises :class:`EvaluationError` if a readout decodes
     with another model object than ``model``, or for no chunks at all.
     """
+    model = unwrap_model(model)
     parts = find_parts(model)
     for name, lens in lenses.items():
         if lens.parts.unembedding is not parts.unembedding:
@@ -178,7 +184,9 @@ def evaluate(
                 f"evaluate on more text")
         warnings.warn(f"no bootstrap intervals: {note}", stacklevel=2)
         meta = {"interval": None, "interval_note": note}
-    table = _table(totals.cpu(), tokens, resamples if with_intervals else 0, seed)
+    depths = {name: [depth(layer, site_of(lens), parts.num_layers) for layer in range(parts.num_layers + 1)]
+              for name, lens in lenses.items()}
+    table = _table(totals.cpu(), depths, tokens, resamples if with_intervals else 0, seed)
     if with_intervals and not all(row["ci_low"] is not None for row in table):
         meta["interval_note"] = "some rows have no interval: their resamples were not finite"
     meta["dtype"] = str(products).removeprefix("torch.")
@@ -194,14 +202,18 @@ def _add_batch(
     Positions are scored in windows of :func:`~depthlens.analysis.cells.chunk_windows`, one layer
     at a time, by :class:`~depthlens.stats.divergences.LogitStatistics`, and summed per group. The
     forward pass and the decoding run with products in ``products``
-    (:func:`~depthlens.model.precision.computing_in`), the statistics in float32."""
+    (:func:`~depthlens.model.precision.computing_in`), the statistics in float32. Each readout
+    decodes the states of its site (:func:`~depthlens.lenses.mid.site_of`), all read in one
+    forward pass."""
     device = totals.token_counts.device
     with computing_in(products, device):
-        states = capture(model, batch, parts=parts)
+        sites = capture_sites(model, batch, parts=parts, sites=["block", *(site_of(lens) for lens in lenses.values())])
+    states = sites["block"]
     groups, per_chunk = totals.token_counts.numel(), batch.shape[1] - 1
     row_groups = (first + torch.arange(batch.shape[0], device=totals.token_counts.device)).remainder(groups)
     row_groups = row_groups.repeat_interleave(per_chunk)
-    flat = [state[:, :-1].reshape(1, -1, state.shape[-1]) for state in states.states]
+    flat = {site: each.map_states(lambda state: state[:, :-1].reshape(1, -1, state.shape[-1]))
+            for site, each in sites.items()}
     final = states.logits[:, :-1].reshape(len(row_groups), -1)
     next_ids = batch[:, 1:].reshape(-1)
     totals.token_counts.index_add_(0, row_groups, row_groups.new_ones(len(row_groups), dtype=torch.float64))
@@ -211,16 +223,17 @@ def _add_batch(
         totals.final_marginal.index_add_(0, window_groups, scorer.probs)
         for name, lens in lenses.items():
             sums = totals.sums[name]
-            decoded = lens.iter_logits([state[:, window] for state in flat])
+            decoded = lens.iter_logits(flat[site_of(lens)].map_states(lambda state, window=window: state[:, window]))
             for layer, logits in float32_logits(decoded, products, device):
                 scores = scorer(logits, into=(window_groups, sums.marginals[layer]), ranks=False)
                 per_token = torch.stack([scores.kl, scores.ce, scores.entropy, (scores.rank == 0).float()])
                 sums.values[:, :, layer].index_add_(1, window_groups, per_token.double())
 
 
-def _table(totals: _Totals, tokens: int, resamples: int, seed: int) -> list[dict[str, Any]]:
+def _table(totals: _Totals, depths: Mapping[str, list[float]], tokens: int, resamples: int, seed: int) -> list[dict[str, Any]]:
     """One row per lens, layer, metric and unit, with point value and 95% bootstrap interval
-    (``None`` bounds for ``resamples=0``, or where the resamples are not finite)."""
+    (``None`` bounds for ``resamples=0``, or where the resamples are not finite); the row's
+    ``"layer"`` is the depth of the lens's layer, ``depths[lens][layer]``."""
     nats_per_byte = tokens / (totals.bytes * math.log(2)) if totals.bytes else float("nan")
     table = []
     for name, s in totals.sums.items():
@@ -230,7 +243,8 @@ def _table(totals: _Totals, tokens: int, resamples: int, seed: int) -> list[dict
                 if metric == "top1":
                     units = [("fraction", 1.0)]
                 for unit, factor in units:
-                    table.append({"lens": name, "layer": layer, "metric": metric, "unit": unit, "value": point * factor,
+                    table.append({"lens": name, "layer": depths[name][layer], "metric": metric, "unit": unit,
+                                  "value": point * factor,
                                   "ci_low": _scaled(low, factor), "ci_high": _scaled(high, factor)})
     return table
 

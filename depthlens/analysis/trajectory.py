@@ -1,7 +1,8 @@
 """Prediction trajectories: what a readout predicts at every layer and position, in bounded memory.
 
 A :class:`Trajectory` holds, for each row (a layer ``0 … L``; the last row is always layer ``L``,
-the model's own output), batch item and position:
+the model's own output; a lens inside the blocks gives half-layer rows ``0.5 … L − 0.5``, see
+:mod:`depthlens.analysis.trajectory_halves`), batch item and position:
 
 - the ``k`` most likely next tokens under the readout and their probabilities,
 - the entropy of the readout's distribution, its KL divergence from the model's final
@@ -38,10 +39,12 @@ from transformers import PreTrainedTokenizerBase
 from depthlens.analysis.cells import CHUNK_ELEMENTS, STATISTICS, Cells, Statistic, layer_rows, position_mask, statistic
 from depthlens.atomic import write_file
 from depthlens.errors import DataError, TrajectoryError
+from depthlens.lenses.mid import check_site, site_of
 from depthlens.lenses.readout import Readout
 from depthlens.model.architecture import ModelParts
-from depthlens.model.hidden_states import HiddenStates, capture
+from depthlens.model.hidden_states import HiddenStates, capture, depth, depth_label
 from depthlens.model.precision import DtypeName, computing_in, float32_logits, resolve_dtype
+from depthlens.model.unwrap import unwrap_model
 from depthlens.text.encode import encode
 from depthlens.text.tokens import token_label
 
@@ -71,8 +74,10 @@ class Trajectory:
     """Input tokens ``[batch, seq]``, ``torch.long``."""
     attention_mask: torch.Tensor
     """Which positions are real tokens, ``[batch, seq]``, ``torch.bool``."""
-    layers: tuple[int, ...]
-    """The layer of each row, increasing; the last is ``num_layers``."""
+    layers: tuple[float, ...]
+    """The depth of each row, increasing; the last is ``num_layers``. Row ``l`` decodes state
+    ``l`` (the output of block ``l − 1``); row ``i + 0.5`` decodes mid state ``i``, after block
+    ``i``'s attention (:func:`~depthlens.model.hidden_states.depth`)."""
     num_layers: int
     """The model's number of blocks ``L``."""
     top_ids: torch.Tensor
@@ -147,6 +152,7 @@ class Trajectory:
 
         Raises :class:`DataError` if the text is longer than the model's context window.
         """
+        model = unwrap_model(model)
         limit = getattr(model.config, "max_position_embeddings", None)
         if isinstance(limit, int) and input_ids.shape[-1] > limit:
             raise DataError(
@@ -156,7 +162,7 @@ class Trajectory:
         device = next(model.parameters()).device
         products = resolve_dtype(dtype, device)
         with computing_in(products, device):
-            states = capture(model, input_ids, attention_mask, parts=lens.parts)
+            states = capture(model, input_ids, attention_mask, parts=lens.parts, site=site_of(lens))
         return cls.from_states(
             lens, states, attention_mask, tokenizer=tokenizer, k=k, layers=layers,
             chunk_tokens=chunk_tokens, lens_name=lens_name, dtype=products,
@@ -177,17 +183,20 @@ class Trajectory:
         lens_name: str | None = None,
         dtype: DtypeName | torch.dtype = "float32",
     ) -> Trajectory:
-        """Build the trajectory of ``lens`` from captured hidden states.
+        """Build the trajectory of ``lens`` from captured hidden states of its site (mid states
+        for a lens inside the blocks, whose rows are then at depths ``i + 0.5``).
 
-        ``layers`` picks the rows (default: every layer ``0 … L``); layer ``L`` is always added
-        and is read from ``states.logits``. Positions are processed ``chunk_tokens`` tokens at a
-        time (default: :data:`CHUNK_ELEMENTS` divided by the vocabulary size). ``dtype``
+        ``layers`` picks the rows by the readout's layer numbers (default: every layer ``0 … L``);
+        layer ``L`` is always added and is read from ``states.logits``. Positions are processed
+        ``chunk_tokens`` tokens at a time (default: :data:`CHUNK_ELEMENTS` divided by the
+        vocabulary size). ``dtype``
         (``"auto"``, ``"float32"`` or ``"bfloat16"``, see
         :func:`~depthlens.model.precision.resolve_dtype`) sets the precision of the decoding's
         products; statistics are computed in float32 either way, by
         :class:`~depthlens.stats.divergences.LogitStatistics`. Without a ``tokenizer``, labels are
         ``#id``. ``lens`` may be any :class:`Readout`.
         """
+        check_site(states, lens)
         rows = layer_rows(layers, lens.num_layers)
         input_ids = states.input_ids.to(states.logits.device)
         mask = position_mask(attention_mask, input_ids)
@@ -198,7 +207,7 @@ class Trajectory:
         return cls(
             input_ids=input_ids,
             attention_mask=mask.cpu(),
-            layers=rows,
+            layers=tuple(depth(row, states.site, lens.num_layers) for row in rows),
             num_layers=lens.num_layers,
             labels=_labels(tokenizer, torch.cat([input_ids.flatten(), cells.top_ids.flatten()])),
             lens_kind=lens.kind,
@@ -244,10 +253,11 @@ class Trajectory:
         return [[self.label(t, max_chars) for t in row] for row in top1.tolist()]
 
     def strided(self, step: int) -> Trajectory:
-        """The rows whose layer is a multiple of ``step``, plus the output row."""
+        """The rows whose layer (half-layer rows: the layer below) is a multiple of ``step``, plus
+        the output row."""
         if step < 1:
             raise TrajectoryError(f"the layer stride must be at least 1, got {step}")
-        keep = [i for i, layer in enumerate(self.layers) if layer % step == 0 or i == len(self.layers) - 1]
+        keep = [i for i, layer in enumerate(self.layers) if math.floor(layer) % step == 0 or i == len(self.layers) - 1]
         return self.select_rows(keep)
 
     def select_rows(self, rows: Sequence[int]) -> Trajectory:
@@ -301,13 +311,13 @@ class Trajectory:
         means = {name: self.stat(name)[:, batch, mask].nanmean(-1) for name in ("entropy", "kl", "ce", "prob")}
         ranks = self.stat("rank")[:, batch, mask].median(-1).values
         lines = [
-            f"{self.lens_name} on {self.model_name}, {int(mask.sum())} tokens: means over positions "
-            "(entropy, kl, ce in nats), median rank, top-1 at the last position",
-            f"{'layer':>6} {'entropy':>8} {'kl':>8} {'ce':>8} {'rank':>7} {'prob':>6}  "
-            f"after {self.label(int(self.input_ids[batch, last]), 12)}",
+            (f"{self.lens_name} on {self.model_name}, {int(mask.sum())} tokens: means over positions "
+            "(entropy, kl, ce in nats), median rank, top-1 at the last position"),
+            (f"{'layer':>6} {'entropy':>8} {'kl':>8} {'ce':>8} {'rank':>7} {'prob':>6}  "
+            f"after {self.label(int(self.input_ids[batch, last]), 12)}"),
         ]
         for row, layer in enumerate(self.layers):
-            name = "output" if layer == self.num_layers else str(layer)
+            name = depth_label(layer, self.num_layers)
             lines.append(
                 f"{name:>6} {means['entropy'][row]:8.3f} {means['kl'][row]:8.3f} {means['ce'][row]:8.3f} "
                 f"{ranks[row]:7.0f} {means['prob'][row]:6.3f}  {self.label(int(self.top_ids[row, batch, last, 0]), 12)}"

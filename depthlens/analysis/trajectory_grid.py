@@ -2,7 +2,8 @@
 
 :func:`trajectory_grid` turns a :class:`~depthlens.analysis.trajectory.Trajectory` into the
 :class:`~depthlens.stats.grid.Grid` that pictures draw (Belrose et al. 2023, Figure 1): rows are
-the layers (``"output"`` for the model's own last row), columns the real input tokens of one batch
+the layers (``"output"`` for the model's own last row, ``"3.5"`` for a half-layer row of a lens
+inside the blocks), columns the real input tokens of one batch
 item, each cell shows the lens's top-1 next token and hovers its top-``k``.
 """
 
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from depthlens.analysis.cells import statistic
 from depthlens.errors import TrajectoryError
+from depthlens.model.hidden_states import depth_label
 from depthlens.stats.grid import Grid
 
 if TYPE_CHECKING:
@@ -53,7 +55,7 @@ def trajectory_grid(
     top_probs = traj.top_probs[:, batch, mask].tolist()
     words = traj.input_labels(batch)
     nexts = [*words[1:], ""]
-    rows = ["output" if layer == traj.num_layers else str(layer) for layer in traj.layers]
+    rows = [depth_label(layer, traj.num_layers) for layer in traj.layers]
     value_format = ".0f" if stat == "rank" else ".4g"
 
     def hover(row: int, position: int) -> str:

@@ -142,10 +142,10 @@ def _training_section(training: Any) -> str:
 def _evaluation_section(report: EvalReport | None) -> str:
     if report is None:
         return "## Evaluation\n\nNo evaluation was found beside the lens (run depthlens eval to make one).\n"
-    values: dict[tuple[str, str, int], float] = {}
+    values: dict[tuple[str, str, float], float] = {}
     for row in report.table:
         if (row["metric"], row["unit"]) in CARD_METRICS:
-            values[(row["lens"], row["metric"], int(row["layer"]))] = float(row["value"])
+            values[(row["lens"], row["metric"], float(row["layer"]))] = float(row["value"])
     lenses = list(dict.fromkeys(lens for lens, _, _ in values))
     columns = [(lens, metric) for metric, _ in CARD_METRICS for lens in lenses
                if any(key[:2] == (lens, metric) for key in values)]
@@ -155,7 +155,7 @@ def _evaluation_section(report: EvalReport | None) -> str:
     for layer in layers:
         cells = [f"{values[(lens, metric, layer)]:.3f}" if (lens, metric, layer) in values else ""
                  for lens, metric in columns]
-        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+        lines.append(f"| {layer:g} | " + " | ".join(cells) + " |")
     return (f"## Evaluation\n\nPer layer on {report.tokens} held-out tokens ({report.interval_label()}): KL(model ‖ "
             "lens) and cross-entropy to the next token in nats, top-1 agreement with the model as a fraction.\n\n"
             + "\n".join(lines) + "\n")

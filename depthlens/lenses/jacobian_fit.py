@@ -38,6 +38,8 @@ from depthlens.errors import TrainingError
 from depthlens.lenses.jacobian import JacobianLens
 from depthlens.model.architecture import ModelParts, find_parts
 from depthlens.model.hooks import add, hooked
+from depthlens.model.kv_cache import output_cache, with_cache
+from depthlens.model.unwrap import unwrap_model
 
 DEFAULT_SKIP_FIRST = 16
 """Leading positions excluded from sources and targets, as in the reference estimator."""
@@ -45,10 +47,16 @@ DEFAULT_MAX_SEQ_LEN = 128
 """Prompts are cut to this many tokens, as in the reference estimator."""
 ROW_BUDGET = 1024
 """Cotangent rows (dims × prompts × positions) per backward call when ``dims`` is not given: the
-backward's largest temporaries are ``ROW_BUDGET × d_ff`` values. On one CPU thread small calls keep
-them in cache: on smollm2-135m the benchmark ran 1.54× and 1.75× faster than transformer-lens with
-1024 rows (two runs) and 1.38× with 4096 (a 23-position prompt in 13 calls or 4). On a GPU pass
-``dims=d``: one call per batch."""
+backward's largest temporaries are ``ROW_BUDGET × d_ff`` values. On one CPU thread the size hardly
+matters: on smollm2-135m (a 23-position prompt) the CPU time per cotangent was the same within 10 %
+from 8 to 176 dims per call (184 to 4048 rows), and 15 % higher at 4 dims. On a GPU pass
+``dims=d``: one call per batch.
+
+On one CPU thread 60–70 % of a fit is the float32 matrix products no exact reverse-mode fit can
+skip (``d`` cotangents through every linear layer above the first source state, at every fitted
+position; ``benchmarks/jacobian_lens.py`` measures this floor), the rest autograd's elementwise
+work (norm, activation, rotary and softmax backward, gradient sums). Legacy batched gradients and
+``torch.func.vmap`` over ``torch.func.vjp`` cost the same."""
 
 
 def fit_jacobian_lens(
@@ -71,6 +79,7 @@ def fit_jacobian_lens(
     (default: as many as :data:`ROW_BUDGET` allows). Raises :class:`TrainingError` if the model is
     in training mode, a state is out of range, or no sequence is long enough.
     """
+    model = unwrap_model(model)
     parts = find_parts(model)
     states = sorted(set(range(parts.num_layers) if states is None else states))
     _check_fit(model, parts, states, skip_first, max_seq_len)
@@ -146,7 +155,7 @@ def _batch_rows(
     if skip > 0:
         with torch.no_grad():
             prefix = torch.stack([ids[:skip] for ids in batch]).to(device)
-            cached = {"past_key_values": model(input_ids=prefix, use_cache=True).past_key_values, "use_cache": True}
+            cached = {**with_cache(model, output_cache(model(input_ids=prefix, use_cache=True))), "use_cache": True}
     probes = {state: torch.zeros(len(batch), 1, parts.d_model, device=device, dtype=dtype, requires_grad=True)
               for state in states}
     target_point = f"resid.{parts.num_layers}"

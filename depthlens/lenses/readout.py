@@ -35,6 +35,10 @@ class Readout(Protocol):
       the order given, one layer at a time, so ``[layers, batch, seq, vocab]`` never exists.
       Logits are unnormalised natural-log scores; an out-of-range layer raises
       :class:`~depthlens.errors.LayerError`.
+
+    Optionally ``site``: ``"mid"`` for a readout of the states inside blocks (``resid.i + attn.i``,
+    shown at depth ``i + 0.5``; see :mod:`depthlens.lenses.mid`); without it a readout decodes the
+    block outputs.
     """
 
     kind: str

@@ -73,6 +73,8 @@ BUILTIN_KINDS = (
                 description="tuned-lens package folder (config.json + params.pt), read as a tuned lens"),
     BuiltinKind("jacobian", "depthlens.lenses.jacobian:load_jacobian_lens", "depthlens.lenses.jacobian:detect",
                 description="Jacobian lens: a depthlens folder, or a reference .pt artifact (transformer-lens JacobianLens)"),
+    BuiltinKind("tuned-mid", "depthlens.lenses.mid:MidTunedLens.from_pretrained",
+                description="tuned lens inside the blocks (after attention, before the MLP): depthlens train --site mid"),
 )
 """Depthlens's own readout kinds; adding one is one row here."""
 
@@ -187,8 +189,9 @@ def load_readout(spec: str | os.PathLike, model: nn.Module | ModelParts) -> Read
     :class:`~depthlens.lenses.logit.LogitLens` for ``"logit"``, else the readout saved at that path
     by its kind's loader.
 
-    Raises :class:`LensFileError` for a spec that names nothing, a damaged lens, or a lens made
-    for another model.
+    Raises :class:`LensFileError` for a spec that names nothing, a damaged lens, a lens made
+    for another model, or one whose ``config.json`` records another model shape than its weights
+    fit.
     """
     parts = model_parts(model)
     if is_logit(spec):
@@ -198,7 +201,30 @@ def load_readout(spec: str | os.PathLike, model: nn.Module | ModelParts) -> Read
     readout = _kind(kind).load(path, parts)
     if not isinstance(readout, Readout):
         raise TypeError(f"the loader of readout kind {kind!r} returned a {type(readout).__name__}, not a Readout")
+    _check_recorded_model(path, readout, parts)
     return readout
+
+
+def _check_recorded_model(path: Path, readout: Readout, parts: ModelParts) -> None:
+    """:class:`LensFileError` where the lens folder's ``config.json`` records a model of another
+    shape (``"model"``: ``num_layers``, ``d_model``, ``vocab_size``) than the one given, or the
+    loaded readout has another number of layers: the weights may fit while the record lies (an
+    edited config), and a lens is refused rather than trusted on either."""
+    config = _read_config(path / CONFIG_NAME) if path.is_dir() and (path / CONFIG_NAME).is_file() else {}
+    recorded = config.get("model")
+    recorded = recorded if isinstance(recorded, dict) else {}
+    actual = {"num_layers": parts.num_layers, "d_model": parts.d_model, "vocab_size": parts.vocab_size}
+    for key, value in actual.items():
+        if recorded.get(key, value) != value:
+            raise LensFileError(
+                f"{path / CONFIG_NAME} says the lens is for a model with {key} = {recorded[key]}, but the model given "
+                f"has {value}: the config was edited or belongs to another lens; copy or save the lens again"
+            )
+    if readout.num_layers != parts.num_layers:
+        raise LensFileError(
+            f"{path} holds a readout of {readout.num_layers} layers, but the model given has {parts.num_layers}: "
+            "load the model the lens was made for"
+        )
 
 
 def _kind(kind: str) -> ReadoutKind:

@@ -59,6 +59,7 @@ from torch import nn
 
 from depthlens.atomic import write_dir
 from depthlens.errors import LensFileError
+from depthlens.lenses.mid import site_of
 from depthlens.lenses.readout import model_parts
 from depthlens.lenses.tuned import TunedLens
 from depthlens.model.architecture import ModelParts
@@ -250,7 +251,13 @@ def load_tuned_lens_folder(path: str | os.PathLike, parts: nn.Module | ModelPart
 def export_tuned_lens(lens: TunedLens, folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
     """Write ``lens`` as a tuned-lens 0.2 folder (``config.json`` + ``params.pt``, a plain dict of
     ``dtype`` tensors saved with ``torch.save``) that ``TunedLens.from_model_and_pretrained`` of the
-    tuned-lens package loads onto the same model. The folder is replaced atomically."""
+    tuned-lens package loads onto the same model. The folder is replaced atomically.
+
+    Raises :class:`~depthlens.errors.LensFileError` for a lens inside blocks (tuned-lens reads only
+    block outputs, so its translators would be applied to the wrong states)."""
+    if site_of(lens) != "block":
+        raise LensFileError(f"a {lens.kind} lens reads states inside blocks, which tuned-lens has no place for: "
+                            "export a block-output tuned lens (depthlens train without --site mid)")
     parts = lens.parts
     state: dict[str, torch.Tensor] = {}
     for i, translator in enumerate(lens.translators):

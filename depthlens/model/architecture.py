@@ -23,6 +23,7 @@ from torch import nn
 
 from depthlens.errors import UnsupportedModelError
 from depthlens.model.block_parts import count_heads, find_branch, find_projection, sandwich_norms
+from depthlens.model.unwrap import unwrap_model
 
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f", "final_norm")
 """Attribute names, tried in order on the base model, under which families keep the final norm."""
@@ -251,8 +252,10 @@ def find_parts(model: nn.Module) -> ModelParts:
     """Discover the embedding, blocks, final norm and unembedding of a causal LM.
 
     Raises :class:`UnsupportedModelError` naming the part that could not be found and how to
-    register the family.
+    register the family. ``model`` may also be another toolkit's wrapper of one
+    (:func:`~depthlens.model.unwrap.unwrap_model`).
     """
+    model = unwrap_model(model)
     config = model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     model_type = getattr(text_config, "model_type", None) or getattr(config, "model_type", "?")

@@ -40,6 +40,7 @@ from torch import nn
 from depthlens.errors import EditError
 from depthlens.model.architecture import ModelParts, find_parts
 from depthlens.model.edits import Erasure, check_erasure, derangement, erase
+from depthlens.model.unwrap import unwrap_model
 
 Positions = Sequence[int] | torch.Tensor | None
 
@@ -275,6 +276,7 @@ def run_with_hooks(
 ) -> HookRun:
     """Run ``model`` once on ``input_ids [batch, seq]`` (no key–value cache) with the given reads
     and edits; returns the values read and the logits ``[batch, seq, vocab]``."""
+    model = unwrap_model(model)
     parts = parts or find_parts(model)
     device = parts.embedding.weight.device
     with hooked(parts, read=read, edits=edits) as values:

@@ -5,7 +5,9 @@ squares sense (cf. Din et al. 2023, "Jump to Conclusions"). The statistics ``X�
 with ``X = [h_l, 1]`` and ``Y = h_L − h_l`` are accumulated in float64 during ordinary forward
 passes, ``O(d²)`` per token and layer, and solved once, on the CPU unless told otherwise (a GPU
 holds them for a large model: 2 × 32 × 4097² float64 values are 8.6 GB at width 4096). Tokens from many batches, processes or
-machines are combined by adding the statistics (:meth:`LeastSquares.merge`).
+machines are combined by adding the statistics (:meth:`LeastSquares.merge`). The states may also be
+mid states (:func:`~depthlens.model.hidden_states.capture` with ``site="mid"``): their last state is
+the last block's output all the same, so a lens inside the blocks starts the same way.
 """
 
 from __future__ import annotations

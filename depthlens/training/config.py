@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from depthlens.errors import TrainingError
+from depthlens.model.hidden_states import SITES, Site
 from depthlens.model.load import DEFAULT_MODEL
 from depthlens.model.precision import DTYPE_NAMES, DtypeName
 from depthlens.training.objective import Objective
@@ -39,7 +40,12 @@ class TrainConfig:
     """Field whose value groups documents on one side of the train/validation split (e.g. a book id);
     default: each document is its own group (the built-in corpus groups by play)."""
     out: str | None = None
-    """Run directory (``lens/``, ``checkpoint/``, ``eval/`` go inside); default ``runs/<model>``."""
+    """Run directory (``lens/``, ``checkpoint/``, ``eval/`` go inside); default ``runs/<model>``,
+    ``runs/<model>/mid`` for ``site="mid"``."""
+    site: Site = "block"
+    """Where the translators read: ``"block"``, the block outputs (a tuned lens), or ``"mid"``,
+    the mid states ``resid.i + attn.i`` after each block's attention (a lens inside the blocks,
+    :class:`~depthlens.lenses.mid.MidTunedLens`)."""
     objective: Objective = "kl"
     optimizer: Optimizer = "adam"
     init: Init = "least_squares"
@@ -82,8 +88,8 @@ class TrainConfig:
 
     @property
     def run_path(self) -> Path:
-        """The run folder: ``out``, else ``runs/<model>``."""
-        return run_dir(self.model, self.out)
+        """The run folder: ``out``, else ``runs/<model>`` (``runs/<model>/mid`` for ``site="mid"``)."""
+        return run_dir(self.model, self.out, self.site)
 
     @property
     def learning_rate(self) -> float:
@@ -117,6 +123,8 @@ class TrainConfig:
             raise TrainingError(f"unknown objective {self.objective!r}; use kl or ce")
         if self.init not in ("least_squares", "identity"):
             raise TrainingError(f"unknown init {self.init!r}; use least_squares or identity")
+        if self.site not in SITES:
+            raise TrainingError(f"unknown site {self.site!r}; use {' or '.join(SITES)}")
         if self.dtype not in DTYPE_NAMES:
             raise TrainingError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPE_NAMES)}")
 

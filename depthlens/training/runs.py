@@ -7,6 +7,7 @@ A run on a model writes into one folder, ``runs/<model name>`` unless told other
         checkpoint/    the latest training state (training.checkpoint)
         eval/          its evaluation on held-out text (viz.report.write_report / read_report)
             ood/       its evaluation on out-of-domain text (depthlens train --ood, default mixed:dataset-descriptions)
+        mid/           the run of the lens inside the blocks (depthlens train --site mid), laid out alike
 
 Every path convention lives here, each with its reader: :func:`run_dir` and the three subpaths
 name where things are written; :func:`run_of_lens` and :func:`eval_dir_of_lens` go back from a
@@ -28,11 +29,14 @@ LENS = "lens"
 CHECKPOINT = "checkpoint"
 EVAL = "eval"
 OOD = "ood"
+MID = "mid"
+"""The run folder, inside a model's, of its lens inside the blocks (``depthlens train --site mid``)."""
 
 __all__ = [
     "CHECKPOINT",
     "EVAL",
     "LENS",
+    "MID",
     "OOD",
     "RUNS",
     "checkpoint_dir",
@@ -49,12 +53,14 @@ __all__ = [
 ]
 
 
-def run_dir(model: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+def run_dir(model: str | os.PathLike, out: str | os.PathLike | None = None, site: str = "block") -> Path:
     """The run folder: ``out`` if given, else ``runs/<model name>`` (the last part of a model
-    path or hub name, without ``.gguf``)."""
+    path or hub name, without ``.gguf``), and its ``mid/`` for a lens inside the blocks
+    (``site="mid"``)."""
     if out:
         return Path(out)
-    return RUNS / Path(os.fspath(model).rstrip("/")).name.removesuffix(".gguf")
+    folder = RUNS / Path(os.fspath(model).rstrip("/")).name.removesuffix(".gguf")
+    return folder / MID if site == "mid" else folder
 
 
 def lens_dir(run: str | os.PathLike) -> Path:

@@ -1,5 +1,11 @@
 """Train a tuned lens: closed-form start, then KL distillation with Adam (default), Muon or SGD.
 
+``site="block"`` (the default) trains translators of the block outputs
+(:class:`~depthlens.lenses.tuned.TunedLens`); ``site="mid"`` trains them, by the same recipe, at
+the mid states ``resid.i + attn.i`` after each block's attention
+(:class:`~depthlens.lenses.mid.MidTunedLens`). :func:`train_lens` trains either on a model already
+in memory, with a token budget.
+
 The job, in order:
 
 1. load the model and stream the training split of the text source as packed chunks;
@@ -13,12 +19,11 @@ The job, in order:
 
 The training documents come in a seeded random order (a fresh one every epoch), so the
 least-squares start and the first steps see many plays or documents, not the first few in file
-order. The terminal shows the two phases, one bar each: the least-squares start counts tokens;
-the KL steps count seconds of what is left of a time budget (or tokens of a token budget), with
-the step number and a smoothed loss.
+order. The terminal shows the two phases (:mod:`depthlens.training.progress`).
 
-The run folder (``runs/<model>`` or ``out``) is laid out by :mod:`depthlens.training.runs`:
-``lens/``, ``checkpoint/`` (and ``eval/``, which the command line writes after training).
+The run folder (``runs/<model>``, ``runs/<model>/mid`` for ``site="mid"``, or ``out``) is laid out
+by :mod:`depthlens.training.runs`: ``lens/``, ``checkpoint/`` (and ``eval/``, which the command line
+writes after training).
 
 Under ``torchrun`` every process takes its own share of each batch and gradients are averaged
 (gloo on CPU, nccl on GPU); process 0 writes files.
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -39,8 +45,9 @@ from tqdm.auto import tqdm
 
 from depthlens.atomic import check_output
 from depthlens.errors import TrainingError
+from depthlens.lenses.mid import lens_class, site_of
 from depthlens.lenses.tuned import TunedLens
-from depthlens.model.hidden_states import capture
+from depthlens.model.hidden_states import Site, capture
 from depthlens.model.load import load_model
 from depthlens.model.precision import computing_in, resolve_dtype
 from depthlens.paths import portable
@@ -51,10 +58,11 @@ from depthlens.training.config import DEFAULT_LR, TrainConfig
 from depthlens.training.objective import Shortlist, accumulate_gradients
 from depthlens.training.optim import make_optimizers
 from depthlens.training.processes import Processes, is_first_process
+from depthlens.training.progress import Smoothed, plan, show_step, steps_bar
 from depthlens.training.runs import checkpoint_dir, lens_dir, run_dir
 
 __all__ = ["DEFAULT_LR", "TrainConfig", "TrainResult", "TrainingError", "is_first_process", "make_optimizers", "run_dir", "train",
-           "train_step"]
+           "train_lens", "train_step"]
 
 
 @dataclass
@@ -113,7 +121,7 @@ def _least_squares_start(
             mine = group[procs.rank :: procs.world]
             if mine:
                 with computing_in(products, device):
-                    states = capture(model, torch.stack(mine).to(device), parts=lens.parts).states
+                    states = capture(model, torch.stack(mine).to(device), parts=lens.parts, site=site_of(lens)).states
                 stats.update(states)
             bar.update(len(group) * config.chunk_len)
     procs.sum_(stats.xtx)
@@ -145,7 +153,7 @@ def train(
     check_output(config.run_path, "folder")
     job = _start(config, loaded, on_step, resume)
     if job.procs.rank == 0:
-        tqdm.write(_plan(config, job.progress))
+        tqdm.write(plan(config, job.progress))
     if config.init == "least_squares" and not job.progress["initialised"]:
         job.progress["chunks"] += _least_squares_start(job.lens, job.model, job.batches, config, job.procs, job.started,
                                                        job.products)
@@ -155,6 +163,31 @@ def train(
     job.started += _call(on_step, job.lens, job.progress)
     _kl_steps(job)
     return _finish(job)
+
+
+def train_lens(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    data: str | os.PathLike,
+    tokens: int,
+    *,
+    site: Site = "block",
+    out: str | os.PathLike | None = None,
+    **options: Any,
+) -> TrainResult:
+    """Train a lens of ``model`` (already in memory, with its ``tokenizer``) at ``site`` by the
+    default recipe, on the training split of the text source ``data`` (``"mixed"``,
+    ``"shakespeare"``, a file…), for a budget of ``tokens`` KL-step tokens after the
+    least-squares start's ``init_tokens``: no wall clock, so a run gives the same lens on any
+    machine. ``site="mid"`` trains a :class:`~depthlens.lenses.mid.MidTunedLens`.
+
+    The lens is saved to ``<out>/lens`` (default: :attr:`TrainConfig.run_path` of the model's
+    name); ``options`` are other :class:`TrainConfig` fields (``init_tokens``, ``seed``,
+    ``dtype``…). Returns the :class:`TrainResult`."""
+    name = getattr(model.config, "name_or_path", None) or TrainConfig.model
+    return train(loaded=(model, tokenizer), **{"model": name, **options, "site": site, "data": os.fspath(data),
+                                               "tokens": tokens, "minutes": None,
+                                               "out": None if out is None else os.fspath(out)})
 
 
 @dataclass
@@ -176,7 +209,7 @@ class _Job:
     on_step: Callable[[TunedLens, dict[str, Any]], None] | None
     started: float
     products: torch.dtype = torch.float32  # config.dtype resolved on this machine
-    smoothed: _Smoothed | None = None
+    smoothed: Smoothed | None = None
 
     @property
     def run(self) -> Path:
@@ -196,13 +229,14 @@ def _start(
     model, tokenizer = loaded or load_model(config.model, device=procs.device)
     source = TextSource(config.data, column=config.column, group_column=config.group_column)
     _check_data(source, tokenizer, config)
-    lens = TunedLens(model, training={"config": asdict(config)})
+    lens = lens_class(config.site)(model, training={"config": asdict(config)})
     optimizers = make_optimizers(lens, config)
     progress: dict[str, Any] = {"step": 0, "chunks": 0, "tokens": 0, "seconds": 0.0, "initialised": False, "history": []}
     if resume:
         checkpoint = checkpoint_dir(config.run_path)
         progress = load_checkpoint(checkpoint, lens, optimizers)
-        if progress.get("config") != asdict(config):
+        saved = {"site": "block", **progress.get("config", {})}  # checkpoints older than sites are block runs
+        if saved != asdict(config):
             raise TrainingError(f"the checkpoint in {checkpoint} belongs to a run with other settings; start without --resume")
     progress["config"] = asdict(config)
     batches = _batches(source, tokenizer, config, progress["chunks"])
@@ -216,8 +250,8 @@ def _kl_steps(job: _Job) -> None:
     config, procs, progress = job.config, job.procs, job.progress
     per_rank_chunks = config.batch_tokens // config.chunk_len
     step_tokens = config.batch_tokens * procs.world
-    bar = _steps_bar(config, progress, disable=procs.rank != 0)
-    job.smoothed = _Smoothed()
+    bar = steps_bar(config, progress, disable=procs.rank != 0)
+    job.smoothed = Smoothed()
     while True:
         done = procs.from_first(_budget_used(config, progress, step_tokens))
         if done >= 1.0:
@@ -235,55 +269,12 @@ def _kl_steps(job: _Job) -> None:
         progress["history"].append({"step": progress["step"], "tokens": progress["tokens"],
                                     "seconds": round(progress["seconds"], 3), "loss": losses.sum().item(),
                                     "mean_layer_smoothed": round(smoothed, 5)})
-        _show_step(bar, config, progress, smoothed)
+        show_step(bar, config, progress, smoothed)
         if progress["seconds"] - progress.get("checkpoint_seconds", 0.0) >= 60 * config.checkpoint_minutes:
             progress["checkpoint_seconds"] = progress["seconds"]
             _checkpoint(job.run, job.lens, job.optimizers, progress, procs)
         job.started += _call(job.on_step, job.lens, progress)
     bar.close()
-
-
-class _Smoothed:
-    """An exponential moving average of the per-step loss over about :data:`SMOOTHING_STEPS` steps,
-    bias-corrected so that the first steps are not pulled towards 0."""
-
-    def __init__(self) -> None:
-        self.average, self.weight = 0.0, 0.0
-
-    def add(self, value: float) -> float:
-        decay = 1.0 - 1.0 / SMOOTHING_STEPS
-        self.average = decay * self.average + (1.0 - decay) * value
-        self.weight = decay * self.weight + (1.0 - decay)
-        return self.average / self.weight
-
-
-SMOOTHING_STEPS = 20
-"""Steps the loss shown during training is averaged over (the shortlist estimate of one batch is noisy)."""
-
-
-def _steps_bar(config: TrainConfig, progress: dict[str, Any], disable: bool) -> tqdm:
-    """The KL-step phase's bar: tokens of a token budget, or the seconds left of a time budget
-    when the steps begin (so it starts at 0, not where the least-squares start left the clock)."""
-    name = "phase 2/2 · " + ("KL steps" if config.objective == "kl" else "cross-entropy steps")
-    if config.tokens is not None:
-        return tqdm(total=config.tokens, initial=progress["tokens"], desc=name, unit="tok", disable=disable)
-    progress.setdefault("steps_began", progress["seconds"])
-    total = max(1, round(config.minutes * 60 - progress["steps_began"]))
-    return tqdm(total=total, initial=min(total, round(progress["seconds"] - progress["steps_began"])), desc=name,
-                unit="s", disable=disable, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s [{elapsed}<{remaining}{postfix}]")
-
-
-def _show_step(bar: tqdm, config: TrainConfig, progress: dict[str, Any], smoothed: float) -> None:
-    """Move the bar and show the step number and the smoothed per-layer loss (nats)."""
-    if config.tokens is not None:
-        bar.n = min(bar.total, progress["tokens"])
-    else:
-        bar.n = min(bar.total, round(progress["seconds"] - progress["steps_began"]))
-    estimate = config.objective == "kl" and config.shortlist
-    name = "KL/layer ≈" if estimate else ("KL/layer" if config.objective == "kl" else "CE/layer")
-    bar.set_postfix_str(f"step {progress['step']}, {name} {smoothed:.3f} nats (avg of ~{SMOOTHING_STEPS} steps)",
-                        refresh=False)
-    bar.refresh()
 
 
 def _finish(job: _Job) -> TrainResult:
@@ -322,18 +313,6 @@ def _call(on_step: Callable[[TunedLens, dict[str, Any]], None] | None, lens: Tun
     return time.monotonic() - begun
 
 
-def _plan(config: TrainConfig, progress: dict[str, Any]) -> str:
-    """One line saying what the run will do: its phases, its budget and where it checkpoints."""
-    share = f" (or {config.init_share:.0%} of the time, if that comes first)" if config.minutes is not None else ""
-    start = (f"phase 1: least-squares start on {config.init_tokens} tokens{share}; " if config.init == "least_squares"
-             else "identity start; ")
-    budget = f"{config.tokens} tokens" if config.tokens is not None else f"{config.minutes:g} minutes in all (both phases)"
-    every = "every step" if config.checkpoint_minutes == 0 else f"every {config.checkpoint_minutes:g} min"
-    resumed = f"resuming at step {progress['step']}; " if progress["step"] or progress["initialised"] else ""
-    return (f"{resumed}{start}phase 2: {config.objective.upper()} steps of {config.batch_tokens} tokens until "
-            f"{budget} are spent; checkpoints {every} and at the end, in {checkpoint_dir(config.run_path)}")
-
-
 def _budget_used(config: TrainConfig, progress: dict[str, Any], step_tokens: int) -> float:
     """Fraction of the budget spent; a token budget ends before a step that would overshoot it."""
     if config.tokens is not None:
@@ -360,7 +339,7 @@ def train_step(
     procs = procs or Processes()
     device = lens.translators[0].weight.device
     with computing_in(products, device):
-        states = capture(model, batch.to(device), parts=lens.parts)
+        states = capture(model, batch.to(device), parts=lens.parts, site=site_of(lens))
     flat = [s.reshape(-1, s.shape[-1]) for s in states.states]
     if config.objective == "kl":
         target = states.logits.reshape(flat[0].shape[0], -1).float().log_softmax(-1)

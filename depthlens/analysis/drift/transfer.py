@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from depthlens.errors import DriftError
+from depthlens.lenses.mid import site_of
 from depthlens.lenses.readout import check_layer
 from depthlens.lenses.tuned import TunedLens
 from depthlens.model.hidden_states import capture
@@ -64,8 +65,9 @@ def transfer_matrix(
 ) -> Transfer:
     """The transfer matrices of ``lens`` over ``layers`` (default ``0 … L``) on ``input_ids
     [B, T]``; each row's last token has no target and counts only in the KL."""
-    if not isinstance(lens, TunedLens):
-        raise DriftError("the transfer matrix needs a tuned lens (translators to swap): pass --lens DIR")
+    if not isinstance(lens, TunedLens) or site_of(lens) != "block":
+        raise DriftError("the transfer matrix needs a block-output tuned lens (translators to swap between block "
+                         "outputs): pass --lens DIR of a lens trained without --site mid")
     layers = list(range(lens.num_layers + 1)) if layers is None else sorted(set(layers))
     for layer in layers:
         check_layer(layer, lens.num_layers)

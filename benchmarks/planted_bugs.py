@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from planted_dla import DLA_PLANTS
+from planted_lenses import LENS_PLANTS
 from planted_science import SCIENCE_PLANTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -412,6 +414,8 @@ PLANTS: dict[str, tuple[Callable[[], None], list[str]]] = {
 }
 
 PLANTS.update(SCIENCE_PLANTS)
+PLANTS.update(DLA_PLANTS)
+PLANTS.update(LENS_PLANTS)
 
 
 def pytest_configure(config) -> None:  # noqa: ARG001 - pytest's hook signature

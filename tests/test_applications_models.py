@@ -9,15 +9,17 @@ import torch
 from tiny_models import tiny_model
 
 from depthlens import LogitLens, TunedLens
-from depthlens.analysis.applications.anomaly import score_texts, text_features
+from depthlens.analysis.applications.anomaly import rank_texts, score_texts, text_features
 from depthlens.analysis.applications.depth import depth_grid, depth_vs_training, token_depths
 from depthlens.analysis.applications.features import encode_pair, score_choices
 from depthlens.analysis.applications.injection import detect_injections
+from depthlens.analysis.applications.load import load_task
 from depthlens.analysis.applications.overthinking import overthinking
 from depthlens.analysis.applications.tasks import Example, make_task
 from depthlens.analysis.trajectory import Trajectory
 from depthlens.apps.cli import main
 from depthlens.model.hidden_states import capture
+from depthlens.model.load import load_model
 
 LINES = [
     "Fair is foul, and foul is fair", "When shall we three meet again", "To be, or not to be",
@@ -95,12 +97,18 @@ def test_overthinking_pipeline_gives_curves_for_every_layer(model, lenses, tiny_
     assert result.examples == 8 and set(result.curves) == {"logit", "tuned"}
     curves = result.curves["tuned"]
 
-    def by_hand(scores):  # per layer: gold probability strictly above its label's median (n = 2)
+    def by_hand(scores):  # per layer: gold probability above its label's median (n = 2), ties sharing
         probs = np.exp(scores.loglik["tuned"]) / np.exp(scores.loglik["tuned"]).sum(-1, keepdims=True)
         out = []
         for layer in range(4):
-            median = [np.quantile(probs[:, layer, c], 0.5) for c in range(2)]
-            out.append(np.mean([probs[i, layer, g] > median[g] for i, g in enumerate(scores.gold)]))
+            credit = []
+            for i, g in enumerate(scores.gold):
+                column = probs[:, layer, g]
+                median = np.quantile(column, 0.5)
+                above, tied = (column > median).sum(), (column == median).sum()
+                share = min(max(len(column) / 2 - above, 0) / max(tied, 1), 1)
+                credit.append(1.0 if column[i] > median else share if column[i] == median else 0.0)
+            out.append(np.mean(credit))
         return out
 
     assert curves.correct == pytest.approx(by_hand(right)) and curves.permuted == pytest.approx(by_hand(wrong))
@@ -147,13 +155,24 @@ def test_commands_write_json_csv_and_pictures(tiny_model_dir, tiny_tokenizer, tm
     task_file = tmp_path / "task.jsonl"
     task_file.write_text("".join(json.dumps({"prompt": f"{line}?\nAnswer:", "choices": [" fog", " rain"], "gold": i % 2}) + "\n"
                                  for i, line in enumerate(LINES * 2)))
+    loaded, tokenizer = load_model(str(tiny_model_dir))
+    readouts = {"logit": LogitLens(loaded)}
+    # The numbers are checked in the pipeline tests; here, that each command writes the library's for its inputs.
     out = tmp_path / "inject"
-    assert main(["inject", "--model", str(tiny_model_dir), "--task", str(task_file), "--seeds", "2", "--out", str(out)]) == 0
+    assert main(["inject", "--model", str(tiny_model_dir), "--task", str(task_file), "--seeds", "2",
+                 "--out", str(out)]) == 0
     assert {p.name for p in out.iterdir()} == {"injection.json", "injection.csv", "roc.png"}
+    expected, _, _ = detect_injections(loaded, tokenizer, readouts, load_task(task_file), seeds=2, progress=False)
+    written = json.loads((out / "injection.json").read_text())
+    assert written == {"model": str(tiny_model_dir), **json.loads(json.dumps(expected.to_dict()))}
     out = tmp_path / "over"
     assert main(["overthink", "--model", str(tiny_model_dir), "--task", str(task_file), "--shots", "2",
-                 "--limit", "16", "--demo-pool", "6", "--out", str(out)]) == 0
-    assert json.loads((out / "overthinking.json").read_text())["examples"] == 10
+                 "--limit", "10", "--demo-pool", "6", "--out", str(out)]) == 0
+    expected, _, _ = overthinking(loaded, tokenizer, readouts, load_task(task_file, limit=16), shots=2, shift=1,
+                                  limit=10, batch_size=4, progress=False)
+    written = json.loads((out / "overthinking.json").read_text())
+    assert written["examples"] == 10
+    assert written == {"model": str(tiny_model_dir), **json.loads(json.dumps(expected.to_dict()))}
     out = tmp_path / "depth"
     assert main(["depth", "To be, or not to be", "--model", str(tiny_model_dir), "--out", str(out)]) == 0
     assert (out / "depth_logit.png").stat().st_size > 0
@@ -161,13 +180,21 @@ def test_commands_write_json_csv_and_pictures(tiny_model_dir, tiny_tokenizer, tm
     traj = Trajectory.from_text(model, tiny_tokenizer, LogitLens(model), "To be, or not to be", k=1)
     assert shown["depths"] == token_depths(traj)[0].tolist()
     assert shown["mean_depth"] == pytest.approx(float(np.mean(shown["depths"])))
+    lens = TunedLens(model)
+    lens.save_pretrained(tmp_path / "lens")
+    picture = tmp_path / "pictures" / "depth.png"  # a picture file: logit and tuned side by side, nothing else
+    assert main(["depth", "To be", "--model", str(tiny_model_dir), "--lens", str(tmp_path / "lens"), "--out", str(picture)]) == 0
+    assert [p.name for p in picture.parent.iterdir()] == ["depth.png"] and picture.read_bytes()[:4] == b"\x89PNG"
     assert main(["depth", "--task", str(task_file), "--limit", "6", "--model", str(tiny_model_dir), "--out", str(out)]) == 0
     assert len(json.loads((out / "depth.json").read_text())["rows"]) == 6
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(LINES))
     assert main(["anomaly", "--reference", str(texts), "--texts", str(texts), "--model", str(tiny_model_dir),
                  "--out", str(tmp_path / "anomaly")]) == 0
-    assert len(json.loads((tmp_path / "anomaly" / "anomaly.json").read_text())["scores"]) == len(LINES)
+    written = json.loads((tmp_path / "anomaly" / "anomaly.json").read_text())["scores"]
+    ranked = rank_texts(loaded, tokenizer, readouts["logit"], LINES, LINES, progress=False)
+    assert [r["score"] for r in written] == pytest.approx(ranked.scores.tolist(), abs=1e-9)
+    assert [r["percentile"] for r in written] == pytest.approx(ranked.percentiles.tolist(), abs=1e-9)
     assert main(["inject", "--model", str(tiny_model_dir), "--task", str(task_file), "--cue", "Reply:",
                  "--out", str(tmp_path / "x")]) == 2
     assert "no answer cue 'Reply:'" in capsys.readouterr().err

@@ -80,6 +80,12 @@ def test_the_lens_is_a_readout_with_beta_and_low_rank(llama, tiny_tokenizer):
     torch.testing.assert_close(lens.with_beta(0.0).transform(h, 1), lens.bias[1].expand(2, 5, 32))
     low = lens.low_rank(3)
     assert int(torch.linalg.matrix_rank(low.weight[0])) <= 3
+    for layer in range(4):  # Eckart–Young: the best rank-3 approximation leaves exactly the other singular values
+        sigma = torch.linalg.svdvals(lens.weight[layer].double())
+        residual = (lens.weight[layer] - low.weight[layer]).double()
+        assert float(residual.square().sum()) == pytest.approx(float(sigma[3:].square().sum()), rel=1e-4)
+        assert float((residual * low.weight[layer].double()).sum()) == pytest.approx(0, abs=1e-4 * float(sigma[0]) ** 2)
+    torch.testing.assert_close(low.transform(h, 1), 2.0 * h @ low.weight[1].T + lens.bias[1])
     trajectory = Trajectory.from_text(llama, tiny_tokenizer, lens, "The fox of fair is")
     assert trajectory.lens_kind == "attribute" and trajectory.layers == (0, 1, 2, 3)
     held = faithfulness(lens, llama, tiny_tokenizer, RELATION, [("fair", "foul"), ("thunder", "rain")])

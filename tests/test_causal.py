@@ -198,9 +198,14 @@ def test_cli_writes_results_pictures_and_bases(tiny_model_dir, tmp_path):
     assert results["readouts"]["logit"]["fidelity"][1]["rho"] == pytest.approx(1.0)
     assert {"energy_logit.png", "fidelity_logit.html", "alignment.png", "results.csv"} <= {
         p.name for p in (tmp_path / "c").iterdir()}
+    assert results["alignment"]["similarity"]["logit"][1] == pytest.approx(1.0, abs=1e-4)  # layer 3 is the output
     again = parser.parse_args(["causal", *common, "--k", "3", "--bases", str(tmp_path / "c" / "bases" / "logit"),
                                "--out", str(tmp_path / "d")])
     again.run(again)
+    reloaded = json.loads((tmp_path / "d" / "results.json").read_text())["readouts"]["logit"]
+    assert reloaded["fidelity"] == results["readouts"]["logit"]["fidelity"]  # the saved bases are the ones found
+    for basis, fidelity in zip(reloaded["bases"], reloaded["fidelity"], strict=True):
+        assert fidelity["readout_kl_nats"] == basis["energies_nats"]  # each direction's energy, on the same tokens
     random_tuned_lens(tiny_model("llama"), seed=3, std=0.2).save_pretrained(tmp_path / "lens")
     args = parser.parse_args(["drift", *common[:-1], "0,1,2,3", "--lens", str(tmp_path / "lens"), "--out", str(tmp_path / "e")])
     args.run(args)

@@ -83,9 +83,17 @@ def test_neurons_and_the_rest_make_up_the_mlp(llama):
 
 
 def test_biases_are_terms_of_their_own():
-    attribution = logit_attribution(tiny_model("phi"), IDS)
+    model = tiny_model("phi")
+    attribution = logit_attribution(model, IDS)
     names = {t.name for t in attribution.terms}
     assert {"final norm bias", "unembedding bias", "embeddings", "L0.attn bias"} <= names
+    # Phi decodes W_U · LayerNorm(x) + b_U: the constants are b_U[t] and W_U[t] · β, whatever x is.
+    parts, target = find_parts(model), int(model(IDS).logits[0, -1].argmax())
+    value = {t.name: t.value for t in attribution.terms}
+    unembedding, beta = parts.unembedding, parts.final_norm[0].bias.detach().double()
+    assert value["unembedding bias"] == pytest.approx(float(unembedding.bias[target]), abs=1e-6)
+    assert value["final norm bias"] == pytest.approx(float(unembedding.weight[target].double() @ beta), abs=1e-6)
+    assert abs(value["final norm bias"]) > 1e-3 and abs(value["unembedding bias"]) > 1e-3
 
 
 def test_the_final_norm_is_linearised_exactly():
@@ -163,6 +171,14 @@ def test_the_command_writes_json_csv_and_pictures(tiny_model_dir, tmp_path, caps
     )
     document = json.loads((tmp_path / "dla.json").read_text())
     assert abs(document["logit"] - document["sum_of_terms"]) < 1e-4
+    from depthlens.model.load import load_model
+
+    # The terms are checked in test_dla_oracle.py; here, that the command writes the library's for its inputs.
+    model, tokenizer = load_model(str(tiny_model_dir))
+    ids = tokenizer("Fair is foul, and foul is", return_tensors="pt").input_ids
+    expected = logit_attribution(model, ids, tokenizer=tokenizer, target=" is", neurons=[1], top_neurons=2)
+    assert document["terms"] == expected.to_rows() and document["logit"] == expected.logit
+    assert len([t for t in expected.terms if t.kind == "neuron"]) == 2
     assert {"dla-heads.png", "dla-heads.html", "dla-layers.png", "dla-layers.html", "dla-terms.csv"} <= {
         p.name for p in tmp_path.iterdir()
     }

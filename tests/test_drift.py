@@ -43,6 +43,14 @@ def test_similarity_is_a_cosine_matrix(model):
         matrix = similarity_matrix(covariance, top)
         torch.testing.assert_close(matrix.diagonal(), torch.ones(4, dtype=torch.float64))
         torch.testing.assert_close(matrix, matrix.T)
+        values, vectors = torch.linalg.eigh(covariance)  # written out: ⟨A, B⟩_F / (‖A‖_F ‖B‖_F) after the removal
+        values[..., values.shape[-1] - top :] = 0
+        kept = vectors @ torch.diag_embed(values) @ vectors.transpose(-1, -2)
+        for i in range(4):
+            for j in range(4):
+                cosine = (kept[i] * kept[j]).sum() / (kept[i].norm() * kept[j].norm())
+                assert float(matrix[i, j]) == pytest.approx(float(cosine), abs=1e-9)
+    assert float(similarity_matrix(covariance, 2)[0, 3]) != pytest.approx(float(similarity_matrix(covariance)[0, 3]))
     removed = remove_top_components(covariance[1], 2)
     assert torch.linalg.eigvalsh(removed).max() <= torch.linalg.eigvalsh(covariance[1])[-3] + 1e-9
 

@@ -83,10 +83,17 @@ def test_bits_per_byte_convert_nats_by_tokens_per_byte(setup):
         assert b == pytest.approx(a * 110 / (300 * math.log(2)))
 
 
-def test_intervals_have_width(setup):
-    _, _, _, report = setup
+def test_intervals_have_about_the_normal_width(setup):
+    model, chunks, lenses, report = setup
     rows = [r for r in report.table if r["metric"] == "ce" and r["unit"] == "nats"]
     assert all(r["ci_high"] > r["ci_low"] for r in rows)
+    # Each of the 10 equal chunks is a group: the interval is about the normal one, mean ± 1.96 SD / √10.
+    states, next_ids = capture(model, torch.stack(chunks)), torch.stack(chunks)[:, 1:]
+    for row in rows:
+        log_q = lenses[row["lens"]](states[row["layer"]], row["layer"])[:, :-1].log_softmax(-1)
+        per_chunk = -log_q.gather(-1, next_ids[..., None])[..., 0].mean(1).double()
+        normal = 2 * 1.96 * float(per_chunk.std(correction=0)) / math.sqrt(len(chunks))
+        assert (row["ci_high"] - row["ci_low"]) / normal == pytest.approx(1.0, abs=0.3), row
 
 
 def test_bootstrap_groups_never_outnumber_the_chunks(setup):

@@ -110,7 +110,16 @@ def test_settling_index_against_a_loop():
 
 
 class _Checkpoint(torch.nn.Module):
-    """A stand-in checkpoint whose top-1 next token at every position is given."""
+    """A stand-in checkpoint whose top-1 next token at every position is given (with the
+    attributes by which depthlens recognises a Hugging Face causal LM)."""
+
+    config = None
+
+    def get_input_embeddings(self):
+        return None
+
+    def get_output_embeddings(self):
+        return None
 
     def __init__(self, top1: torch.Tensor, vocab: int) -> None:
         super().__init__()

@@ -105,6 +105,12 @@ def test_a_source_and_target_of_different_widths(llama, tiny_tokenizer):
     assert mapping.weight.shape == (48, 32)
     result = patchscope(llama, source, target, Patch(2), target_model=wide, mapping=mapping)
     assert result.states[0].shape[-1] == 48
+    mapped = mapping(capture(llama, source, layers=[2])[2][:, -1]).float()  # the patch written out by hand
+    edit = replace("resid.2", mapped[:, None], positions=[target.shape[1] - 1])
+    with torch.no_grad(), hooked(find_parts(wide), edits=[edit]):
+        logits = wide(input_ids=target, use_cache=False).logits
+    torch.testing.assert_close(result.states.logits, logits)
+    assert not torch.allclose(logits, capture(wide, target).logits, atol=1e-3)
 
 
 def test_an_exact_affine_relation_is_recovered():
@@ -156,6 +162,16 @@ def test_the_command_writes_the_patched_trajectory_and_the_curve(tiny_model_dir,
     document = json.loads((tmp_path / "one" / "patchscope.json").read_text())
     assert document["patch"]["target_layer"] == 1 and "generation" in document
     assert (tmp_path / "one" / "patchscope.png").read_bytes().startswith(b"\x89PNG")
+    from depthlens.model.load import load_model
+
+    # The numbers are checked above; here, that the command writes the library's for its inputs.
+    model, tokenizer = load_model(str(tiny_model_dir))
+    source, target = (tokenizer(text, return_tensors="pt").input_ids for text in (SOURCE, IDENTITY_PROMPT))
+    patch = Patch(1, -1, None, -1)
+    ids, probs = patchscope(model, source, target, patch).top(5)
+    assert document["top"] == json.loads(json.dumps([[tokenizer.decode([i]), p] for i, p in zip(ids, probs, strict=True)]))
+    generated = patchscope_generate(model, source, target, patch, max_new_tokens=3).texts(tokenizer)[0]
+    assert document["generation"] == generated
     assert (
         main(
             [
@@ -174,6 +190,8 @@ def test_the_command_writes_the_patched_trajectory_and_the_curve(tiny_model_dir,
     )
     rows = json.loads((tmp_path / "curve" / "identity-curve.json").read_text())
     assert [r["source_layer"] for r in rows] == [0, 3] and rows[1]["precision_at_1_next_token"] == 1.0
+    curve = token_identity_curve(model, tokenizer, [SOURCE], layers=[0, 3], target_prompt=IDENTITY_PROMPT)
+    assert rows == json.loads(json.dumps(curve.to_rows()))
     assert (
         main(["patchscope", SOURCE, "--model", str(tiny_model_dir), "--source-layer", "1", "--source-position", "99"])
         == 2

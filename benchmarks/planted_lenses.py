@@ -1,0 +1,111 @@
+"""Planted bugs in science code issue 21 did not name: the states inside blocks, the evaluation's
+half-layer rows, the tuned-lens import, the Jacobian lens, the training of a lens inside the blocks,
+the least-squares start of a tuned lens and the comparison of two lenses.
+:mod:`planted_bugs` merges :data:`LENS_PLANTS` into its table; run one as::
+
+    python benchmarks/planted_bugs.py mid_state_previous_attention
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+
+def _mid_state_previous_attention() -> None:
+    """Mid state ``i`` adds the attention of block ``i − 1`` (state 0 adds none): ``resid.i + attn.(i−1)``."""
+    import torch
+
+    from depthlens.model import hidden_states
+
+    real = hidden_states.run_with_hooks
+
+    def run_with_hooks(model, input_ids, attention_mask=None, *, read=(), **kwargs):
+        read = list(read)
+        wanted = [int(point.split(".")[1]) for point in read if point.startswith("attn.")]
+        extra = [f"attn.{i - 1}" for i in wanted if i]
+        run = real(model, input_ids, attention_mask, read=list(dict.fromkeys([*read, *extra])), **kwargs)
+        values = dict(run.values)
+        for i in wanted:
+            values[f"attn.{i}"] = run.values[f"attn.{i - 1}"] if i else torch.zeros_like(run.values["attn.0"])
+        return hidden_states.replace(run, values=values)
+
+    hidden_states.run_with_hooks = run_with_hooks
+
+
+def _eval_mid_rows_at_whole_layers() -> None:
+    """The evaluation places a lens inside the blocks at layers ``i``, not ``i + 0.5``."""
+    from depthlens.analysis import evaluate
+
+    real = evaluate.depth
+    evaluate.depth = lambda layer, site, num_layers: real(layer, "block", num_layers)
+
+
+def _tuned_lens_import_transposed() -> None:
+    """A tuned-lens folder's translators are imported transposed (``W_iᵀ`` for ``W_i``)."""
+    from depthlens.lenses import tuned_lens_format
+
+    real = tuned_lens_format.read_translators
+
+    def read_translators(folder, parts):
+        config, translators = real(folder, parts)
+        return config, [(weight.T.contiguous(), bias) for weight, bias in translators]
+
+    tuned_lens_format.read_translators = read_translators
+
+
+def _jacobian_lens_transposed() -> None:
+    """The J-lens reads ``h`` through ``J_lᵀ`` instead of ``J_l``."""
+    import torch
+
+    from depthlens.lenses.jacobian import JacobianLens
+
+    def transform(self, hidden, layer):
+        matrix = self.matrix(layer)
+        return hidden if matrix is None else hidden.to(matrix.device, torch.float32) @ matrix
+
+    JacobianLens.transform = transform
+
+
+def _mid_lens_trained_on_block_outputs() -> None:
+    """``depthlens train --site mid`` fits and trains its translators on block outputs, not mid states."""
+    from depthlens.model.hidden_states import capture
+    from depthlens.training import train
+
+    train.capture = lambda *args, site="block", **kwargs: capture(*args, site="block", **kwargs)
+
+
+def _ridge_penalises_the_bias() -> None:
+    """The least-squares start's ridge penalty also falls on the translators' biases."""
+    from depthlens.training.closed_form import LeastSquares
+
+    real = LeastSquares.solve
+
+    def solve(self, ridge=1e-3):
+        saved, d = self.xtx.clone(), self.xty.shape[-1]
+        for xtx in self.xtx:
+            xtx[d, d] += ridge * xtx.diagonal()[:d].mean()
+        try:
+            return real(self, ridge)
+        finally:
+            self.xtx.copy_(saved)
+
+    LeastSquares.solve = solve
+
+
+def _compare_tv_doubled() -> None:
+    """compare_lenses reports ``Σ |p_a − p_b|`` as the total variation, without the ½."""
+    from depthlens.analysis import compare
+
+    real = compare.tv
+    compare.tv = lambda log_p, log_q: 2 * real(log_p, log_q)
+
+
+LENS_PLANTS: dict[str, tuple[Callable[[], None], list[str]]] = {
+    "mid_state_previous_attention": (_mid_state_previous_attention, ["tests/test_mid_block.py"]),
+    "eval_mid_rows_at_whole_layers": (_eval_mid_rows_at_whole_layers, ["tests/test_mid_block.py"]),
+    "tuned_lens_import_transposed": (_tuned_lens_import_transposed, ["tests/test_tuned_lens_format.py"]),
+    "jacobian_lens_transposed": (_jacobian_lens_transposed, ["tests/test_jacobian.py"]),
+    "mid_lens_trained_on_block_outputs": (_mid_lens_trained_on_block_outputs, ["tests/test_mid_block.py"]),
+    "least_squares_ridge_penalises_bias": (_ridge_penalises_the_bias, ["tests/test_train.py"]),
+    "compare_tv_doubled": (_compare_tv_doubled, ["tests/test_readout.py"]),
+}

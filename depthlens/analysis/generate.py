@@ -25,6 +25,8 @@ from torch import nn
 from depthlens.errors import GenerationError
 from depthlens.lenses.readout import Readout, check_layer
 from depthlens.model.hooks import Edit, hooked
+from depthlens.model.kv_cache import output_cache, with_cache
+from depthlens.model.unwrap import unwrap_model
 
 Progress = Callable[[int, int], None]
 
@@ -98,6 +100,25 @@ def _check(temperature: float, top_k: int | None, top_p: float | None, max_new_t
         raise GenerationError(f"top-p must be in (0, 1], got {top_p}")
 
 
+def context_length(model: nn.Module) -> int | None:
+    """The most tokens ``model`` reads in one sequence (its config's ``max_position_embeddings``,
+    which every family's config maps its own name onto: GPT-2's ``n_positions``…), or ``None``
+    where the config states no limit (recurrent families)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+def check_length(model: nn.Module, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Raise :class:`GenerationError` if ``prompt_tokens`` plus ``max_new_tokens`` exceed the
+    model's :func:`context_length`; the message gives the most new tokens that fit."""
+    limit = context_length(model)
+    if limit is not None and prompt_tokens + max_new_tokens > limit:
+        room = limit - prompt_tokens
+        fix = f"generate at most {room} new tokens" if room > 0 else "shorten the prompt"
+        raise GenerationError(f"the prompt has {prompt_tokens} tokens and {max_new_tokens} new ones are asked for, "
+                              f"but the model reads at most {limit} tokens: {fix}")
+
+
 def _decode_last(readout: Readout, state: torch.Tensor, layer: int) -> torch.Tensor:
     """The readout's logits ``[batch, vocab]`` for the last position of ``state [batch, seq, d]``."""
     states: list[torch.Tensor | None] = [None] * (readout.num_layers + 1)
@@ -133,12 +154,12 @@ class _Stepper:
             output = self.model(
                 input_ids=ids.to(self.device),
                 attention_mask=mask.to(self.device),
-                past_key_values=cache,
+                **with_cache(self.model, cache),
                 use_cache=True,
                 **kwargs,
             )
             state = values[point]
-        return _decode_last(self.readout, state, self.layer), getattr(output, "past_key_values", None)
+        return _decode_last(self.readout, state, self.layer), output_cache(output)
 
 
 @torch.no_grad()
@@ -162,11 +183,13 @@ def generate_from_layer(
     marked ``0`` in ``attention_mask``, on either side), each drawn from ``readout`` at ``layer``.
 
     Raises :class:`~depthlens.errors.LayerError` for a layer outside ``0 … L`` and
-    :class:`GenerationError` for bad sampling settings."""
+    :class:`GenerationError` for bad sampling settings or more tokens than the model's context
+    length (:func:`check_length`)."""
     check_layer(layer, readout.num_layers)
     _check(temperature, top_k, top_p, max_new_tokens)
     ids, mask = left_pad(input_ids, attention_mask)
-    stepper = _Stepper(model, readout, layer, edits)
+    check_length(model, ids.shape[1], max_new_tokens)
+    stepper = _Stepper(unwrap_model(model), readout, layer, edits)
     tokens, log_probs = [], []
     with hooked(readout.parts, read=[f"resid.{layer}"], edits=edits if use_cache else ()) as values:
         logits, cache = stepper.logits(ids, mask, None, values if use_cache else None)
@@ -186,4 +209,4 @@ def generate_from_layer(
     return Generation(torch.stack(tokens, 1), torch.stack(log_probs, 1), layer, readout.kind)
 
 
-__all__ = ["Generation", "generate_from_layer", "left_pad", "sample"]
+__all__ = ["Generation", "check_length", "context_length", "generate_from_layer", "left_pad", "sample"]

@@ -30,6 +30,7 @@ from depthlens.lenses.tuned import TunedLens
 from depthlens.model.architecture import ModelParts, find_parts
 from depthlens.model.hidden_states import HiddenStates, capture
 from depthlens.model.hooks import hooked, replace
+from depthlens.model.unwrap import unwrap_model
 
 IDENTITY_PROMPT = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
 """Token identity: the model continues ``x ->`` with ``x``, so a state patched over ``?`` is read back."""
@@ -168,7 +169,7 @@ def patchscope(
 ) -> PatchscopeResult:
     """Run the target prompt ``target_ids [1, seq]`` with the mapped source state written at
     ``(patch.target_layer, patch.target_position)``; ``source_ids [1, seq_s]`` is the source prompt."""
-    target_model = target_model or source_model
+    target_model = unwrap_model(target_model or source_model)
     target = find_parts(target_model)
     target_layer = patch.source_layer if patch.target_layer is None else patch.target_layer
     check_layer(target_layer, target.num_layers)
@@ -266,6 +267,7 @@ def token_identity_curve(
     ``layers`` (default all). ``next_token`` scores the model's top-1 at the placeholder against the
     source's own next-token prediction; ``identity`` scores the top-1 after ``continuation`` (the
     prompt's `` ->``) against the source token itself."""
+    model = unwrap_model(model)
     parts = find_parts(model)
     layers = list(range(parts.num_layers + 1)) if layers is None else list(layers)
     for layer in layers:

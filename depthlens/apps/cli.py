@@ -14,18 +14,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from depthlens.apps import cli_applications, cli_causal, cli_hub, cli_readouts
-from depthlens.apps.options import add_dtype, add_lens, add_model, add_out
+from depthlens.apps import cli_applications, cli_cache, cli_causal, cli_eval, cli_generation, cli_hub, cli_readouts
+from depthlens.apps.cli_eval import EVAL_CHUNK, check_ood, evaluate_and_report
+from depthlens.apps.options import Parser, add_dtype, add_lens, add_model, add_out, add_plotlyjs, check_at_least
 from depthlens.errors import DataError, DepthlensError, UsageError
 from depthlens.text.samples import SAMPLE_PROMPT
-
-
-def _at_least_1(args: argparse.Namespace, *names: str) -> None:
-    """Refuse counts below 1 among the options ``names``."""
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
 def _read_text(args: argparse.Namespace, default: str) -> str:
@@ -60,7 +53,7 @@ def _table(args: argparse.Namespace) -> None:
     from depthlens.model.load import load_model
     from depthlens.text.tokens import token_label
 
-    _at_least_1(args, "every", "max_tokens", "width")
+    check_at_least(args, 1, "every", "max_tokens", "width")
     text = _read_text(args, SAMPLE_PROMPT)
     check_spec(args.lens)
     model, tokenizer = load_model(args.model)
@@ -89,74 +82,36 @@ def _train(args: argparse.Namespace) -> None:
     from depthlens.training import runs
     from depthlens.training.train import TrainConfig, is_first_process, train
 
-    _at_least_1(args, "eval_tokens")
-    _check_ood(args)
+    _check_train(args, TrainConfig())
     settings = {field.name for field in fields(TrainConfig)}
     options = {name: value for name, value in vars(args).items() if name in settings and value is not None}
     if "tokens" in options:
         options.setdefault("minutes", None)
     result = train(resume=args.resume, **options)
     if not args.no_eval and is_first_process():
-        _evaluate_and_report(result.model, result.tokenizer, result.lens, args, args.eval_tokens,
+        evaluate_and_report(result.model, result.tokenizer, {result.lens.kind: result.lens}, args, args.eval_tokens,
                              runs.eval_dir_of_lens(result.lens_path))
         Console().print(f"lens saved to {result.lens_path}")
 
 
-def _check_ood(args: argparse.Namespace) -> None:
-    """Refuse an out-of-domain source that is the training/held-out source itself."""
-    if args.ood not in (None, "none") and args.ood == args.data:
-        raise UsageError(f"--ood {args.ood} is the --data source itself: name another text, or --ood none")
-
-
-def _eval(args: argparse.Namespace) -> None:
-    from depthlens.atomic import check_output
-    from depthlens.lenses.registry import check_spec, is_logit, load_readout
-    from depthlens.model.load import load_model
-    from depthlens.training import runs
-
-    _at_least_1(args, "tokens")
-    _check_ood(args)
-    if args.lens is not None and is_logit(args.lens):
-        raise UsageError("depthlens eval compares a readout with the logit lens: pass --lens with a lens folder, not logit")
-    lens_dir = args.lens or runs.require_trained_lens(args.model)
-    check_spec(lens_dir)
-    out = check_output(args.out or runs.eval_dir_of_lens(lens_dir), "folder")
-    model, tokenizer = load_model(args.model)
-    lens = load_readout(lens_dir, model)
-    _evaluate_and_report(model, tokenizer, lens, args, args.tokens, out)
-
-
-def _evaluate_and_report(model, tokenizer, lens, args: argparse.Namespace, tokens: int, out: str | Path) -> None:
-    """Evaluate on the held-out split of ``--data`` into ``out`` and, unless ``--ood none``, on the
-    whole ``--ood`` source into ``out/ood``; print both tables and a one-line summary of each.
-
-    ``lens`` is any readout; it is compared with the logit lens under the name of its kind."""
-    from rich.console import Console
-
-    from depthlens.analysis.evaluate import evaluate_held_out
-    from depthlens.lenses.logit import LogitLens
-    from depthlens.text.data import TextSource
-    from depthlens.training.runs import ood_eval_dir
-    from depthlens.viz.report import comparison_table, write_report
-
-    lenses = {"logit": LogitLens(model), lens.kind: lens}
-    held_out = TextSource(args.data, column=args.column or "text", group_column=args.group_column)
-    runs_ = [("held-out", held_out, "validation", Path(out))]
-    if args.ood not in (None, "none"):
-        runs_.append(("out-of-domain", TextSource(args.ood), "all", ood_eval_dir(out)))
-    console = Console(width=max(Console().width, 100))
-    summaries = []
-    for name, source, split, folder in runs_:
-        report = evaluate_held_out(model, tokenizer, lenses, source, tokens=tokens, split=split, dtype=args.dtype)
-        files = write_report(report, folder)
-        console.print(comparison_table(report))
-        console.print(f"{name} evaluation written to " + ", ".join(str(path) for path in files.values()), soft_wrap=True)
-        means = {lens_name: sum(report.mean(lens_name, "kl")[:-1]) / max(1, len(report.mean(lens_name, "kl")) - 1)
-                 for lens_name in lenses}
-        summaries.append(f"{name} ({source}, {split} split, {report.tokens} tokens): mean KL over layers 0…L−1 "
-                         f"logit {means['logit']:.3f}, {lens.kind} {means[lens.kind]:.3f} nats")
-    for line in summaries:
-        console.print(line, soft_wrap=True)
+def _check_train(args: argparse.Namespace, defaults) -> None:
+    """Refuse, naming the flag, ``train`` options that cannot work, before the model loads
+    (``defaults``: a :class:`~depthlens.training.train.TrainConfig` with the defaults)."""
+    check_at_least(args, 2, "chunk_len")
+    check_at_least(args, 1, "tokens", "batch_tokens", "init_tokens")
+    check_at_least(args, 0, "shortlist", "negatives", "warmup_steps", "lr", "ridge", "checkpoint_minutes")
+    check_at_least(args, EVAL_CHUNK, "eval_tokens")
+    for flag, value in (("--minutes", args.minutes), ("--clip", args.clip)):
+        if value is not None and not value > 0:
+            raise UsageError(f"{flag} must be above 0, got {value}")
+    for flag, value in (("--init-share", args.init_share), ("--layer-lr-decay", args.layer_lr_decay)):
+        if value is not None and not 0 <= value <= 1:
+            raise UsageError(f"{flag} must be between 0 and 1, got {value}")
+    batch = args.batch_tokens or defaults.batch_tokens
+    if args.tokens is not None and args.tokens < batch:
+        raise UsageError(f"--tokens {args.tokens} is less than one batch of --batch-tokens {batch}: "
+                         f"use --tokens {batch} or more")
+    check_ood(args)
 
 
 def _show_lens_spec(args: argparse.Namespace) -> str:
@@ -185,7 +140,7 @@ def _show(args: argparse.Namespace) -> None:
     statistic(args.stat)
     if args.out:
         output_kind(args.out)
-    _at_least_1(args, "max_tokens", "k", "layer_stride")
+    check_at_least(args, 1, "max_tokens", "k", "layer_stride")
     text = _read_text(args, SAMPLE_PROMPT)
     lens_spec = _show_lens_spec(args)
     check_spec(lens_spec)
@@ -213,7 +168,7 @@ def _show(args: argparse.Namespace) -> None:
 def _app(args: argparse.Namespace) -> None:
     from depthlens.apps.web import serve
 
-    _at_least_1(args, "max_tokens")
+    check_at_least(args, 1, "max_tokens")
     serve(args.model, args.lens, host=args.host, port=args.port, max_tokens=args.max_tokens)
 
 
@@ -245,6 +200,9 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     training.add_argument("--optimizer", choices=["adam", "muon", "sgd"], help="adam (default), muon, or the paper's SGD recipe")
     training.add_argument("--init", choices=["least_squares", "identity"], help="closed-form start (default) or identity")
     training.add_argument("--objective", choices=["kl", "ce"], help="distillation KL (default) or next-token cross-entropy")
+    training.add_argument("--site", choices=["block", "mid"],
+                          help="where translators read: block outputs (default), or mid, after each block's attention and "
+                               "before its MLP (a lens inside the blocks; default run folder runs/<model>/mid)")
     training.add_argument("--init-tokens", type=int, help="tokens for the closed-form start (default: 16384)")
     training.add_argument("--init-share", type=float,
                           help="with --minutes, the closed-form start stops after this share of the budget (default: 0.5)")
@@ -273,21 +231,6 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     training.set_defaults(run=_train)
 
 
-def _add_eval(commands: argparse._SubParsersAction) -> None:
-    evaluation = commands.add_parser("eval", help="per-layer evaluation of a readout against the logit lens")
-    add_model(evaluation)
-    add_lens(evaluation, None, note="the readout to evaluate; default: runs/<model>/lens")
-    evaluation.add_argument("--data", default="shakespeare", help="held-out text: the validation split of this source")
-    evaluation.add_argument("--column", help="text column of .jsonl/.parquet/datasets sources (default: text)")
-    evaluation.add_argument("--group-column", help="the grouping column the lens was trained with, if any")
-    evaluation.add_argument("--ood", default="none",
-                            help="also evaluate on the whole of this out-of-domain source, e.g. python-docs (default: none)")
-    evaluation.add_argument("--tokens", type=int, default=4096, help="held-out tokens to evaluate on")
-    add_out(evaluation, "output directory (default: next to the lens, eval/)")
-    add_dtype(evaluation)
-    evaluation.set_defaults(run=_eval)
-
-
 def _add_show(commands: argparse._SubParsersAction) -> None:
     show = commands.add_parser("show", help="picture (HTML, PNG, PDF, SVG) or table (CSV) of every layer's predictions")
     show.add_argument("text", nargs="?", help="text to decode, or - for standard input (default: a line of Hamlet)")
@@ -301,8 +244,7 @@ def _add_show(commands: argparse._SubParsersAction) -> None:
     show.add_argument("--max-tokens", type=int, default=64, help="decode at most this many tokens")
     add_out(show, "write a .html, .png, .pdf or .svg picture or a .csv table (default: print a summary)")
     add_dtype(show)
-    show.add_argument("--plotlyjs", choices=["inline", "cdn"], default="inline",
-                      help="HTML only: embed plotly.js (~5 MB, opens offline) or load it from the web")
+    add_plotlyjs(show)
     show.set_defaults(run=_show)
 
 
@@ -315,35 +257,6 @@ def _add_app(commands: argparse._SubParsersAction) -> None:
     browser.add_argument("--port", type=int, default=7860)
     browser.add_argument("--max-tokens", type=int, default=64, help="longest text the app decodes, in tokens")
     browser.set_defaults(run=_app)
-
-
-def _cache(args: argparse.Namespace) -> None:
-    from depthlens.model import cache
-    from depthlens.model.load import clear_cache
-
-    root = cache.cache_root()
-    if args.action == "list":
-        entries = cache.list_entries()
-        for entry in entries:
-            stale = "" if entry.current else "  (other library versions: clear it)"
-            print(f"{entry.size / 2**20:8.0f} MiB  {entry.dtype:<8}  {entry.spec}  from {entry.source}{stale}")
-        print(f"{len(entries)} cached model(s), {sum(e.size for e in entries) / 2**20:.0f} MiB, in {root}")
-        return
-    if args.all == (args.spec is not None):
-        raise UsageError("give the model spec whose cache entries to remove, or --all")
-    removed = clear_cache(None if args.all else args.spec)
-    what = "every entry" if args.all else f"the entries of {args.spec}"
-    print(f"removed {len(removed)} cached model(s), {sum(e.size for e in removed) / 2**20:.0f} MiB ({what}) from {root}")
-
-
-def _add_cache(commands: argparse._SubParsersAction) -> None:
-    cached = commands.add_parser("cache", help="list or clear the model cache (GGUF models dequantized once, kept as safetensors)")
-    actions = cached.add_subparsers(dest="action", required=True)
-    actions.add_parser("list", help="show every cached model with its size and source")
-    clear = actions.add_parser("clear", help="remove the cached copies of one model, or all of them")
-    clear.add_argument("spec", nargs="?", help="built-in name or .gguf file whose cached copies to remove")
-    clear.add_argument("--all", action="store_true", help="remove every cached model")
-    cached.set_defaults(run=_cache)
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -368,10 +281,11 @@ def _run(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``depthlens`` command."""
-    parser = argparse.ArgumentParser(prog="depthlens", description="See what a language model predicts at every layer.")
+    parser = Parser(prog="depthlens", description="See what a language model predicts at every layer.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_table, _add_train, _add_eval, _add_show, _add_app, _add_cache,
-                cli_causal.add_parsers, cli_applications.add_parsers, cli_readouts.add_parsers, cli_hub.add_parsers):
+    for add in (_add_table, _add_train, cli_eval.add_parsers, _add_show, _add_app, cli_cache.add_parsers,
+                cli_causal.add_parsers, cli_applications.add_parsers, cli_readouts.add_parsers,
+                cli_generation.add_parsers, cli_hub.add_parsers):
         add(commands)
     for name in set(commands.choices) - {"cache", "tasks", "push"}:
         commands.choices[name].add_argument("--no-cache", action="store_true",
@@ -381,9 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``depthlens`` console script; returns the exit status."""
+    from depthlens.apps.terminal import one_line_warnings
+
     args = build_parser().parse_args(argv)
     try:
-        _run(args)
+        with one_line_warnings():
+            _run(args)
     except DepthlensError as error:
         print(f"depthlens: error: {error}", file=sys.stderr)
         return 2

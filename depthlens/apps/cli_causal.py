@@ -16,8 +16,12 @@ from depthlens.apps.options import (
     add_lens,
     add_model,
     add_out,
+    add_plotlyjs,
+    check_at_least,
+    check_out,
     file_stem,
     parse_layers,
+    warn,
     write_csv,
     write_json,
 )
@@ -38,12 +42,14 @@ def _check(args: argparse.Namespace) -> None:
     """Refuse option values that cannot work, before the model is loaded."""
     global PLOTLYJS
     PLOTLYJS = args.plotlyjs
-    if args.chunk_len < 2 or args.tokens < args.chunk_len or args.layer_stride < 1:
-        raise UsageError(f"--tokens ({args.tokens}) must be at least --chunk-len ({args.chunk_len}, itself ≥ 2), "
-                         "and --layer-stride at least 1")
-    if getattr(args, "k", 1) < 1:
-        raise UsageError(f"--k must be at least 1, got {args.k}")
-    parse_layers(args.layers)
+    check_at_least(args, 2, "chunk_len")
+    check_at_least(args, 1, "layer_stride", "k", "group_tokens", "alignment_tokens", "directions")
+    if args.tokens < args.chunk_len:
+        raise UsageError(f"--tokens {args.tokens} is less than one chunk of --chunk-len {args.chunk_len}: "
+                         f"use --tokens {args.chunk_len} or more, or a shorter --chunk-len")
+    if parse_layers(args.layers) is not None and args.layer_stride is not None:
+        raise UsageError("--layer-stride picks layers only when --layers is not given: drop one of them")
+    check_out(args.out)
 
 
 def _tokens(args: argparse.Namespace, tokenizer):
@@ -52,8 +58,8 @@ def _tokens(args: argparse.Namespace, tokenizer):
     return load_chunks(args.data, tokenizer, args.chunk_len, max(1, args.tokens // args.chunk_len), split="validation")
 
 
-PLOTLYJS = "inline"
-"""How HTML pictures get plotly.js: ``"inline"`` (≈ 5 MB each, opens offline) or ``"cdn"`` (set by ``--plotlyjs``)."""
+PLOTLYJS = "directory"
+"""Where HTML pictures get plotly.js (set by ``--plotlyjs``; :func:`depthlens.viz.plotly_draw.write_html`)."""
 
 
 def _pictures(out: Path, name: str, grid) -> list[Path]:
@@ -75,6 +81,11 @@ def _causal(args: argparse.Namespace) -> None:
     from depthlens.model.load import load_model
 
     _check(args)
+    if args.bases and args.alignment_only:
+        raise UsageError("--bases gives bases to measure the fidelity of, and --alignment-only measures no fidelity: "
+                         "drop one of them")
+    if not args.alignment_only:
+        check_statistics(args.tokens // args.chunk_len * args.chunk_len, args.group_tokens, args.k)
     names = readout_names(args.lens)
     if len({file_stem(name) for name in names}) < len(names):
         raise UsageError(f"the --lens folders {', '.join(map(str, filter(None, names.values())))} give two readouts "
@@ -82,7 +93,7 @@ def _causal(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(args.model)
     readouts = load_readouts(model, args.lens)
     first = next(iter(readouts.values()))
-    layers = _layers(args.layers, first.num_layers, args.layer_stride)
+    layers = _layers(args.layers, first.num_layers, args.layer_stride or args.default_stride)
     check_directions(args.k, first.parts.d_model)
     given = load_bases(args.bases, model) if args.bases else None
     if given is not None and (len(readouts) != 1 or not set(layers) <= set(given)):
@@ -106,7 +117,8 @@ def _causal(args: argparse.Namespace) -> None:
     write_json(out / "results.json", results)
     if rows:
         write_csv(out / "results.csv", rows)
-    print(f"wrote {out}/results.json, results.csv, pictures and bases/")
+    extra = "" if args.alignment_only else ", results.csv, the energy and fidelity pictures and bases/"
+    print(f"wrote {out}/results.json{extra}" + (" and the alignment picture" if "alignment" in results else ""))
 
 
 def _one_readout(args: argparse.Namespace, model, name: str, readout, ids, states, layers: list[int],
@@ -164,37 +176,12 @@ def _alignment_grid(alignment, model: str):
 
 def _fidelity_figures(out: Path, name: str, fidelities) -> None:
     """Scatter of readout against model influence per layer (log axes), ρ in each title."""
-    import math
+    from depthlens.viz.causal_charts import fidelity_scatter
+    from depthlens.viz.pictures import save_figure
 
-    import plotly.graph_objects as go
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import NullFormatter
-    from plotly.subplots import make_subplots
-
-    from depthlens.atomic import write_file
-    from depthlens.viz.matplotlib_draw import render
-
-    columns = min(4, len(fidelities))
-    rows = math.ceil(len(fidelities) / columns)
-    titles = [f"layer {f.layer}: ρ = {f.rho:.2f} [{f.low:.2f}, {f.high:.2f}]" for f in fidelities]
-    figure = make_subplots(rows=rows, cols=columns, subplot_titles=titles)
-    static = Figure(figsize=(3.2 * columns, 2.8 * rows), layout="constrained")
-    axes = static.subplots(rows, columns, squeeze=False)
-    for index, fidelity in enumerate(fidelities):
-        x, y = fidelity.readout_kl.clamp_min(1e-6).tolist(), fidelity.model_kl.clamp_min(1e-6).tolist()
-        r, c = divmod(index, columns)
-        figure.add_trace(go.Scatter(x=x, y=y, mode="markers", showlegend=False), row=r + 1, col=c + 1)
-        figure.update_xaxes(type="log", title_text="readout KL (nats)", row=r + 1, col=c + 1)
-        figure.update_yaxes(type="log", title_text="model KL (nats)", row=r + 1, col=c + 1)
-        axes[r][c].scatter(x, y, s=8)
-        axes[r][c].set(xscale="log", yscale="log", xlabel="readout KL (nats)", ylabel="model KL (nats)")
-        axes[r][c].set_title(titles[index], fontsize=8)
-        for axis in (axes[r][c].xaxis, axes[r][c].yaxis):
-            axis.set_minor_formatter(NullFormatter())
-    figure.update_layout(title=f"causal fidelity · {name} lens", height=300 * rows)
-    stem = f"fidelity_{file_stem(name)}"
-    write_file(out / f"{stem}.html", figure.to_html(include_plotlyjs=True if PLOTLYJS == "inline" else "cdn").encode())
-    write_file(out / f"{stem}.png", render(static, "png"))
+    stem, title = f"fidelity_{file_stem(name)}", f"causal fidelity · {name} lens"
+    save_figure(fidelity_scatter(fidelities, title), out / f"{stem}.html", plotlyjs=PLOTLYJS)
+    save_figure(fidelity_scatter(fidelities, title, "matplotlib"), out / f"{stem}.png")
 
 
 def _drift(args: argparse.Namespace) -> None:
@@ -206,16 +193,18 @@ def _drift(args: argparse.Namespace) -> None:
         transfer_matrix,
     )
     from depthlens.lenses.registry import check_spec, load_readout
+    from depthlens.model.architecture import find_parts
     from depthlens.model.load import load_model
 
     _check(args)
-    if args.lens:
-        check_spec(args.lens)
+    kind = check_spec(args.lens) if args.lens else None
+    if kind not in (None, *TRANSFER_KINDS):
+        raise UsageError(f"drift's transfer matrix swaps the translators of a tuned lens, and --lens {args.lens} is a "
+                         f"{kind} readout: pass a tuned-lens folder, or omit --lens for the covariances alone")
     model, tokenizer = load_model(args.model)
     lens = load_readout(args.lens, model) if args.lens else None
-    parts = lens.parts if lens else None
-    num_layers = parts.num_layers if parts else model.config.num_hidden_layers
-    layers = _layers(args.layers, num_layers, args.layer_stride)
+    num_layers = find_parts(model).num_layers
+    layers = _layers(args.layers, num_layers, args.layer_stride or args.default_stride)
     ids = _tokens(args, tokenizer)
     out = Path(args.out)
     covariances = stream_covariances(model, ids, layers, progress=True)
@@ -236,11 +225,29 @@ def _drift(args: argparse.Namespace) -> None:
                         "rho_similarity_top2_removed_vs_ce_penalty": drift_correlation(similarity[2], transfer.ce_penalty)})
         _pictures(out, "transfer_penalty", _square(transfer.ce_penalty, covariances.layers,
                                                    "transfer penalty (translator row on state column)", "nats", args.model))
-        print(f"ρ(covariance similarity, transfer penalty) = {results['rho_similarity_vs_ce_penalty']:.3f}")
+        _print_rho(results["rho_similarity_vs_ce_penalty"], len(covariances.layers))
     write_json(out / "results.json", results)
     write_csv(out / "results.csv", [{"row_layer": i, "col_layer": j, "covariance_similarity": float(similarity[0][a, b])}
                                        for a, i in enumerate(covariances.layers) for b, j in enumerate(covariances.layers)])
     print(f"wrote {out}/results.json, results.csv and pictures")
+
+
+TRANSFER_KINDS = ("tuned", "tuned-lens")
+"""Readout kinds whose translators the transfer matrix swaps."""
+
+
+def _print_rho(rho: float, layers: int) -> None:
+    """Spearman ρ between covariance similarity and transfer penalty, explained; a warning where
+    it is undefined or rests on too few pairs of layers."""
+    import math
+
+    pairs = layers * (layers - 1)
+    print(f"ρ(covariance similarity, transfer penalty) = {rho:.3f}: Spearman rank correlation over the {pairs} pairs "
+          "of distinct layers; negative means layers with similar states share translators at little cost")
+    if math.isnan(rho):
+        warn("ρ is undefined: the transfer penalties (or similarities) are all equal, as for an untrained lens")
+    elif layers < 4:
+        warn(f"ρ rests on {layers} layers only: pass 4 or more (--layers or a smaller --layer-stride)")
 
 
 def _square(matrix, layers: list[int], title: str, unit: str, model: str):
@@ -275,41 +282,53 @@ def rerender_drift(out: str | Path, model: str = DEFAULT_MODEL) -> None:
                                                    "transfer penalty (translator row on state column)", "nats", model))
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, stride: int) -> None:
     add_model(parser)
-    parser.add_argument("--data", default="shakespeare", help="text source; its validation split is used")
-    parser.add_argument("--tokens", type=int, default=512, help="tokens of text (default 512)")
-    parser.add_argument("--chunk-len", type=int, default=128, help="tokens per sequence")
+    parser.add_argument("--data", default="shakespeare",
+                        help="text source; its validation split is used (default: shakespeare)")
+    parser.add_argument("--tokens", type=int, default=512, help="tokens of text (default: 512)")
+    parser.add_argument("--chunk-len", type=int, default=128, help="tokens per sequence (default: 128)")
     add_layers(parser, "default: every --layer-stride-th and the last")
-    parser.add_argument("--layer-stride", type=int, default=6)
+    parser.add_argument("--layer-stride", type=int,
+                        help=f"without --layers, every N-th layer and the last (default: {stride})")
+    parser.set_defaults(default_stride=stride)
     add_out(parser, "output folder: results.json, results.csv and the pictures", required=True)
-    parser.add_argument("--plotlyjs", choices=["inline", "cdn"], default="inline",
-                        help="HTML pictures: embed plotly.js (~5 MB each, opens offline) or load it from the web")
+    add_plotlyjs(parser)
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
     """Register ``causal`` and ``drift`` on the ``depthlens`` command's subparsers."""
-    causal = commands.add_parser("causal", help="causal basis extraction, causal fidelity and alignment of a readout")
-    _common(causal)
+    causal = commands.add_parser(
+        "causal", help="causal basis extraction, causal fidelity and alignment of a readout; per layer it prints the "
+        "energy (nats: the mean KL of the readout when the basis is erased) and the fidelity ρ (Spearman correlation "
+        "of the readout's and the model's KL when each direction is erased, with a 95%% bootstrap interval)")
+    _common(causal, 6)
     add_lens(causal, repeatable=True, note="default: logit; each result is named by the readout's kind, and by "
              "kind and folder where two share a kind")
-    causal.add_argument("--k", type=int, default=16, help="directions per layer")
-    causal.add_argument("--mode", choices=["mean", "zero", "resample"], default="mean")
-    causal.add_argument("--method", choices=["batched", "sequential"], default="batched")
-    causal.add_argument("--group-tokens", type=int, default=32, help="positions per bootstrap group")
+    causal.add_argument("--k", type=int, default=16, help="directions per layer (default: 16; at least 3 for ρ)")
+    causal.add_argument("--mode", choices=["mean", "zero", "resample"], default="mean",
+                        help="how a direction is erased: mean (the default), zero or resample ablation")
+    causal.add_argument("--method", choices=["batched", "sequential"], default="batched",
+                        help="basis search: batched (the default, faster) or sequential (the paper's)")
+    causal.add_argument("--group-tokens", type=int, default=32,
+                        help="positions per bootstrap group (default: 32; --tokens must make enough groups)")
     causal.add_argument("--alignment", action="store_true", help="also stimulus–response alignment (resampling)")
     causal.add_argument("--alignment-only", action="store_true", help="only the alignment (no extraction or fidelity)")
-    causal.add_argument("--alignment-tokens", type=int, default=256)
-    causal.add_argument("--directions", type=int, default=8, help="random directions per layer for alignment")
-    causal.add_argument("--weights", choices=["uniform", "model"], default="uniform", help="token weights of the Aitchison product")
+    causal.add_argument("--alignment-tokens", type=int, default=256, help="tokens of the alignment (default: 256)")
+    causal.add_argument("--directions", type=int, default=8,
+                        help="random directions per layer for alignment (default: 8)")
+    causal.add_argument("--weights", choices=["uniform", "model"], default="uniform",
+                        help="token weights of the Aitchison product: uniform (the default) or the model's")
     causal.add_argument("--bases", help="a bases folder saved by an earlier run (bases/<name>): measure fidelity of "
                         "those instead of extracting; refused if made for another model")
-    causal.add_argument("--seed", type=int, default=0)
+    causal.add_argument("--seed", type=int, default=0, help="seed of the searches and resampling (default: 0)")
     causal.set_defaults(run=lambda args: _causal(_with_lens(args)))
-    drift = commands.add_parser("drift", help="covariance similarity and translator transfer across layers")
-    _common(drift)
+    drift = commands.add_parser(
+        "drift", help="covariance similarity (0 … 1) of the residual states of every pair of layers and, with a tuned "
+        "lens, the transfer penalty (nats of cross-entropy added by decoding layer j's state with layer i's translator)")
+    _common(drift, 2)
     add_lens(drift, None, note="a tuned lens gives the transfer matrix; omit it for covariances only")
-    drift.set_defaults(run=_drift, layer_stride=2)
+    drift.set_defaults(run=_drift)
 
 
 def _with_lens(args: argparse.Namespace) -> argparse.Namespace:

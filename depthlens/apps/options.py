@@ -5,7 +5,8 @@
   adds what its default is and whether the option repeats;
 - ``--layers``: :data:`LAYERS_HELP` everywhere, parsed by :func:`parse_layers` before any model
   loads and resolved against the model by :meth:`LayerSelection.resolve`;
-- ``--out``: where results go; each command says what it writes there;
+- ``--out``: where results go; each command says what it writes there, and :func:`check_out`
+  refuses a path that cannot be written before the work starts;
 - ``--dtype``: :data:`DTYPE_CHOICES`, the precision of the products (default ``auto``);
 - :func:`write_json` and :func:`write_csv`: atomic writes of a command's results;
 - :func:`file_stem`: a readout's name made safe for a file name (``tuned (runs/a/lens)`` →
@@ -27,6 +28,16 @@ from typing import Any
 from depthlens.atomic import write_file
 from depthlens.errors import UsageError
 from depthlens.model import DEFAULT_MODEL
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line that names the command, the problem and where
+    the options are explained (argparse's default prints the whole usage first)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        """Print ``PROG: error: MESSAGE (see PROG --help)`` to standard error and exit with 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
 
 MODEL_HELP = f"built-in name ({DEFAULT_MODEL}, the default, or gemma3-270m), .gguf file, model folder or hub name"
 """What ``--model`` accepts."""
@@ -116,6 +127,59 @@ def add_out(parser: argparse.ArgumentParser, help: str, *, required: bool = Fals
     parser.add_argument("--out", required=required, help=help)
 
 
+def check_out(path: str | Path, kind: str = "folder", *, option: str = "--out") -> Path:
+    """Refuse ``path`` (a ``"file"`` or a ``"folder"``) before any work if it clearly cannot be
+    written: a file where a folder should be or the reverse, no permission in the nearest existing
+    folder (or in the folder itself, if it exists). The :class:`~depthlens.errors.OutputError`
+    names ``option``. Nothing is created."""
+    import os
+
+    from depthlens.atomic import check_output
+    from depthlens.errors import OutputError
+
+    try:
+        target = check_output(path, kind)
+    except OutputError as error:
+        raise OutputError(f"{option}: {error}") from None
+    if kind == "folder" and target.is_dir() and not os.access(target, os.W_OK | os.X_OK):
+        raise OutputError(f"{option}: cannot write in the folder {target}: no permission; choose a folder you can write to")
+    return target
+
+
+def check_at_least(args: argparse.Namespace, minimum: int, *names: str) -> None:
+    """Refuse, naming the option, a value below ``minimum`` among the options ``names`` of
+    ``args`` (``None`` counts as not given)."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < minimum:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
+
+
+def read_lines(path: str | Path, option: str) -> list[str]:
+    """The non-blank lines of the UTF-8 text file ``path``, read before any model loads;
+    :class:`~depthlens.errors.DataError` naming ``option`` for a missing, unreadable, non-UTF-8
+    or blank file."""
+    from depthlens.errors import DataError
+
+    try:
+        lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as error:
+        raise DataError(f"{option} {path} is not UTF-8 text (byte {error.start}): save it as UTF-8") from None
+    except OSError as error:
+        raise DataError(f"{option} {path}: cannot read it ({error.strerror or error}); give a UTF-8 text file, "
+                        "one text per line") from None
+    if not lines:
+        raise DataError(f"{option} {path} holds no text: give a file with one text per line")
+    return lines
+
+
+def warn(message: str) -> None:
+    """Print ``depthlens: warning: MESSAGE`` on standard error (a result that stands, with a caveat)."""
+    import sys
+
+    print(f"depthlens: warning: {message}", file=sys.stderr)
+
+
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 """What ``--dtype`` accepts: :data:`depthlens.model.precision.DTYPE_NAMES`, written out here so
 that building the parser does not import torch."""
@@ -128,6 +192,20 @@ def add_dtype(parser: argparse.ArgumentParser) -> None:
                         help="precision of the matrix products of the model's forward pass and the lens decoding: auto "
                              "(the default: bfloat16 where this CPU or GPU runs them fast, else float32), float32 or "
                              "bfloat16; statistics are float32 either way")
+
+
+PLOTLYJS_CHOICES = ("directory", "inline", "cdn")
+"""What ``--plotlyjs`` accepts: :data:`depthlens.viz.plotly_draw.PlotlyJs`, written out here so
+that building the parser does not import plotly."""
+
+
+def add_plotlyjs(parser: argparse.ArgumentParser) -> None:
+    """``--plotlyjs directory|inline|cdn``, default ``directory``
+    (:func:`depthlens.viz.plotly_draw.write_html`)."""
+    parser.add_argument("--plotlyjs", choices=PLOTLYJS_CHOICES, default="directory",
+                        help="where HTML pictures get plotly.js: directory (the default: one shared copy, about 4.8 MB, "
+                             "written once beside the pages of the folder; they open offline while the folder stays "
+                             "whole), inline (embedded in each page) or cdn (loaded from the web; blank offline)")
 
 
 def write_json(path: str | Path, document: Any) -> Path:
@@ -152,4 +230,4 @@ def file_stem(name: str) -> str:
     return "_".join(part for part in stem.split("_") if part) or "_"
 
 
-__all__ = ["DTYPE_CHOICES", "LAYERS_HELP", "LENS_HELP", "MODEL_HELP", "LayerSelection", "add_dtype", "add_layers", "add_lens", "add_model", "add_out", "file_stem", "parse_layers", "write_csv", "write_json"]
+__all__ = ["DTYPE_CHOICES", "LAYERS_HELP", "LENS_HELP", "MODEL_HELP", "LayerSelection", "add_dtype", "add_layers", "add_lens", "add_model", "add_out", "check_at_least", "check_out", "file_stem", "parse_layers", "read_lines", "warn", "write_csv", "write_json"]

@@ -148,7 +148,7 @@ def write_downloads(trajectories: Sequence[Trajectory], stat: str, directory: st
     names = "-".join(t.lens_name for t in trajectories)
     stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"depthlens-{names}-{stat}")
     return {
-        suffix: save_figure(list(trajectories), Path(directory) / f"{stem}.{suffix}", stat=stat)
+        suffix: save_figure(list(trajectories), Path(directory) / f"{stem}.{suffix}", stat=stat, plotlyjs="inline")
         for suffix in _DOWNLOADS
     }
 

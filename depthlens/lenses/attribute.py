@@ -39,6 +39,8 @@ from depthlens.lenses.lens_file import fingerprint, read_lens_dir, write_lens_di
 from depthlens.lenses.readout import Lens, check_layer, model_parts
 from depthlens.model.architecture import ModelParts
 from depthlens.model.hooks import Edit, hooked
+from depthlens.model.kv_cache import output_cache, with_cache
+from depthlens.model.unwrap import unwrap_model
 from depthlens.text.encode import encode
 from depthlens.text.relations import Relation, check_examples, object_token, subject_position
 
@@ -159,6 +161,7 @@ def subject_jacobians(
 ) -> SubjectJacobians:
     """∂z/∂h_l for every layer ``l`` of one prompt ``input_ids [1, seq]`` whose subject ends at
     position ``subject`` (see the module docstring for the method); float32 results on the CPU."""
+    model = unwrap_model(model)
     parts = parts or model_parts(model)
     n_layers, d, seq = parts.num_layers, parts.d_model, input_ids.shape[1]
     if not 0 <= subject < seq:
@@ -167,7 +170,7 @@ def subject_jacobians(
     cache = None
     if subject > 0:
         with torch.no_grad():
-            cache = model(input_ids=ids[:, :subject], use_cache=True).past_key_values
+            cache = output_cache(model(input_ids=ids[:, :subject], use_cache=True))
     suffix = ids[:, subject:]
     points = [f"resid.{layer}" for layer in range(n_layers + 1)]
     jacobian = torch.zeros(n_layers + 1, d, d)
@@ -179,7 +182,7 @@ def subject_jacobians(
             batch_cache = copy.deepcopy(cache)
             batch_cache.batch_repeat_interleave(len(rows))
         with torch.enable_grad(), hooked(parts, read=points, edits=[Edit("resid.0", _leaf)]) as values:
-            model(input_ids=suffix.expand(len(rows), -1), past_key_values=batch_cache, use_cache=cache is not None)
+            model(input_ids=suffix.expand(len(rows), -1), **with_cache(model, batch_cache), use_cache=cache is not None)
             last = values[f"resid.{n_layers}"][:, -1].float()
             picked = last[torch.arange(len(rows)), rows.to(last.device)].sum()
             grads = torch.autograd.grad(picked, [values[p] for p in points], allow_unused=True)
@@ -275,6 +278,7 @@ def faithfulness(
 
     Each prompt has the ``context`` pairs as in-context examples (default: those the lens was
     estimated from, up to its ``n_context``)."""
+    model = unwrap_model(model)
     if not held_out:
         raise RelationError(f"relation {relation.name!r}: give at least one held-out pair to score the lens on")
     if not context:

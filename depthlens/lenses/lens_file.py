@@ -19,9 +19,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from depthlens.model.architecture import ModelParts
 from depthlens.atomic import write_dir
 from depthlens.errors import LensFileError
+from depthlens.model.architecture import ModelParts
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -22,7 +22,8 @@ import os
 import socket
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -260,12 +261,29 @@ def _record_added_tokens(folder: Path) -> None:
     write_file(config_path, json.dumps(config, indent=2, ensure_ascii=False).encode())
 
 
+@contextmanager
+def _no_loading_bar(quiet: bool) -> Iterator[None]:
+    """Hide transformers' "Loading weights" bar while ``quiet``: a local load needs none, and it
+    would stand before a command's one-line error. A load that may download keeps its bars."""
+    from transformers.utils import logging as hf_logging
+
+    shown = quiet and hf_logging.is_progress_bar_enabled()
+    if shown:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 def _from_pretrained(
     source: str, dtype: torch.dtype, kwargs: dict[str, Any], **extra: Any
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra, **kwargs)
+        with _no_loading_bar(quiet=extra.get("local_files_only", True)):
+            tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra, **kwargs)
     except ValueError as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ModelLoadError(f"cannot load {source} {extra.get('gguf_file', '')} as a causal LM: {message}".replace("  ", " ")) from None

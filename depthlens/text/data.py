@@ -366,5 +366,5 @@ def _pack(
     if min_chunks is not None and chunks < min_chunks:
         raise DataError(
             f"{where} has {tokens} tokens, only {chunks} chunks of {chunk_len}, but {min_chunks} "
-            f"chunks were asked; use more text, a smaller chunk_len or fewer chunks"
+            f"chunks were asked; give more text, or ask for fewer tokens"
         )

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -172,7 +173,9 @@ def _country_name(alpha3: str) -> str | None:
 
 def _country_capitals() -> Relation:
     try:
-        text = resources.files("country_capitals").joinpath("capitals.json").read_text(encoding="utf-8")
+        with warnings.catch_warnings():  # the package's __init__ reads its file with a deprecated call
+            warnings.filterwarnings("ignore", "open_text is deprecated", DeprecationWarning)
+            text = resources.files("country_capitals").joinpath("capitals.json").read_text(encoding="utf-8")
     except ModuleNotFoundError:
         raise RelationError(
             f"the built-in relation country-capital needs the country-capitals package: {_INSTALL}"

@@ -2,12 +2,15 @@
 
 Text is drawn literally (``parse_math=False``: ``$x$`` is not TeX). Each column gets a fixed
 width, wide enough for an 8-character cell label, so labels never overlap however many columns
-there are; very wide figures are written at a lower resolution (:func:`dpi`).
+there are; very wide figures are written at a lower resolution (:func:`dpi`). Titles wider than
+the figure (a long title over a grid of few columns) wrap onto more lines instead of being cut off
+(:func:`wrap_title`).
 """
 
 from __future__ import annotations
 
 import io
+import textwrap
 import warnings
 
 import matplotlib
@@ -31,7 +34,17 @@ def _ink(colours: Colormap, norm: Normalize, value: float) -> str:
     return "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white"
 
 
-def _panel(axes: Axes, panel: Panel, scale: ColourScale) -> AxesImage:
+CHAR_WIDTH = 0.6
+"""Mean width of a character of the title font, as a fraction of its size (DejaVu Sans ≈ 0.55)."""
+
+
+def wrap_title(text: str, inches: float, fontsize: float) -> str:
+    """``text`` broken at spaces into lines no wider than ``inches`` at ``fontsize`` points
+    (about :data:`CHAR_WIDTH` × ``fontsize`` per character; 72 points to the inch)."""
+    return textwrap.fill(text, width=max(12, int(inches * 72 / (CHAR_WIDTH * fontsize))), break_long_words=False)
+
+
+def _panel(axes: Axes, panel: Panel, scale: ColourScale, inches: float) -> AxesImage:
     grid = panel.grid
     colours = matplotlib.colormaps[scale.colours].with_extremes(bad="#e0e0e0")
     norm = Normalize(scale.low, scale.high)
@@ -52,7 +65,7 @@ def _panel(axes: Axes, panel: Panel, scale: ColourScale) -> AxesImage:
         axes.set_ylabel(grid.row_title, parse_math=False)
     axes.set_xlabel(grid.col_title, parse_math=False)
     if panel.title:
-        axes.set_title(panel.title, fontsize=10, parse_math=False)
+        axes.set_title(wrap_title(panel.title, inches, 10), fontsize=10, parse_math=False)
     return image
 
 
@@ -79,16 +92,18 @@ def draw(picture: Picture) -> Figure:
     figure = Figure(figsize=size(picture), layout="constrained")
     shape = (len(picture.panels), 1) if picture.stacked else (1, len(picture.panels))
     all_axes = list(np.atleast_1d(figure.subplots(*shape, sharey=not picture.stacked)).ravel())
-    images = [_panel(axes, panel, picture.bars[panel.bar]) for axes, panel in zip(all_axes, picture.panels)]
+    width = figure.get_size_inches()[0]
+    panel_inches = width if picture.stacked else width / len(picture.panels)
+    images = [_panel(axes, panel, picture.bars[panel.bar], panel_inches) for axes, panel in zip(all_axes, picture.panels)]
     for index in range(len(picture.panels)):
         bar = picture.bar_after(index)
         if bar is not None:
             users = [all_axes[i] for i in picture.bar_users(bar)]
             _colour_bar(figure, images[index], users, picture.bars[bar])
     if len(picture.panels) == 1:
-        all_axes[0].set_title(picture.title, fontsize=10, parse_math=False)
+        all_axes[0].set_title(wrap_title(picture.title, width, 10), fontsize=10, parse_math=False)
     else:
-        figure.suptitle(picture.title, fontsize=11, parse_math=False)
+        figure.suptitle(wrap_title(picture.title, width, 11), fontsize=11, parse_math=False)
     return figure
 
 
@@ -107,4 +122,4 @@ def render(figure: Figure, image_format: str) -> bytes:
     return buffer.getvalue()
 
 
-__all__ = ["DPI", "MAX_PIXELS", "dpi", "draw", "render", "size"]
+__all__ = ["CHAR_WIDTH", "DPI", "MAX_PIXELS", "dpi", "draw", "render", "size", "wrap_title"]

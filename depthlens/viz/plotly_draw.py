@@ -4,16 +4,27 @@ Every text is HTML-escaped here (labels such as ``<i>`` are shown, not interpret
 lines become ``<br>``. The figure has no fixed width: it fills its container (autosize, and
 ``responsive`` in written HTML), so every column stays visible in a narrow window; written HTML
 keeps at least :data:`MIN_COLUMN_PX` per column and scrolls sideways below that.
+
+Every HTML page depthlens writes goes through :func:`write_html`. By default (``"directory"``) the
+pages of one folder share one copy of plotly.js (about 4.8 MB), written once beside them as
+``plotly-VERSION.min.js``: pages stay small (tens of kB) and still open offline, as long as the
+folder travels whole. ``"inline"`` embeds plotly.js in the page (one self-contained file, as the
+web app's downloads are); ``"cdn"`` loads it from the web (smallest, but blank offline).
 """
 
 from __future__ import annotations
 
 import html
+import os
+from functools import cache
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs, get_plotlyjs_version
 
+from depthlens.atomic import write_file
 from depthlens.viz.panels import ColourScale, Panel, Picture
 
 MIN_COLUMN_PX = 36
@@ -169,16 +180,41 @@ def min_width(figure: go.Figure) -> int:
     return _FRAME_PX + 40 * len(across) + MIN_COLUMN_PX * sum(across.values())
 
 
-def to_html(figure: go.Figure, plotlyjs: Literal["inline", "cdn"] = "inline") -> str:
+PlotlyJs = Literal["directory", "inline", "cdn"]
+"""Where a written page gets plotly.js: a shared file beside it, embedded, or the web (see above)."""
+
+
+@cache
+def _bundle() -> bytes:
+    """plotly.js, minified, as the installed plotly ships it."""
+    return get_plotlyjs().encode()
+
+
+def bundle_name() -> str:
+    """The file name of the shared plotly.js copy: ``plotly-VERSION.min.js``, so that pages written
+    with different plotly versions into one folder each find their own."""
+    return f"plotly-{get_plotlyjs_version()}.min.js"
+
+
+def to_html(figure: go.Figure, plotlyjs: PlotlyJs = "directory") -> str:
     """A whole HTML page of ``figure`` that fills the window's width (at least :func:`min_width`,
-    scrolling sideways below it) and follows it when the window is resized; ``plotlyjs="inline"``
-    embeds plotly.js (about 5 MB, opens offline), ``"cdn"`` loads it from the web."""
+    scrolling sideways below it) and follows it when the window is resized. ``plotlyjs`` says
+    where it gets plotly.js (see the module docstring); ``"directory"`` expects
+    :func:`bundle_name` beside the page, which :func:`write_html` writes."""
     width = f"{figure.layout.width}px" if figure.layout.width else f"max(100%, {min_width(figure)}px)"
-    return figure.to_html(
-        include_plotlyjs=True if plotlyjs == "inline" else "cdn",
-        default_width=width,
-        config={"responsive": True},
-    )
+    include = {"directory": bundle_name(), "inline": True, "cdn": "cdn"}[plotlyjs]
+    return figure.to_html(include_plotlyjs=include, default_width=width, config={"responsive": True})
 
 
-__all__ = ["MIN_COLUMN_PX", "draw", "min_width", "to_html"]
+def write_html(figure: go.Figure, path: str | os.PathLike, plotlyjs: PlotlyJs = "directory") -> Path:
+    """Write ``figure`` as the HTML page :func:`to_html` makes, atomically; with ``"directory"``
+    (the default) also write the folder's one shared plotly.js copy, unless it is there already."""
+    path = Path(path)
+    if plotlyjs == "directory":
+        shared = path.parent / bundle_name()
+        if not shared.is_file() or shared.stat().st_size != len(_bundle()):
+            write_file(shared, _bundle())
+    return write_file(path, to_html(figure, plotlyjs).encode())
+
+
+__all__ = ["MIN_COLUMN_PX", "PlotlyJs", "bundle_name", "draw", "min_width", "to_html", "write_html"]

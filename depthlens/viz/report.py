@@ -49,9 +49,14 @@ TITLES = {
 def write_report(report: EvalReport, directory: str | os.PathLike) -> dict[str, Path]:
     """Write ``eval.json``, ``eval.csv``, ``curves.html`` and ``curves.png`` into ``directory``
     (made if missing); returns their paths by kind (``json``, ``csv``, ``html``, ``png``).
+    ``curves.html`` embeds plotly.js (:func:`~depthlens.viz.plotly_draw.write_html` ``"inline"``):
+    it is the folder's only page, so a shared copy would save nothing, and the web app offers it
+    for download alone, where it must still open offline.
 
     Raises :class:`~depthlens.errors.OutputError` if ``directory`` cannot be written.
     """
+    from depthlens.viz.plotly_draw import write_html
+
     target = Path(directory)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(report.table[0]))
@@ -62,7 +67,7 @@ def write_report(report: EvalReport, directory: str | os.PathLike) -> dict[str, 
     return {
         "json": write_file(target / REPORT_FILES["json"], json.dumps(document, indent=1, allow_nan=False).encode()),
         "csv": write_file(target / REPORT_FILES["csv"], buffer.getvalue().encode()),
-        "html": write_file(target / REPORT_FILES["html"], _plotly_curves(report).to_html(include_plotlyjs="cdn").encode()),
+        "html": write_html(_plotly_curves(report), target / REPORT_FILES["html"], "inline"),
         "png": write_file(target / REPORT_FILES["png"], _matplotlib_curves(report)),
     }
 
@@ -191,13 +196,15 @@ def comparison_table(report: EvalReport, every: int = 1) -> Table:
     for metric in ("kl", "ce", "top1"):
         for lens in lenses:
             table.add_column(f"{lens} {metric}", justify="right")
-    columns = {(lens, metric): _series(report, lens, metric, "fraction" if metric == "top1" else "nats")[1]
+    columns = {(lens, metric): dict(zip(*_series(report, lens, metric, "fraction" if metric == "top1" else "nats")[:2]))
                for lens in lenses for metric in ("kl", "ce", "top1")}
-    layers = _series(report, lenses[0], "kl", "nats")[0]
+    layers = sorted({layer for series in columns.values() for layer in series})  # half-layers of a lens inside blocks too
     shown = sorted({*layers[::every], layers[-1]})
     for layer in shown:
-        cells = [f"{columns[(lens, metric)][layer]:.3f}" for metric in ("kl", "ce", "top1") for lens in lenses]
-        table.add_row(str(layer), *cells)
-    means = [f"{sum(columns[(lens, metric)][:-1]) / max(len(layers) - 1, 1):.3f}" for metric in ("kl", "ce", "top1") for lens in lenses]
+        cells = [f"{columns[key][layer]:.3f}" if layer in columns[key] else ""
+                 for key in ((lens, metric) for metric in ("kl", "ce", "top1") for lens in lenses)]
+        table.add_row(f"{layer:g}", *cells)
+    means = [f"{sum(list(columns[(lens, metric)].values())[:-1]) / max(len(columns[(lens, metric)]) - 1, 1):.3f}"
+             for metric in ("kl", "ce", "top1") for lens in lenses]
     table.add_row("mean 0…L−1", *means, style="bold")
     return table

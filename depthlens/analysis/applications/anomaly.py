@@ -11,12 +11,18 @@ Every detector is fit on normal inputs only and scores new ones, **higher = more
 
 :func:`text_features` turns free texts into trajectory features (per layer, the mean over tokens
 of the entropy, the KL to the model's output, and ``log(1 + rank)`` of the model's top-1 token);
-:func:`score_texts` fits a detector on a reference corpus and scores a batch of texts against it.
+:func:`score_texts` fits a detector on a reference corpus and scores a batch of texts against it;
+:func:`rank_texts` also puts each score on a stated scale, its **percentile among the reference
+texts**: the share of reference texts whose held-out score (from a detector fit on the other
+folds of the reference, :func:`held_out_scores`) is lower. Raw scores have no common unit across
+detectors (LOF's is near 1 for an inlier, isolation forest's near 0.4–0.5, SRM's is a difference
+of squared distances); a percentile near 100 means more anomalous than nearly every reference text.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -26,11 +32,15 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from depthlens.analysis.trajectory import Trajectory
-from depthlens.errors import ScoreError
+from depthlens.errors import DataError, ScoreError
 from depthlens.lenses.readout import Readout
 
 DETECTORS: tuple[str, ...] = ("isolation-forest", "lof", "srm")
 """The detector names :func:`make_detector` accepts."""
+MIN_REFERENCE = 5
+"""The fewest reference texts :func:`rank_texts` accepts (5 folds of at least one text)."""
+FEW_REFERENCE = 30
+"""Below this many reference texts percentiles move in coarse steps (the command warns)."""
 
 
 class Detector(Protocol):
@@ -121,17 +131,18 @@ def text_features(
     over the text's tokens of the readout's entropy (nats), KL(model ‖ readout) (nats) and
     ``log(1 + rank of the model's top-1 token)``; layer by layer, in that order."""
     rows = []
-    for begin in tqdm(range(0, len(texts), batch_size), desc="text trajectories", disable=not progress):
+    bar = tqdm(total=len(texts), desc="text trajectories", unit="text", disable=not progress)
+    for begin in range(0, len(texts), batch_size):
         chunk = list(texts[begin: begin + batch_size])
         traj = Trajectory.from_text(model, tokenizer, readout, chunk, k=1, max_tokens=max_tokens)
         mask = traj.attention_mask[None].float()  # [1, batch, seq]
         count = mask.sum(-1).clamp_min(1)
 
-        def mean(values: torch.Tensor) -> torch.Tensor:
-            return (torch.nan_to_num(values.float()) * mask).sum(-1) / count  # [rows, batch]
-
-        stats = [mean(traj.entropy), mean(traj.kl_to_final), mean(torch.log1p(traj.final_top1_rank.clamp_min(0).float()))]
+        values = (traj.entropy, traj.kl_to_final, torch.log1p(traj.final_top1_rank.clamp_min(0).float()))
+        stats = [(torch.nan_to_num(v.float()) * mask).sum(-1) / count for v in values]  # [rows, batch] each
         rows.append(torch.stack(stats, -1).permute(1, 0, 2).reshape(len(chunk), -1))
+        bar.update(len(chunk))
+    bar.close()
     return torch.cat(rows).numpy().astype(np.float64)
 
 
@@ -156,4 +167,84 @@ def score_texts(
     return fit_score(detector, normal, text_features(model, tokenizer, readout, texts, **options), seed)
 
 
-__all__ = ["DETECTORS", "SRM", "Detector", "fit_score", "make_detector", "score_texts", "text_features"]
+def read_texts(path: str, option: str = "texts") -> list[str]:
+    """The non-blank texts of a file: one per line of a ``.txt`` file, else the documents of a
+    text source (:func:`depthlens.text.sources.read_documents`: ``.jsonl``, ``.parquet``, …).
+    :class:`~depthlens.errors.DataError`, naming ``option``, if it cannot be read or holds none."""
+    from pathlib import Path
+
+    from depthlens.text.sources import read_documents
+
+    try:
+        if path.lower().endswith(".txt"):
+            texts = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        else:
+            texts = [doc.text for doc in read_documents(path) if doc.text.strip()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{option} {path}: cannot read it ({getattr(error, 'strerror', None) or error}); "
+                        "give a UTF-8 .txt file (one text per line), .jsonl or .parquet") from None
+    if not texts:
+        raise DataError(f"{option} {path} holds no text; give a file with one text per line")
+    return texts
+
+
+def held_out_scores(detector: str, normal: np.ndarray, *, seed: int = 0, folds: int = 5) -> np.ndarray:
+    """Out-of-sample scores ``[n]`` of the normal rows ``normal [n, f]``: each of ``folds`` random
+    folds is scored by a detector fit on the other folds."""
+    order = np.random.default_rng(seed).permutation(len(normal))
+    scores = np.empty(len(normal))
+    for part in np.array_split(order, min(folds, len(normal))):
+        scores[part] = fit_score(detector, normal[np.setdiff1d(order, part)], normal[part], seed)
+    return scores
+
+
+def percentile_among(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """For each of ``scores [m]``, the percentage (0–100) of ``reference [n]`` below it, a tie
+    counted half."""
+    ordered = np.sort(np.asarray(reference, dtype=np.float64))
+    below = np.searchsorted(ordered, scores, "left")
+    up_to = np.searchsorted(ordered, scores, "right")
+    return 100.0 * (below + up_to) / (2 * len(ordered))
+
+
+@dataclass
+class TextScores:
+    """Anomaly scores of texts, and where they fall among the reference texts."""
+
+    scores: np.ndarray
+    """The detector's score of each text ``[texts]`` (higher = more anomalous; no common unit)."""
+    percentiles: np.ndarray
+    """Percentage of reference texts with a lower held-out score ``[texts]``, 0–100."""
+    reference: np.ndarray
+    """Held-out scores of the reference texts ``[reference]`` (:func:`held_out_scores`)."""
+
+
+def rank_texts(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    readout: Readout,
+    reference: Sequence[str],
+    texts: Sequence[str],
+    *,
+    detector: str = "lof",
+    seed: int = 0,
+    max_tokens: int = 128,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> TextScores:
+    """Anomaly scores of ``texts`` against ``reference`` (as :func:`score_texts`) with their
+    percentiles among the reference texts' held-out scores; needs :data:`MIN_REFERENCE` texts."""
+    if len(reference) < MIN_REFERENCE:
+        raise ScoreError(f"the reference corpus has {len(reference)} texts: give at least {MIN_REFERENCE} normal "
+                         "texts (dozens are better) to put the scores on a scale")
+    options = {"max_tokens": max_tokens, "batch_size": batch_size, "progress": progress}
+    normal = text_features(model, tokenizer, readout, reference, **options)
+    scores = fit_score(detector, normal, text_features(model, tokenizer, readout, texts, **options), seed)
+    held_out = held_out_scores(detector, normal, seed=seed)
+    return TextScores(scores, percentile_among(scores, held_out), held_out)
+
+
+__all__ = [
+    "DETECTORS", "FEW_REFERENCE", "MIN_REFERENCE", "SRM", "Detector", "TextScores", "fit_score", "held_out_scores",
+    "make_detector", "percentile_among", "rank_texts", "read_texts", "score_texts", "text_features",
+]

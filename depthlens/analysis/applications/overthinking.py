@@ -5,7 +5,8 @@ whose demonstration labels are permuted (label ``g`` shown as ``g + c mod n``). 
 readout's choice probabilities (softmax over the choices' log-likelihoods at that layer) give a
 **calibrated accuracy** (:func:`calibrated_accuracy`): label ``j`` counts as predicted for an
 input when its probability beats the ``(n − 1)/n`` quantile of label ``j``'s probability across
-inputs, and an input is right when its gold label is predicted. Chance is ``1/n``. The **critical
+inputs (ties at the quantile share the places left), and an input is right when its gold label is
+predicted. Chance is ``1/n``. The **critical
 layer** is the first where the gap ``correct − permuted`` reaches half the gap at the output.
 """
 
@@ -20,7 +21,14 @@ from transformers import PreTrainedTokenizerBase
 
 from depthlens.analysis.applications.features import ChoiceScores, score_choices
 from depthlens.analysis.applications.tasks import Task, few_shot
+from depthlens.errors import TaskError
 from depthlens.lenses.readout import Readout
+
+MIN_EVALUATED = 10
+"""The fewest evaluated examples the ``overthink`` command accepts: each label's threshold is a
+quantile across them."""
+FEW_EVALUATED = 40
+"""Below this many evaluated examples calibrated accuracy moves in coarse steps (the command warns)."""
 
 
 def choice_probs(loglik: np.ndarray) -> np.ndarray:
@@ -32,13 +40,22 @@ def choice_probs(loglik: np.ndarray) -> np.ndarray:
 
 def calibrated_accuracy(probs: np.ndarray, gold: np.ndarray) -> np.ndarray:
     """Calibrated accuracy per layer ``[layers]`` from ``probs [inputs, layers, choices]`` and
-    ``gold [inputs]``: the fraction of inputs whose gold label's probability is strictly above
-    that label's ``(n − 1)/n`` quantile across inputs (linear interpolation) at that layer."""
-    n = probs.shape[-1]
+    ``gold [inputs]``: label ``j`` is predicted for the ``inputs / n`` inputs where its probability
+    is highest, i.e. above label ``j``'s ``(n − 1)/n`` quantile across inputs (linear
+    interpolation); an input scores 1 when its gold label is predicted.
+
+    Inputs tied at the quantile share the places left among them (the expected score of a random
+    tie-break), so a readout that gives every input the same probabilities scores chance, ``1/n``,
+    not 0: at layer 0 the answer position holds the same token in every prompt, so a lens has
+    little there that tells the inputs apart."""
+    inputs, n = probs.shape[0], probs.shape[-1]
     thresholds = np.quantile(probs, (n - 1) / n, axis=0)  # [layers, choices]
-    gold_probs = np.take_along_axis(probs, gold[:, None, None], -1)[..., 0]  # [inputs, layers]
-    gold_thresholds = thresholds[:, gold].T  # [inputs, layers]
-    return (gold_probs > gold_thresholds).mean(0)
+    above = probs > thresholds  # [inputs, layers, choices]
+    tied = probs == thresholds
+    spare = np.clip(inputs / n - above.sum(0), 0.0, None)  # places left at the quantile [layers, choices]
+    share = np.minimum(spare / np.maximum(tied.sum(0), 1), 1.0)
+    credit = above + tied * share  # [inputs, layers, choices]
+    return np.take_along_axis(credit, gold[:, None, None], -1)[..., 0].mean(0)
 
 
 def critical_layer(gap: np.ndarray) -> int | None:
@@ -85,6 +102,16 @@ class OverthinkingResult:
                 for name, c in self.curves.items() for layer in range(len(c.gap))]
 
 
+def check_contrast(task: Task, shots: int, shift: int) -> None:
+    """Refuse settings under which the correct and the permuted prompts are identical."""
+    if shots < 1:
+        raise TaskError(f"--shots {shots}: without demonstrations there are no labels to permute, so both runs "
+                        "would be the same; use --shots 1 or more (default 4)")
+    if shift % task.num_choices == 0:
+        raise TaskError(f"--shift {shift} moves each of the {task.num_choices} labels of task {task.name} onto itself, "
+                        f"so both runs would be the same; use a shift from 1 to {task.num_choices - 1}")
+
+
 def curves_from_scores(correct: ChoiceScores, permuted: ChoiceScores) -> dict[str, OverthinkingCurves]:
     """Per-readout calibrated-accuracy curves of the two prompt sets (same examples, same order)."""
     curves = {}
@@ -111,7 +138,10 @@ def overthinking(
     """Score ``task``'s ``shots``-shot prompts with correct and with permuted (``+shift``)
     demonstrations under every readout; returns the curves and both sets of scores.
 
-    ``limit`` examples are evaluated (default: all but ``shots``); the rest supply demonstrations."""
+    ``limit`` examples are evaluated (default: all but ``shots``); the rest supply demonstrations.
+    :class:`~depthlens.errors.TaskError` if the two prompt sets would be the same (``shots < 1``,
+    or ``shift`` a multiple of the number of choices)."""
+    check_contrast(task, shots, shift)
     options = {"batch_size": batch_size, "progress": progress}
     right = few_shot(task, shots, seed=seed, limit=limit)
     wrong = few_shot(task, shots, shift=shift, seed=seed, limit=limit)
@@ -123,6 +153,6 @@ def overthinking(
 
 
 __all__ = [
-    "OverthinkingCurves", "OverthinkingResult", "calibrated_accuracy", "choice_probs", "critical_layer",
+    "FEW_EVALUATED", "MIN_EVALUATED", "OverthinkingCurves", "OverthinkingResult", "calibrated_accuracy", "check_contrast", "choice_probs", "critical_layer",
     "curves_from_scores", "overthinking",
 ]

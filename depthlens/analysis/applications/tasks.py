@@ -20,6 +20,7 @@ names the example (file and line, or task and index) and what to fix.
 from __future__ import annotations
 
 import json
+import logging
 import numbers
 import os
 import random
@@ -142,6 +143,10 @@ def read_task_file(path: str | os.PathLike, *, cue: str | None = DEFAULT_CUE) ->
 def read_hub_task(name: str, *, config: str | None = None, split: str = "validation",
                   cue: str | None = DEFAULT_CUE) -> Task:
     """A task from a ``datasets`` hub dataset (online) whose rows have prompt, choices, gold."""
+    quiet = [logging.getLogger(library) for library in ("datasets", "huggingface_hub")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:  # their retry notices would add lines to the one-line error below
+        logger.setLevel(logging.ERROR)
     try:
         import datasets
 
@@ -149,6 +154,9 @@ def read_hub_task(name: str, *, config: str | None = None, split: str = "validat
     except Exception as error:  # noqa: BLE001 - datasets raises many kinds; all mean "cannot load"
         raise TaskError(f"cannot load hub dataset {name!r} ({type(error).__name__}: {str(error)[:120]}); "
                         "check the name and the network, or pass a local .jsonl file") from None
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
     places = [f"{name}[{split}] row {i}" for i in range(len(rows))]
     return make_task(name, [check_example(row, where) for row, where in zip(rows, places)], places, cue=cue)
 

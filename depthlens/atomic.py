@@ -58,8 +58,10 @@ def _output_error(path: Path, error: OSError, kind: str) -> OutputError:
 def check_output(path: str | os.PathLike, kind: str = "file") -> Path:
     """Raise :class:`OutputError` now if ``path`` (a ``"file"`` or ``"folder"``) clearly cannot be
     written later: a file stands where a folder should be, a file would replace a folder, or the
-    nearest existing folder is not writable. Writing can still fail (a full disk); this only lets
-    a command refuse before its work rather than after it."""
+    folder it would be written in (the nearest existing one) does not take a new file, which is
+    tried with an empty temporary file, removed at once (permissions alone miss a read-only file
+    system, or ``/proc``, where even root cannot write). Writing can still fail (a full disk);
+    this only lets a command refuse before its work rather than after it."""
     target = Path(path)
     blocking = _blocking_file(target)
     if blocking is not None:
@@ -68,9 +70,14 @@ def check_output(path: str | os.PathLike, kind: str = "file") -> Path:
         raise _output_error(target, IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR)), kind)
     if kind == "folder" and target.exists() and not target.is_dir():
         raise OutputError(f"cannot write the folder {target}: a file of that name exists; choose another output path")
-    existing = next((folder for folder in target.parents if folder.exists()), Path.cwd())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise _output_error(target, PermissionError(errno.EACCES, os.strerror(errno.EACCES)), kind)
+    inside = kind == "folder" and target.is_dir()
+    existing = target if inside else next((folder for folder in target.parents if folder.exists()), Path.cwd())
+    try:
+        handle, trial = tempfile.mkstemp(prefix=".depthlens-check.", dir=existing)
+    except OSError as error:
+        raise _output_error(target, error, kind) from None
+    os.close(handle)
+    os.unlink(trial)
     return target
 
 

@@ -72,3 +72,14 @@ def test_a_read_only_folder_is_one_clear_error(tmp_path):
             check_output(locked / "a.txt")
     finally:
         locked.chmod(0o755)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_place_that_takes_no_file_is_refused_even_for_root(tmp_path):
+    """/proc takes no new file whatever the permissions say (root's included): the check tries."""
+    with pytest.raises(OutputError, match="cannot write"):
+        check_output("/proc/depthlens-out", "folder")
+    with pytest.raises(OutputError, match="cannot write"):
+        check_output("/proc/depthlens-out/results.json")
+    assert check_output(tmp_path / "results.json") == tmp_path / "results.json"
+    assert os.listdir(tmp_path) == []

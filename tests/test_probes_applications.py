@@ -2,8 +2,10 @@
 ``depth``): each gives one line and exit 2 before any model loads and leaves no file behind, or
 runs with a stated warning where the result still means something (tests/probes.py)."""
 
+import errno
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -45,17 +47,24 @@ def place(tmp_path_factory) -> Path:
 @pytest.fixture
 def locked(place, monkeypatch) -> Path:
     """A folder this process may not write in (the tests may run as root, who may write anywhere,
-    so ``os.access`` is told so)."""
+    so ``os.access`` and the trial file of ``check_output`` are told so)."""
     folder = place / "locked"
     folder.mkdir(exist_ok=True)
-    real = os.access
+    real_access, real_mkstemp = os.access, tempfile.mkstemp
+
+    def inside(path) -> bool:
+        return Path(path).resolve().is_relative_to(folder.resolve())
 
     def access(path, mode, *args, **kwargs):
-        if mode & os.W_OK and Path(path).resolve().is_relative_to(folder.resolve()):
-            return False
-        return real(path, mode, *args, **kwargs)
+        return False if mode & os.W_OK and inside(path) else real_access(path, mode, *args, **kwargs)
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and inside(dir):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_mkstemp(*args, dir=dir, **kwargs)
 
     monkeypatch.setattr(os, "access", access)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
     return folder
 
 
@@ -167,7 +176,7 @@ def test_an_unwritable_output_is_refused_before_the_work(argv, place, locked, ti
     names = {"TASK": str(place / "task.jsonl"), "TEXTS": str(place / "texts.txt"), "WHEEL": str(place / "notazip.whl")}
     argv = [names.get(a, a).replace("LOCKED", str(locked)) for a in argv]
     model = [] if argv[0] == "tasks" else ["--model", str(tiny_model_dir)]
-    run_probe(Probe([*argv, *model], "no permission"), capsys, watch=place)
+    run_probe(Probe([*argv, *model], "permission"), capsys, watch=place)
 
 
 def test_weak_but_meaningful_runs_warn(place, tiny_model_dir, capsys):

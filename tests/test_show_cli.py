@@ -153,3 +153,15 @@ def test_more_bad_input_is_one_line_and_status_2(argv, message, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
     assert message in _one_line_error(capsys)
+
+
+def test_layers_pick_the_rows_of_show_and_table(tiny_model_dir, capsys):
+    """``--layers`` (the grammar every command shares) picks rows; with a stride it is refused."""
+    assert main(["show", TEXT, "--model", str(tiny_model_dir), "--layers", "0,2:3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[2:]] == ["0", "2", "output"]
+    assert main(["table", TEXT, "--model", str(tiny_model_dir), "--layers", "1:2"]) == 0
+    rows = [line.split("│")[1].strip() for line in capsys.readouterr().out.splitlines() if line.count("│") > 2]
+    assert [row for row in rows if row and row != "layer"] == ["1", "2"]
+    assert main(["show", TEXT, "--model", str(tiny_model_dir), "--layers", "1", "--layer-stride", "2"]) == 2
+    assert "--layers and --layer-stride both pick layers" in capsys.readouterr().err

@@ -260,6 +260,16 @@ class Trajectory:
         keep = [i for i, layer in enumerate(self.layers) if math.floor(layer) % step == 0 or i == len(self.layers) - 1]
         return self.select_rows(keep)
 
+    def select_layers(self, layers: Iterable[int]) -> Trajectory:
+        """The rows whose layer (half-layer rows: the layer below) is one of ``layers``; the output
+        row is layer ``L``. Raises :class:`TrajectoryError` if none is."""
+        wanted = set(layers)
+        keep = [i for i, layer in enumerate(self.layers) if math.floor(layer) in wanted]
+        if not keep:
+            raise TrajectoryError(f"none of layers {sorted(wanted)} is a row of this trajectory (rows: "
+                                  f"{', '.join(f'{layer:g}' for layer in self.layers)}): pick layers it has")
+        return self.select_rows(keep)
+
     def select_rows(self, rows: Sequence[int]) -> Trajectory:
         """A trajectory with only the given row indices (not layer numbers), in that order."""
         index = torch.tensor(list(rows), dtype=torch.long)

@@ -16,7 +16,18 @@ from pathlib import Path
 
 from depthlens.apps import cli_applications, cli_cache, cli_causal, cli_eval, cli_generation, cli_hub, cli_readouts
 from depthlens.apps.cli_eval import EVAL_CHUNK, check_ood, evaluate_and_report
-from depthlens.apps.options import Parser, add_dtype, add_lens, add_model, add_out, add_plotlyjs, check_at_least
+from depthlens.apps.options import (
+    LayerSelection,
+    Parser,
+    add_dtype,
+    add_layers,
+    add_lens,
+    add_model,
+    add_out,
+    add_plotlyjs,
+    check_at_least,
+    parse_layers,
+)
 from depthlens.errors import DataError, DepthlensError, UsageError
 from depthlens.text.samples import SAMPLE_PROMPT
 
@@ -43,6 +54,15 @@ def _read_text(args: argparse.Namespace, default: str) -> str:
     return text
 
 
+def _layers_or_stride(args: argparse.Namespace, stride: str) -> LayerSelection | None:
+    """``--layers``, parsed before any model loads, or ``None`` for every ``--every`` /
+    ``--layer-stride``-th layer; giving both is refused (one would be ignored)."""
+    flag = "--" + stride.replace("_", "-")
+    if args.layers is not None and getattr(args, stride) != 1:
+        raise UsageError(f"--layers and {flag} both pick layers: give one of them")
+    return parse_layers(args.layers)
+
+
 def _table(args: argparse.Namespace) -> None:
     import torch
     from rich.console import Console
@@ -54,13 +74,15 @@ def _table(args: argparse.Namespace) -> None:
     from depthlens.text.tokens import token_label
 
     check_at_least(args, 1, "every", "max_tokens", "width")
+    selection = _layers_or_stride(args, "every")
     text = _read_text(args, SAMPLE_PROMPT)
     check_spec(args.lens)
     model, tokenizer = load_model(args.model)
     lens = load_readout(args.lens, model)
     input_ids = tokenizer(text, return_tensors="pt").input_ids[:, : args.max_tokens]
     states = capture(model, input_ids, parts=lens.parts)
-    layers = sorted({*range(0, lens.num_layers + 1, args.every), lens.num_layers})
+    layers = (selection.resolve(lens.num_layers) if selection
+              else sorted({*range(0, lens.num_layers + 1, args.every), lens.num_layers}))
     with torch.no_grad():
         top1 = {layer: logits[0].argmax(-1).tolist() for layer, logits in lens.iter_logits(states, layers)}
 
@@ -141,6 +163,7 @@ def _show(args: argparse.Namespace) -> None:
     if args.out:
         output_kind(args.out)
     check_at_least(args, 1, "max_tokens", "k", "layer_stride")
+    selection = _layers_or_stride(args, "layer_stride")
     text = _read_text(args, SAMPLE_PROMPT)
     lens_spec = _show_lens_spec(args)
     check_spec(lens_spec)
@@ -158,6 +181,8 @@ def _show(args: argparse.Namespace) -> None:
                             dtype=args.dtype)
         for each in lenses
     ]
+    if selection:
+        trajectories = [t.select_layers(selection.resolve(lens.num_layers)) for t in trajectories]
     if args.out:
         options = {"stat": args.stat, "layer_stride": args.layer_stride, "plotlyjs": args.plotlyjs}
         print(f"wrote {save_figure(trajectories, args.out, **options)}")
@@ -178,6 +203,7 @@ def _add_table(commands: argparse._SubParsersAction) -> None:
     add_model(table)
     add_lens(table)
     table.add_argument("--every", type=int, default=1, help="show every N-th layer (the output row is always shown)")
+    add_layers(table, "default: every --every-th layer")
     table.add_argument("--max-tokens", type=int, default=24, help="decode at most this many tokens")
     table.add_argument("--width", type=int, default=8, help="characters per token label")
     table.set_defaults(run=_table)
@@ -241,6 +267,7 @@ def _add_show(commands: argparse._SubParsersAction) -> None:
     show.add_argument("--stat", default="entropy", help="colour by entropy, kl, ce (nats), rank (log scale) or prob")
     show.add_argument("--k", type=int, default=5, help="top tokens kept per cell (shown on hover)")
     show.add_argument("--layer-stride", type=int, default=1, help="show every N-th layer (the output row is always shown)")
+    add_layers(show, "rows to show, a half-layer row with the layer below; default: every --layer-stride-th")
     show.add_argument("--max-tokens", type=int, default=64, help="decode at most this many tokens")
     add_out(show, "write a .html, .png, .pdf or .svg picture or a .csv table (default: print a summary)")
     add_dtype(show)

@@ -273,12 +273,12 @@ def _objective_ignored() -> None:
     """--objective ce is accepted but the KL is trained."""
     import depthlens.training.train as train
 
-    real = train._step
+    real = train.train_step
 
     def step(lens, model, batch, optimizers, config, *args, **kwargs):
         return real(lens, model, batch, optimizers, dataclasses.replace(config, objective="kl"), *args, **kwargs)
 
-    train._step = step
+    train.train_step = step
 
 
 def _init_identity_ignored() -> None:

@@ -19,7 +19,7 @@ from depthlens.apps.cli import main
 from depthlens.errors import LensFileError
 from depthlens.lenses import hub
 from depthlens.lenses.hub import HubSpec, parse_hub_spec
-from depthlens.lenses.hub_push import model_card, prepare_card
+from depthlens.apps.hub_push import model_card, prepare_card
 from depthlens.lenses.registry import kind_of, load_readout, locate
 from depthlens.lenses.spec import load_lenses
 from depthlens.lenses.tuned_lens_format import export_tuned_lens

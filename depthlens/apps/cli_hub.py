@@ -20,7 +20,7 @@ from depthlens.errors import LensFileError, UsageError
 
 def _push(args: argparse.Namespace) -> None:
     from depthlens.lenses.hub import parse_hub_spec
-    from depthlens.lenses.hub_push import push_lens
+    from depthlens.apps.hub_push import push_lens
 
     try:
         target = parse_hub_spec(args.repo, prefix_optional=True)

@@ -17,7 +17,7 @@ huggingface_hub's own cache (``HF_HOME``, ``HF_HUB_CACHE``), returning the local
 registry then sends through its kind detection. Offline (``HF_HUB_OFFLINE=1``) a cached copy is
 used; without one, and on a connection error, it fails with one line naming offline mode and the
 fix. :func:`upload` sends a staged folder (the lens plus its model card from
-:mod:`depthlens.lenses.hub_push`) with one ``HfApi().upload_folder`` call.
+:mod:`depthlens.apps.hub_push`) with one ``HfApi().upload_folder`` call.
 
 ``huggingface_hub`` is imported inside the functions that need it, so parsing a spec stays cheap.
 """

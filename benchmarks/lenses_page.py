@@ -26,7 +26,7 @@ the CPU seconds are given beside each wall-clock time.
 The lenses, all read through depthlens's one readout protocol:
 
 - **logit lens**: decode state ℓ with the model's own final norm and unembedding (tuned-lens
-  paper, §2 of the excerpt in this project's reference folder);
+  paper, §1 of the excerpt in this project's reference folder);
 - **tuned lens**: one affine translator per block output, trained by distillation (KL to the
   model's output) after a least-squares start (the paper's method; the start is depthlens's own);
 - **tuned lens inside blocks**: the same recipe for translators at `resid.i + attn.i`, after

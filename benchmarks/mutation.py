@@ -9,24 +9,30 @@ one after another, niced.
     python benchmarks/mutation.py                    # every group (about an hour on 2 busy cores)
     python benchmarks/mutation.py divergences hooks  # some groups
     python benchmarks/mutation.py --list
+    python benchmarks/mutation.py train --sample 160 --seed 0  # a seeded sample of the group's mutants
+    python benchmarks/mutation.py drift --rerun      # only an earlier run's survivors, against today's tests
+    python benchmarks/mutation.py web_readouts --rerun --sample 200  # finish a stopped run on a seeded sample
 
 For each mutated file it prints killed/total and the survivors (``mutmut show NAME`` in that
 group's folder shows a survivor's diff), and writes ``results.json`` in the work folder. Survivors
 that are equivalent mutants (no test can tell them apart from the original) are listed with their
-reason in :data:`EQUIVALENT` and do not count against the score. Not run in CI.
+reason in ``mutation_equivalent.py`` and do not count against the score. Not run in CI.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import os
+import random
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+from mutation_equivalent import EQUIVALENT  # beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +52,8 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     ),
     "train": (
         ["depthlens/training/train.py"],
-        ["tests/test_mutations_training.py", "tests/test_train.py", "-k", "not torchrun and not sigkill"],
+        ["tests/test_mutations_training.py", "tests/test_train.py", "tests/test_mutants_train.py", "-k",
+         "not torchrun and not sigkill"],
     ),
     "objective": (
         ["depthlens/training/objective.py"],
@@ -60,112 +67,42 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
         ["depthlens/stats/divergences.py"],
         ["tests/test_divergences.py"],
     ),
+    "causal": (
+        [f"depthlens/analysis/causal/{name}.py" for name in ("alignment", "basis", "erasure", "fidelity", "search")],
+        ["tests/test_causal.py", "tests/test_causal_reference.py", "tests/test_oracle_causal.py", "tests/test_mutants_causal.py"],
+    ),
+    "drift": (
+        ["depthlens/analysis/drift/covariance.py", "depthlens/analysis/drift/transfer.py"],
+        ["tests/test_drift.py", "tests/test_oracle_drift.py"],
+    ),
+    "applications": (
+        [f"depthlens/analysis/applications/{name}.py"
+         for name in ("anomaly", "builtin", "depth", "features", "injection", "load", "overthinking", "tasks")],
+        ["tests/test_applications.py", "tests/test_applications_models.py", "tests/test_oracle_applications.py", "tests/test_mutants_applications.py"],
+    ),
+    "dla": (
+        ["depthlens/analysis/dla.py", "depthlens/analysis/dla_model.py"],
+        ["tests/test_dla.py", "tests/test_dla_oracle.py", "tests/test_mutants_dla.py"],
+    ),
+    "patchscope": (
+        ["depthlens/analysis/patchscope.py"],
+        ["tests/test_patchscope.py", "tests/test_mutants_patchscope.py"],
+    ),
+    "generate": (
+        ["depthlens/analysis/generate.py"],
+        ["tests/test_generate.py", "tests/test_oracle_generate.py", "tests/test_mutants_generate.py"],
+    ),
+    "attribute": (
+        ["depthlens/lenses/attribute.py"],
+        ["tests/test_attribute.py", "tests/test_oracle_attribute.py", "tests/test_mutants_attribute.py"],
+    ),
+    "web_readouts": (
+        ["depthlens/apps/web_readouts.py"],
+        ["tests/test_app.py", "tests/test_mutations_app.py", "tests/test_oracle_attribute.py", "tests/test_mutants_web.py"],
+    ),
 }
 """Group name → (files to mutate, pytest arguments that select the group's tests)."""
 
-_CPU = "moves to the CPU or the unembedding's device; on a CPU-only machine everything is already there"
-_2D = "on the documented 2-D [tokens, vocab] tensor"
-EQUIVALENT: dict[str, str] = {
-    "depthlens.lenses.lens_file.x_fingerprint__mutmut_3": _CPU,
-    "depthlens.lenses.lens_file.x_fingerprint__mutmut_5": _CPU,
-    "depthlens.lenses.lens_file.x_write_lens_dir__mutmut_3": _CPU,
-    "depthlens.lenses.tuned.xǁTunedLensǁ__init____mutmut_3": _CPU,
-    "depthlens.lenses.tuned.xǁTunedLensǁ__init____mutmut_8": _CPU,
-    "depthlens.lenses.tuned.xǁTunedLensǁ__init____mutmut_11": _CPU,
-    "depthlens.lenses.tuned.xǁTunedLensǁtransform__mutmut_4": _CPU,
-    "depthlens.lenses.tuned.xǁTunedLensǁtransform__mutmut_6": _CPU + " (the dtype is still converted)",
-    "depthlens.lenses.lens_file.x_read_lens_dir__mutmut_24":
-        "format_version defaults to 1 instead of 0: any default ≤ FORMAT_VERSION (1) is accepted alike",
-    "depthlens.lenses.readout.xǁLensǁtop_k__mutmut_11": "topk(k) without dim=-1: -1 is topk's default",
-    "depthlens.training.objective.xǁShortlistǁsample__mutmut_2": "shape[+1] is shape[-1] " + _2D,
-    "depthlens.training.objective.xǁShortlistǁsample__mutmut_8": "topk(k) without dim=-1: -1 is topk's default",
-    "depthlens.training.objective.xǁShortlistǁsample__mutmut_13": "topk over dim +1 is dim -1 " + _2D,
-    "depthlens.training.objective.xǁShortlistǁsample__mutmut_17":
-        "float ones instead of bool: others[top] = False sets 0.0 and nonzero() finds the same ids",
-    "depthlens.training.objective.xǁShortlistǁsample__mutmut_18": _CPU,
-    "depthlens.training.objective.xǁShortlistǁsample__mutmut_20":
-        "float ones instead of bool: others[top] = False sets 0.0 and nonzero() finds the same ids",
-    "depthlens.training.objective.xǁShortlistǁsample__mutmut_21": _CPU,
-    "depthlens.training.objective.xǁShortlistǁsample__mutmut_35": _CPU,
-    "depthlens.training.objective.xǁShortlistǁsample__mutmut_51": _CPU,
-    "depthlens.training.objective.xǁShortlistTargetǁkl__mutmut_10":
-        "logsumexp over dim +1 is dim -1 on the 2-D [tokens, k] shortlist logits",
-    "depthlens.training.objective.x_layer_loss__mutmut_19": _CPU,
-    "depthlens.training.objective.x_accumulate_gradients__mutmut_51":
-        "log_softmax over dim +1 is dim -1 on the 2-D [tokens, vocab] lens logits",
-    "depthlens.training.checkpoint.x_save_checkpoint__mutmut_36": "state.json indentation: any layout parses the same",
-    "depthlens.training.checkpoint.x_save_checkpoint__mutmut_38": "state.json indentation: any layout parses the same",
-    "depthlens.training.checkpoint.x_save_checkpoint__mutmut_39": "state.json indentation: any layout parses the same",
-    "depthlens.training.checkpoint.x_load_checkpoint__mutmut_17":
-        "a finished checkpoint also sets optimizers = [], so _restore's zip is empty whatever the document holds",
-    "depthlens.training.checkpoint.x_load_checkpoint__mutmut_18":
-        "a finished checkpoint also sets optimizers = [], so _restore's zip is empty whatever the document holds",
-    "depthlens.model.edits.x_erase__mutmut_8": _CPU,
-    "depthlens.model.edits.x_erase__mutmut_10": _CPU + " (the dtype is still converted)",
-    "depthlens.model.edits.x_erase__mutmut_29": _CPU,
-    "depthlens.model.edits.x_erase__mutmut_31": _CPU + " (the dtype is still converted)",
-    "depthlens.model.edits.x_erase__mutmut_39": _CPU,
-    "depthlens.model.edits.x_check_basis__mutmut_11": "shape[+1] is shape[-1] once the basis is checked to be 2-D",
-    "depthlens.model.hooks.x__apply__mutmut_27": _CPU,
-    "depthlens.model.hooks.x_add__mutmut_12": _CPU,
-    "depthlens.model.hooks.x_add__mutmut_14": _CPU + " (the dtype is still converted)",
-    "depthlens.model.hooks.x_replace__mutmut_12": _CPU,
-    "depthlens.model.hooks.x_replace__mutmut_14": _CPU + " (the dtype is still converted)",
-    "depthlens.model.hooks.x_run_with_hooks__mutmut_4": _CPU,
-    "depthlens.model.hooks.x_run_with_hooks__mutmut_19": _CPU,
-    "depthlens.model.hooks.x_run_with_hooks__mutmut_23": _CPU,
-    "depthlens.model.hooks.x__apply__mutmut_13": "positions given as Python ints become int64 with or without dtype=torch.long",
-    "depthlens.model.hooks.x__apply__mutmut_15": "positions given as Python ints become int64 with or without dtype=torch.long",
-    "depthlens.model.hooks.x__parse__mutmut_3": "rpartition differs only for names with two dots, which both forms refuse",
-    "depthlens.stats.divergences.x_top_k__mutmut_10": "dim +1 / shape[+1] is -1 " + _2D,
-    "depthlens.stats.divergences.x_top_k__mutmut_11": "dim +1 / shape[+1] is -1 " + _2D,
-    "depthlens.stats.divergences.x_top_k__mutmut_19": "dim +1 / shape[+1] is -1 " + _2D,
-    "depthlens.stats.divergences.x_top_k__mutmut_28": "dim +1 / shape[+1] is -1 " + _2D,
-    "depthlens.stats.divergences.x_top_k__mutmut_29": "dim +1 / shape[+1] is -1 " + _2D,
-    "depthlens.stats.divergences.x_top_k__mutmut_62": "dim +1 / shape[+1] is -1 " + _2D,
-    "depthlens.stats.divergences.x_top_k__mutmut_67": "dim +1 / shape[+1] is -1 " + _2D,
-    "depthlens.stats.divergences.x_top_k__mutmut_69": "dim +1 / shape[+1] is -1 " + _2D,
-    "depthlens.stats.divergences.x_top_k__mutmut_75": "dim +1 / shape[+1] is -1 " + _2D,
-    "depthlens.stats.divergences.xǁLogitStatisticsǁ__init____mutmut_13": "dim +1 / shape[+1] is -1 " + _2D,
-    "depthlens.stats.divergences.xǁLogitStatisticsǁ__init____mutmut_18": "dim +1 / shape[+1] is -1 " + _2D,
-    "depthlens.stats.divergences.xǁLogitStatisticsǁ__init____mutmut_28": "dim +1 / shape[+1] is -1 " + _2D,
-    "depthlens.stats.divergences.xǁLogitStatisticsǁ__init____mutmut_50": "dim +1 / shape[+1] is -1 " + _2D,
-    "depthlens.stats.divergences.xǁLogitStatisticsǁ_block__mutmut_14": "dim +1 / shape[+1] is -1 " + _2D,
-    "depthlens.stats.divergences.xǁLogitStatisticsǁ_block__mutmut_25": "dim +1 / shape[+1] is -1 " + _2D,
-    "depthlens.stats.divergences.xǁLogitStatisticsǁ_block__mutmut_32": "dim +1 / shape[+1] is -1 " + _2D,
-    "depthlens.stats.divergences.xǁLogitStatisticsǁ_block__mutmut_51": "dim +1 / shape[+1] is -1 " + _2D,
-    "depthlens.stats.divergences.xǁLogitStatisticsǁ_block__mutmut_61": "dim +1 / shape[+1] is -1 " + _2D,
-    "depthlens.stats.divergences.xǁLogitStatisticsǁ_block__mutmut_70": "dim +1 / shape[+1] is -1 " + _2D,
-    "depthlens.stats.divergences.xǁLogitStatisticsǁ_block__mutmut_74": "dim +1 / shape[+1] is -1 " + _2D,
-    "depthlens.stats.divergences.xǁLogitStatisticsǁ_block__mutmut_88": "dim +1 / shape[+1] is -1 " + _2D,
-    "depthlens.stats.divergences.xǁLogitStatisticsǁ_block__mutmut_90": "dim +1 / shape[+1] is -1 " + _2D,
-    "depthlens.stats.divergences.xǁLogitStatisticsǁ_block__mutmut_98": "dim +1 / shape[+1] is -1 " + _2D,
-    "depthlens.stats.divergences.xǁLogitStatisticsǁ_block__mutmut_100": "dim +1 / shape[+1] is -1 " + _2D,
-    "depthlens.stats.divergences.xǁLogitStatisticsǁ_block__mutmut_128": "dim +1 / shape[+1] is -1 " + _2D,
-    "depthlens.stats.divergences.xǁLogitStatisticsǁ_exact__mutmut_3": "dim +1 / shape[+1] is -1 " + _2D,
-    "depthlens.stats.divergences.xǁLogitStatisticsǁ_exact__mutmut_14": "dim +1 / shape[+1] is -1 " + _2D,
-    "depthlens.stats.divergences.xǁLogitStatisticsǁ_exact__mutmut_23": "dim +1 / shape[+1] is -1 " + _2D,
-    "depthlens.stats.divergences.xǁLogitStatisticsǁ_exact__mutmut_30": "dim +1 / shape[+1] is -1 " + _2D,
-    "depthlens.stats.divergences.x_top_k__mutmut_36": _CPU,
-    "depthlens.stats.divergences.x_top_k__mutmut_38": _CPU,
-    "depthlens.stats.divergences.x_top_k__mutmut_51": _CPU,
-    "depthlens.stats.divergences.x_top_k__mutmut_54": _CPU,
-    "depthlens.stats.divergences.x_cross_entropy__mutmut_2": _CPU,
-    "depthlens.stats.divergences.xǁLogitStatisticsǁ__init____mutmut_32": _CPU,
-    "depthlens.stats.divergences.x_top_k__mutmut_3": "a float `whole` makes `whole // TOP_K_WIDTH` 0, so every row takes the exact torch.topk fallback",
-    "depthlens.stats.divergences.x_top_k__mutmut_5": "`whole` is a multiple of TOP_K_WIDTH, so / and // give the same number of runs",
-    "depthlens.stats.divergences.x_top_k__mutmut_6": "with exactly k runs the fast path keeps every run, so both branches return torch.topk's answer",
-    "depthlens.stats.divergences.x_entropy__mutmut_20": "the filler is multiplied by p = 0 either way",
-    "depthlens.stats.divergences.x_kl__mutmut_20": "the filler is multiplied by p = 0 either way",
-    "depthlens.stats.divergences.xǁLogitStatisticsǁ__call____mutmut_14": "top_k(z, 0) is the same empty [n, 0] pair",
-    "depthlens.stats.divergences.xǁLogitStatisticsǁ_block__mutmut_57": "a new tensor instead of the reused scratch buffer: the same values",
-    "depthlens.stats.divergences.xǁLogitStatisticsǁ_block__mutmut_60": "a new tensor instead of the reused scratch buffer: the same values",
-    "depthlens.stats.divergences.xǁLogitStatisticsǁ_block__mutmut_80": "a new tensor instead of the reused scratch buffer: the same values",
-    "depthlens.stats.divergences.xǁLogitStatisticsǁ_block__mutmut_83": "a new tensor instead of the reused scratch buffer: the same values",
-    "depthlens.stats.divergences.xǁLogitStatisticsǁ_block__mutmut_8": "the known shift is the top-1 logit, which is exactly the row maximum amax recomputes",
-}
-"""Surviving mutants that behave exactly like the original, with the reason; they are left out
-of the score."""
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
           -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout"}
@@ -192,18 +129,21 @@ def _configure(folder: Path, files: list[str], selection: list[str]) -> None:
         "use_git_change_detection": False,
         "timeout_multiplier": 5.0,
         "timeout_constant": 30.0,
+        "process_isolation": "forkserver",  # torch is not fork-safe once the tests ran: forked workers hung
     }
     lines = ["", "[tool.mutmut]"] + [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
     with (folder / "pyproject.toml").open("a") as handle:
         handle.write("\n".join(lines) + "\n")
 
 
-def _scores(folder: Path, files: list[str]) -> dict[str, dict]:
-    """Per mutated file: killed, survived (names), equivalent, total, score."""
+def _scores(folder: Path, files: list[str], only: set[str] | None = None) -> dict[str, dict]:
+    """Per mutated file: killed, survived (names), equivalent, total, score; over the ``only`` mutants
+    when given (a sample)."""
     scores = {}
     for file in files:
         meta = json.loads((folder / "mutants" / f"{file}.meta").read_text())
-        statuses = {name: STATUS.get(code, "suspicious") for name, code in meta["exit_code_by_key"].items()}
+        statuses = {name: STATUS.get(code, "suspicious") for name, code in meta["exit_code_by_key"].items()
+                    if only is None or name in only}
         survived = sorted(name for name, status in statuses.items() if status != "killed" and name not in EQUIVALENT)
         equivalent = sorted(name for name in statuses if name in EQUIVALENT)
         killed = sum(status == "killed" for status in statuses.values())
@@ -213,20 +153,76 @@ def _scores(folder: Path, files: list[str]) -> dict[str, dict]:
     return scores
 
 
-def run_group(name: str, workdir: Path) -> dict[str, dict]:
+def _mutmut(name: str, folder: Path, files: list[str], mutants: list[str], *, check: bool = True) -> None:
+    """``mutmut run`` in ``folder`` on the named mutants (all when empty), niced, on one thread; with
+    ``check=False`` only the mutants' files must exist afterwards (a filter that matches nothing)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    mutmut = [sys.executable, "-c", "import sys; from mutmut.__main__ import cli; sys.exit(cli())"]
+    done = subprocess.run(["nice", "-n", "10", *mutmut, "run", "--max-children", "1", *mutants], check=False, cwd=folder,
+                          env=env, capture_output=True, text=True)
+    if (check and done.returncode != 0) or not all((folder / "mutants" / f"{f}.meta").is_file() for f in files):
+        tail = (done.stdout + done.stderr)[-3000:]
+        raise SystemExit(f"mutmut failed for {name} (status {done.returncode}):\n{tail}")
+
+
+def _sampled(folder: Path, files: list[str], sample: int, seed: int) -> list[str]:
+    """Generate the group's mutants without running any, then draw ``sample`` of them (seeded)."""
+    _mutmut("sampling", folder, files, ["no-such-mutant"], check=False)
+    names = sorted(name for f in files
+                   for name in json.loads((folder / "mutants" / f"{f}.meta").read_text())["exit_code_by_key"])
+    return sorted(random.Random(seed).sample(names, min(sample, len(names))))
+
+
+def run_group(name: str, workdir: Path, sample: int = 0, seed: int = 0) -> dict[str, dict]:
+    """Mutate group ``name`` in its own copy under ``workdir``; every mutant, or ``sample`` of them drawn with
+    ``seed``. Prints and returns each file's score."""
     files, selection = GROUPS[name]
     folder = workdir / name
     _copy_repository(folder)
     _configure(folder, files, selection)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     began = time.monotonic()
-    mutmut = [sys.executable, "-c", "import sys; from mutmut.__main__ import cli; sys.exit(cli())"]
-    done = subprocess.run(["nice", "-n", "10", *mutmut, "run", "--max-children", "1"], cwd=folder, env=env,
-                          capture_output=True, text=True)
-    if done.returncode != 0 or not all((folder / "mutants" / f"{f}.meta").is_file() for f in files):
-        tail = (done.stdout + done.stderr)[-3000:]
-        raise SystemExit(f"mutmut failed for {name} (status {done.returncode}):\n{tail}")
-    scores = _scores(folder, files)
+    chosen = _sampled(folder, files, sample, seed) if sample else []
+    (folder / "sample.json").write_text(json.dumps(chosen))
+    _mutmut(name, folder, files, chosen)
+    return _report(name, _scores(folder, files, set(chosen) or None), began)
+
+
+def rerun_survivors(name: str, workdir: Path, sample: int = 0, seed: int = 0) -> dict[str, dict]:
+    """Run group ``name``'s survivors of an earlier run again against the working tree's current tests
+    (after tests were added), without regenerating the mutants; and the mutants that run never reached
+    (it was stopped). Scores the earlier run's sample if it drew one; else, with ``sample``, a sample
+    drawn now with ``seed`` from all the group's mutants (those already run keep their results), kept
+    for later reruns. Prints and returns each file's score."""
+    files = GROUPS[name][0]
+    folder = workdir / name
+    sampled = folder / "sample.json"
+    if sample and not (sampled.is_file() and json.loads(sampled.read_text())):
+        names = sorted(key for file in files
+                       for key in json.loads((folder / "mutants" / f"{file}.meta").read_text())["exit_code_by_key"])
+        sampled.write_text(json.dumps(sorted(random.Random(seed).sample(names, min(sample, len(names))))))
+    only = set(json.loads(sampled.read_text())) if sampled.is_file() else set()
+    only = only or None
+    survivors = [m for score in _scores(folder, files, only).values() for m in score["survived"]]
+    for target in (folder / "tests", folder / "mutants" / "tests"):
+        shutil.rmtree(target)
+        shutil.copytree(ROOT / "tests", target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy2(ROOT / "pyproject.toml", folder / "pyproject.toml")
+    _configure(folder, files, GROUPS[name][1])  # the group's test selection as it is now
+    (folder / "mutmut-stats.json").unlink(missing_ok=True)  # so that the new tests are mapped to functions
+    began = time.monotonic()
+    before = {file: json.loads((folder / "mutants" / f"{file}.meta").read_text())["exit_code_by_key"] for file in files}
+    if survivors:
+        _mutmut(name, folder, files, survivors)
+    for file in files:  # the new test selection makes mutmut forget every result; the sources did not change
+        path = folder / "mutants" / f"{file}.meta"
+        meta = json.loads(path.read_text())
+        meta["exit_code_by_key"] = {key: before[file].get(key) if code is None and key not in survivors else code
+                                    for key, code in meta["exit_code_by_key"].items()}
+        path.write_text(json.dumps(meta))
+    return _report(name, _scores(folder, files, only), began)
+
+
+def _report(name: str, scores: dict[str, dict], began: float) -> dict[str, dict]:
     for file, score in scores.items():
         print(f"{name}: {file}: {score['killed']}/{score['total'] - len(score['equivalent'])} killed "
               f"({100 * score['score']:.1f}%), {len(score['equivalent'])} equivalent, "
@@ -242,6 +238,11 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "depthlens-mutation")
     parser.add_argument("--list", action="store_true", help="list the groups and exit")
     parser.add_argument("--target", type=float, default=0.85, help="lowest acceptable share killed per file")
+    parser.add_argument("--sample", type=int, default=0, help="score a random sample of this many mutants per group "
+                        "(default: every mutant)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --sample's draw")
+    parser.add_argument("--rerun", action="store_true", help="run only the survivors of an earlier full run of "
+                        "each group again, against the current tests")
     args = parser.parse_args()
     if args.list:
         for name, (files, selection) in GROUPS.items():
@@ -250,7 +251,10 @@ def main() -> int:
     results_path = args.workdir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     for name in args.groups or list(GROUPS):
-        scores = run_group(name, args.workdir)
+        if args.rerun:
+            scores = rerun_survivors(name, args.workdir, args.sample, args.seed)
+        else:
+            scores = run_group(name, args.workdir, args.sample, args.seed)
         # read again: another run may have written other groups' scores meanwhile
         results = json.loads(results_path.read_text()) if results_path.is_file() else {}
         results[name] = scores

@@ -1,6 +1,7 @@
 """Planted bugs in science code issue 21 did not name: the states inside blocks, the evaluation's
 half-layer rows, the tuned-lens import, the Jacobian lens, the training of a lens inside the blocks,
-the least-squares start of a tuned lens and the comparison of two lenses.
+the least-squares start of a tuned lens, the comparison of two lenses, the family rule that keeps a
+forward pass in float32, and cached generation on a model without a key-value cache.
 :mod:`planted_bugs` merges :data:`LENS_PLANTS` into its table; run one as::
 
     python benchmarks/planted_bugs.py mid_state_previous_attention
@@ -100,7 +101,29 @@ def _compare_tv_doubled() -> None:
     compare.tv = lambda log_p, log_q: 2 * real(log_p, log_q)
 
 
+def _forward_rule_ignored() -> None:
+    """Every family's forward pass runs in bfloat16 with the decoding, gemma3's too."""
+    from depthlens.model.architecture import ModelParts
+
+    ModelParts.forward_dtype = lambda self, products: products
+
+
+def _missing_cache_passed_on() -> None:
+    """A forward pass that returned no key-value cache hands on ``None``, and the next cached step
+    sees only its new token (RWKV's recurrent state is read as no cache at all)."""
+    from depthlens.analysis import generate
+
+    real = generate.output_cache
+
+    def output_cache(output):
+        return real(output) if any(name in output.keys() for name in ("cache", "past_key_values")) else None  # noqa: SIM118
+
+    generate.output_cache = output_cache
+
+
 LENS_PLANTS: dict[str, tuple[Callable[[], None], list[str]]] = {
+    "forward_rule_ignored": (_forward_rule_ignored, ["tests/test_precision.py"]),
+    "missing_cache_passed_on": (_missing_cache_passed_on, ["tests/test_generate.py"]),
     "mid_state_previous_attention": (_mid_state_previous_attention, ["tests/test_mid_block.py"]),
     "eval_mid_rows_at_whole_layers": (_eval_mid_rows_at_whole_layers, ["tests/test_mid_block.py"]),
     "tuned_lens_import_transposed": (_tuned_lens_import_transposed, ["tests/test_tuned_lens_format.py"]),

@@ -31,7 +31,7 @@ def download_wheel(requirement: str, scratch: str | os.PathLike) -> Path:
     :class:`WheelError` with pip's last line when pip fails or brings no wheel."""
     command = [sys.executable, "-m", "pip", "download", requirement, "--no-deps", "--only-binary", ":all:",
                "--disable-pip-version-check", "-q", "-d", os.fspath(scratch)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, check=False, capture_output=True, text=True)
     wheels = sorted(Path(scratch).glob("*.whl"))
     if done.returncode != 0 or not wheels:
         lines = [line for line in done.stderr.strip().splitlines() if not line.startswith("WARNING: Location")]

@@ -110,6 +110,24 @@ def test_the_final_norm_is_linearised_exactly():
             )
 
 
+def test_a_final_norm_without_a_gain_is_decoded(llama):
+    """``LayerNorm(elementwise_affine=False)`` keeps ``weight = None``: the attribution's decoder
+    covector still reproduces the decoded logit, ``u · x + constants = W_U[t] · LN(x)``."""
+    from dataclasses import replace
+
+    from depthlens.analysis.dla import _decoder_covector
+
+    parts = replace(find_parts(llama), final_norm=(torch.nn.LayerNorm(32, elementwise_affine=False),))
+    x = torch.randn(32, generator=torch.Generator().manual_seed(5))
+    weights = torch.zeros(parts.vocab_size, dtype=torch.float64)
+    weights[9] = 1.0
+    u, constants = _decoder_covector(parts, x, weights)
+    with torch.no_grad():
+        decoded = float(parts.decode(x[None])[0, 9])
+    total = float(u @ x.double()) + sum(term.value for term in constants)
+    # float32 decoding of 32 products of size ≤ max |W_U| · max |LN(x)|
+    assert abs(total - decoded) <= 64 * 1.2e-7 * float(u.abs() @ x.double().abs() + 1)
+
 def test_pictures(llama):
     attribution = logit_attribution(llama, IDS, target=3)
     grid = attribution.grid()

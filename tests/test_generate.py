@@ -129,3 +129,22 @@ def test_the_command_generates_at_each_layer(tiny_model_dir, tmp_path):
         assert row["continuations"] == expected.texts(tokenizer)
         assert row["mean_log_prob"] == pytest.approx(float(expected.log_probs.mean()), abs=1e-6)
     assert main(["generate", "Fair", "--model", str(tiny_model_dir), "--layers", "9"]) == 2
+
+
+def test_a_model_without_a_key_value_cache_is_refused_cached_and_generates_uncached():
+    """RWKV carries a recurrent state, not a key-value cache: a cached step would see only its new
+    token, so cached generation stops with one line; uncached generation at the last layer is the
+    model's own greedy continuation, rerun on the whole sequence at every step."""
+    from depthlens.errors import UnsupportedModelError
+
+    model = tiny_model("rwkv", initializer_range=0.3)
+    ids = torch.randint(3, 300, (1, 6), generator=torch.Generator().manual_seed(3))
+    lens = LogitLens(model)
+    with pytest.raises(UnsupportedModelError, match=r"no key-value cache.*\(use_cache=False\)"):
+        generate_from_layer(model, lens, ids, layer=lens.num_layers, max_new_tokens=3)
+    result = generate_from_layer(model, lens, ids, layer=lens.num_layers, max_new_tokens=3, use_cache=False)
+    expected = ids
+    with torch.no_grad():
+        for _ in range(3):
+            expected = torch.cat([expected, model(expected).logits[:, -1:].argmax(-1)], 1)
+    assert result.tokens.tolist() == expected[:, 6:].tolist()

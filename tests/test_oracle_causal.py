@@ -130,3 +130,20 @@ def test_an_edit_the_readout_cannot_see_has_zero_alignment(model, blind):
     states = capture(model, IDS, layers=[LAYER])[LAYER].reshape(-1, frame.shape[1])
     erased = states - (states @ frame[0])[:, None] * frame[0]
     torch.testing.assert_close(lens(erased, LAYER), lens(states, LAYER), atol=1e-4, rtol=1e-5)
+
+
+def test_fidelity_counts_the_bootstrap_groups_the_data_really_has():
+    """10 positions in groups of 4 are 3 groups (4, 4, 2), fewer than the bootstrap's 4: refused,
+    naming those 3 groups; 12 positions in groups of 3 are exactly 4: accepted."""
+    from depthlens import LogitLens
+    from depthlens.errors import CausalError
+
+    model = tiny_model("llama", initializer_range=0.3)
+    lens = LogitLens(model)
+    frame = torch.eye(model.config.hidden_size)[:3]
+    ids = torch.randint(3, 300, (1, 12), generator=torch.Generator().manual_seed(4))
+    data = prepare(lens, capture(model, ids[:, :10], layers=[1])[1], 1, "mean", group_tokens=4)
+    with pytest.raises(CausalError, match="10 positions make 3 groups of 4 tokens"):
+        causal_fidelity(model, lens, ids[:, :10], data, frame)
+    data = prepare(lens, capture(model, ids, layers=[1])[1], 1, "mean", group_tokens=3)
+    assert causal_fidelity(model, lens, ids, data, frame, resamples=20).readout_kl.shape == (3,)

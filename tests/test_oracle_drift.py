@@ -17,6 +17,7 @@ from depthlens.analysis.drift import (
     similarity_matrix,
     transfer_matrix,
 )
+from depthlens.analysis.drift.transfer import tokens_per_byte
 
 IDS = torch.randint(3, 300, (3, 10), generator=torch.Generator().manual_seed(1))
 
@@ -97,3 +98,26 @@ def test_drift_correlation_is_spearman_over_the_off_diagonal_pairs():
     expected = scipy.stats.spearmanr(similarity[mask], penalty[mask]).statistic
     assert drift_correlation(similarity, penalty) == pytest.approx(expected, abs=1e-12)
     assert abs(scipy.stats.pearsonr(similarity[mask], penalty[mask]).statistic - expected) > 0.05
+
+
+class _Bytes:
+    """A tokenizer whose token ``t`` decodes to ``t`` ASCII letters, so byte counts are known."""
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join("x" * t for t in ids)
+
+
+def test_tokens_per_byte_and_bits_per_byte_by_hand():
+    ids = torch.tensor([[1, 2, 3], [4, 1, 1]])  # 6 tokens, 6 + 6 = 12 bytes
+    assert tokens_per_byte(_Bytes(), ids) == pytest.approx(0.5, abs=1e-12)
+    assert tokens_per_byte(_Bytes(), torch.tensor([[1]])) == 1.0  # one token of one byte
+    assert tokens_per_byte(_Bytes(), torch.tensor([[0, 0]])) == 2.0  # no bytes: counted as one
+    nats = torch.tensor([math.log(2), 2 * math.log(2)])
+    torch.testing.assert_close(Transfer([0], nats, nats, 0.5).bits_per_byte(nats), torch.tensor([0.5, 1.0]))
+    assert Transfer([0], nats, nats).bits_per_byte(nats).isnan().all()
+
+
+def test_similarity_removes_nothing_by_default():
+    stack = torch.stack([torch.diag(torch.tensor([100.0, 1.0, 0.0])), torch.diag(torch.tensor([100.0, 0.0, 1.0]))])
+    torch.testing.assert_close(similarity_matrix(stack), similarity_matrix(stack, 0))
+    assert float(similarity_matrix(stack)[0, 1]) == pytest.approx(10000 / 10001, abs=1e-9)

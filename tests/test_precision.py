@@ -241,3 +241,31 @@ def test_show_computes_in_the_dtype_it_is_given(tiny_model_dir, tiny_tokenizer, 
               for dtype in ("float32", "bfloat16")}
     assert written == pytest.approx(frames["bfloat16"].value.to_numpy(), nan_ok=True, abs=1e-6)
     assert written != pytest.approx(frames["float32"].value.to_numpy(), nan_ok=True, abs=1e-6)
+
+
+@pytest.mark.parametrize(("model_type", "forward"), [("llama", torch.bfloat16), ("gemma3_text", torch.float32)])
+def test_families_whose_forward_drifts_keep_it_in_float32(model_type, forward):
+    """With products in bfloat16, the model's own linear layers compute in bfloat16, except for the
+    families whose rule keeps the forward pass in float32 (gemma3); evaluation, trajectories and a
+    training step all follow the rule, and the decoding stays bfloat16."""
+    from depthlens.lenses.tuned import TunedLens
+    from depthlens.training.optim import make_optimizers
+    from depthlens.training.train import train_step
+
+    model = tiny_model(model_type, seed=0).requires_grad_(False)
+    parts = find_parts(model)
+    assert parts.forward_dtype(torch.bfloat16) == forward and parts.forward_dtype(torch.float32) == torch.float32
+    seen: list[torch.dtype] = []
+    first_linear = next(m for m in parts.blocks[0].modules() if isinstance(m, torch.nn.Linear))
+    first_linear.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    decoded: list[torch.dtype] = []
+    parts.unembedding.register_forward_hook(lambda module, args, out: decoded.append(out.dtype))
+    chunks = list(torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(2)))
+    with pytest.warns(UserWarning, match="no bootstrap intervals"):
+        evaluate(model, {"logit": LogitLens(model)}, chunks, [15, 15], groups=2, progress=False, dtype="bfloat16")
+    Trajectory.from_ids(model, LogitLens(model), torch.stack(chunks), dtype="bfloat16")
+    lens = TunedLens(model)
+    config = TrainConfig(batch_tokens=32, chunk_len=16)
+    train_step(lens, model, torch.stack(chunks), make_optimizers(lens, config), config, products=torch.bfloat16)
+    assert len(seen) == 3 and set(seen) == {forward}
+    assert torch.bfloat16 in decoded

@@ -3,12 +3,14 @@ transformers wants (no FutureWarning), and the command line prints a warning as 
 
 import warnings
 
+import pytest
 import torch
 from tiny_models import tiny_model
 
 from depthlens import LogitLens
 from depthlens.analysis.generate import generate_from_layer
 from depthlens.apps.terminal import one_line_warning, one_line_warnings
+from depthlens.errors import UnsupportedModelError
 from depthlens.lenses.attribute import subject_jacobians
 from depthlens.model.kv_cache import cache_argument, output_cache, with_cache
 
@@ -39,7 +41,9 @@ def test_the_cache_is_passed_and_read_under_the_name_the_model_uses():
     with torch.no_grad():
         output = model(input_ids=torch.tensor([[5, 9, 40]]), use_cache=True)
     assert output_cache(output) is output["cache"] and output_cache(output).get_seq_length() == 3
-    assert output_cache({"past_key_values": "kv"}) == "kv" and output_cache({"logits": 1}) is None
+    assert output_cache({"past_key_values": "kv"}) == "kv"
+    with pytest.raises(UnsupportedModelError, match="returned no key-value cache"):
+        output_cache({"logits": 1})
 
 
 def test_a_warning_prints_as_one_line_inside_a_command_only():

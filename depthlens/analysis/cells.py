@@ -159,7 +159,7 @@ def chunk_windows(batch: int, seq: int, vocab: int, chunk_tokens: int | None = N
     most = max(1, (chunk_tokens or max(1, CHUNK_ELEMENTS // vocab)) // batch)
     count = math.ceil(seq / most) if seq else 0
     bounds = [round(index * seq / count) for index in range(count + 1)]
-    return [slice(start, stop) for start, stop in zip(bounds, bounds[1:])]
+    return [slice(start, stop) for start, stop in itertools.pairwise(bounds)]
 
 
 __all__ = ["CHUNK_ELEMENTS", "Cells", "chunk_windows", "layer_rows", "position_mask"]

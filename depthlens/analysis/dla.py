@@ -191,8 +191,9 @@ def _decoder_covector(parts: ModelParts, x: torch.Tensor, weights: torch.Tensor)
             stages.append((module, None))
         else:
             stages.append((module, freeze_norm(module, h)))
+        weight = getattr(module, "weight", None)  # None for a norm without a gain (elementwise_affine=False)
         with torch.no_grad():
-            h = module(h.to(module.weight.device if hasattr(module, "weight") else h.device)[None])[0]
+            h = module(h.to(weight.device if isinstance(weight, torch.Tensor) else h.device)[None])[0]
     multiplier = (parts.logit_multiplier or 1.0) / (parts.logit_divisor or 1.0)
     unembedding = parts.unembedding
     u = multiplier * (weights @ unembedding.weight.detach().double().cpu()[: weights.shape[0]])

@@ -201,12 +201,13 @@ def _add_batch(
 
     Positions are scored in windows of :func:`~depthlens.analysis.cells.chunk_windows`, one layer
     at a time, by :class:`~depthlens.stats.divergences.LogitStatistics`, and summed per group. The
-    forward pass and the decoding run with products in ``products``
-    (:func:`~depthlens.model.precision.computing_in`), the statistics in float32. Each readout
+    decoding runs with products in ``products`` (:func:`~depthlens.model.precision.computing_in`), and
+    so does the forward pass unless the family keeps it in float32
+    (:meth:`~depthlens.model.architecture.ModelParts.forward_dtype`); the statistics are float32. Each readout
     decodes the states of its site (:func:`~depthlens.lenses.mid.site_of`), all read in one
     forward pass."""
     device = totals.token_counts.device
-    with computing_in(products, device):
+    with computing_in(parts.forward_dtype(products), device):
         sites = capture_sites(model, batch, parts=parts, sites=["block", *(site_of(lens) for lens in lenses.values())])
     states = sites["block"]
     groups, per_chunk = totals.token_counts.numel(), batch.shape[1] - 1

@@ -146,20 +146,16 @@ class _Stepper:
         point = f"resid.{self.layer}"
         if values is None:
             with hooked(self.readout.parts, read=[point], edits=self.edits) as read:
-                output = self.model(
-                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False, **kwargs
-                )
-            state = read[point]
-        else:
-            output = self.model(
-                input_ids=ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                **with_cache(self.model, cache),
-                use_cache=True,
-                **kwargs,
-            )
-            state = values[point]
-        return _decode_last(self.readout, state, self.layer), output_cache(output)
+                self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False, **kwargs)
+            return _decode_last(self.readout, read[point], self.layer), None
+        output = self.model(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            **with_cache(self.model, cache),
+            use_cache=True,
+            **kwargs,
+        )
+        return _decode_last(self.readout, values[point], self.layer), output_cache(output)
 
 
 @torch.no_grad()

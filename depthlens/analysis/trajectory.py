@@ -147,8 +147,9 @@ class Trajectory:
         dtype: DtypeName | torch.dtype = "float32",
     ) -> Trajectory:
         """Run ``model`` once on ``input_ids [batch, seq]`` and build the trajectory of ``lens``;
-        ``dtype`` sets the precision of the products of the forward pass and the decoding, as in
-        :meth:`from_states`.
+        ``dtype`` sets the precision of the products of the forward pass (unless the family keeps it
+        in float32: :meth:`~depthlens.model.architecture.ModelParts.forward_dtype`) and of the
+        decoding, as in :meth:`from_states`.
 
         Raises :class:`DataError` if the text is longer than the model's context window.
         """
@@ -161,7 +162,7 @@ class Trajectory:
             )
         device = next(model.parameters()).device
         products = resolve_dtype(dtype, device)
-        with computing_in(products, device):
+        with computing_in(lens.parts.forward_dtype(products), device):
             states = capture(model, input_ids, attention_mask, parts=lens.parts, site=site_of(lens))
         return cls.from_states(
             lens, states, attention_mask, tokenizer=tokenizer, k=k, layers=layers,

@@ -19,8 +19,8 @@ from depthlens.errors import LensFileError, UsageError
 
 
 def _push(args: argparse.Namespace) -> None:
-    from depthlens.lenses.hub import parse_hub_spec
     from depthlens.apps.hub_push import push_lens
+    from depthlens.lenses.hub import parse_hub_spec
 
     try:
         target = parse_hub_spec(args.repo, prefix_optional=True)

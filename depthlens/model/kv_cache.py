@@ -30,13 +30,15 @@ def with_cache(model: torch.nn.Module, cache: object) -> dict[str, Any]:
 
 
 def output_cache(output: Any) -> Any:
-    """The key–value cache a forward pass returned (``None`` when it kept none), read from the
+    """The key–value cache a forward pass run with ``use_cache=True`` returned, read from the
     ``cache`` field of newer transformers outputs or ``past_key_values`` of older ones.
 
-    Raises :class:`~depthlens.errors.UnsupportedModelError` for a cache that stayed empty through
-    the forward pass: the model's attention did not fill it (a transformer-lens bridge's attention
-    reads the cache under transformers 4's names, so under transformers 5 every cached step would
-    attend to its own token alone), and decoding on from it would be silently wrong."""
+    Raises :class:`~depthlens.errors.UnsupportedModelError` where there is none (a recurrent model
+    such as RWKV returns its state under another name, and a cached step without it would see only
+    its new token), and for a cache that stayed empty through the forward pass: the model's
+    attention did not fill it (a transformer-lens bridge's attention reads the cache under
+    transformers 4's names, so under transformers 5 every cached step would attend to its own token
+    alone). Decoding on from either would be silently wrong."""
     for name in ("cache", "past_key_values"):
         if name in output.keys():  # noqa: SIM118 (``in output`` maps the old name to the new one, and warns)
             cache = output[name]
@@ -48,7 +50,9 @@ def output_cache(output: Any) -> Any:
                     "that no bridge has wrapped (booting a bridge rewrites the model it wraps; load a fresh copy), "
                     "or turn the cache off where the function offers it (use_cache=False)")
             return cache
-    return None
+    raise UnsupportedModelError(
+        "this model returned no key-value cache (a recurrent state, such as RWKV's, is not one), so cached "
+        "decoding is not available for it: turn the cache off where the function offers it (use_cache=False)")
 
 
 __all__ = ["cache_argument", "output_cache", "with_cache"]

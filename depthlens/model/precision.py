@@ -15,7 +15,9 @@ choice is made at run time:
   ``ONEDNN_MAX_CPU_ISA`` count as they should (on one AMX machine, one thread: bfloat16 ran 4–10×
   faster than float32; capped with ``ONEDNN_MAX_CPU_ISA=AVX2``, 8× slower). The environment
   variable :data:`FAST_BFLOAT16_ENV` (``1`` or ``0``) replaces the measurement, to force either path.
-- :func:`computing_in` is the context in which forward passes and decoding run: for bfloat16,
+- :func:`computing_in` is the context in which forward passes and decoding run (the forward pass
+  stays float32 for families whose rule says so: gemma3's per-layer KLs moved by over 1% with a
+  bfloat16 forward, :meth:`~depthlens.model.architecture.ModelParts.forward_dtype`): for bfloat16,
   ``torch.autocast`` (products in bfloat16 with float32 accumulation inside the kernels; norms,
   softmax and the residual stream stay float32) plus cached bfloat16 copies of the frozen model
   weights, so each weight is rounded once per process instead of on every call. Log-softmax and

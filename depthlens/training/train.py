@@ -120,7 +120,7 @@ def _least_squares_start(
             consumed += len(group)
             mine = group[procs.rank :: procs.world]
             if mine:
-                with computing_in(products, device):
+                with computing_in(lens.parts.forward_dtype(products), device):
                     states = capture(model, torch.stack(mine).to(device), parts=lens.parts, site=site_of(lens)).states
                 stats.update(states)
             bar.update(len(group) * config.chunk_len)
@@ -332,13 +332,14 @@ def train_step(
     products: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """One optimisation step on the token ids ``batch [chunks, chunk_len]``; returns the mean loss per
-    layer ``[L]`` (nats per token, float64). The model's forward pass and the lens decoding run with
-    products in ``products`` (:func:`~depthlens.model.precision.computing_in`), the targets, losses and
-    gradients in float32. ``procs`` (default ``Processes()``) sums gradients across ``torchrun``
+    layer ``[L]`` (nats per token, float64). The lens decoding runs with products in ``products``
+    (:func:`~depthlens.model.precision.computing_in`), and so does the model's forward pass unless
+    its family keeps that in float32 (:meth:`~depthlens.model.architecture.ModelParts.forward_dtype`);
+    the targets, losses and gradients are float32. ``procs`` (default ``Processes()``) sums gradients across ``torchrun``
     workers; the learning rate is ``config``'s times ``lr_factor``."""
     procs = procs or Processes()
     device = lens.translators[0].weight.device
-    with computing_in(products, device):
+    with computing_in(lens.parts.forward_dtype(products), device):
         states = capture(model, batch.to(device), parts=lens.parts, site=site_of(lens))
     flat = [s.reshape(-1, s.shape[-1]) for s in states.states]
     if config.objective == "kl":

@@ -133,7 +133,7 @@ def causal_fidelity(
     check_readout(model, readout)
     frame = basis.basis if isinstance(basis, CausalBasis) else basis
     groups = int(data.groups.max()) + 1
-    check_statistics(data.num_positions, max(1, data.num_positions // groups), frame.shape[0])
+    check_statistics(data.num_positions, -(-data.num_positions // groups), frame.shape[0])  # as many groups as data
     lens_side = per_position_energy(readout, data, frame, max_rows=max_rows)
     model_side = model_kl(model, input_ids, data, frame, batch_size=batch_size, progress=progress)
     sums = torch.zeros(groups, frame.shape[0], 2, dtype=torch.float64)

@@ -11,6 +11,8 @@ _PARTS = "without parts (or with parts=None) the callee calls find_parts(model) 
 _ON_GRAPH = "every resid.l lies on the graph from the resid.0 leaf to z, so allow_unused never matters"
 _EQUAL_LISTS = "zip's strict flag: result.top(5) always returns two lists of the same length"
 _DISPLAY = "only the progress bar's look (its total, unit, label or whether it shows) changes"
+_BATCHING = ("only which examples share a batch changes (each is left-padded with its own positions): the same "
+             "scores up to float32 rounding")
 _PAD = "the pad id only fills masked positions, so any valid id gives the same scores"
 _NUMERIC = "for numeric input the float64 cast changes no rank"
 _BLOCKING = "a default max_rows instead of the one passed: only how rows are blocked changes, not the values"
@@ -283,6 +285,22 @@ EQUIVALENT: dict[str, str] = {
     "depthlens.apps.web_readouts.xǁReadoutsǁpatch__mutmut_78": _EQUAL_LISTS,
     "depthlens.apps.web_readouts.xǁReadoutsǁpatch__mutmut_81": _EQUAL_LISTS,
     "depthlens.apps.web_readouts.xǁReadoutsǁpatch__mutmut_82": _EQUAL_LISTS,
+    "depthlens.analysis.causal.erasure.x_shortlist__mutmut_21": "topk over dim +1 is dim -1 on the 2-D [N, vocab] log-probabilities",
+    "depthlens.analysis.causal.erasure.x_shortlist__mutmut_29": "squeeze(+1) is squeeze(-1) on nonzero()'s 2-D [m, 1] result",
+    "depthlens.analysis.causal.erasure.x_shortlist__mutmut_54": "squeeze(+1) is squeeze(-1) on nonzero()'s 2-D [m, 1] result",
+    "depthlens.analysis.causal.erasure.x_shortlist__mutmut_58": "log_softmax over dim +1 is dim -1 on the 2-D [N, tokens] log-probabilities",
+    "depthlens.analysis.causal.erasure.x_shortlist__mutmut_16": "topk without dim takes the last dim",
+    "depthlens.analysis.causal.erasure.x_prepare__mutmut_59": "log_softmax over dim +1 is dim -1 on the 2-D [rows, vocab] logits",
+    "depthlens.analysis.causal.erasure.x_energy_and_grad__mutmut_55": "sum over dim +1 is dim -1 on the 2-D [directions, positions] KL block",
+    "depthlens.analysis.applications.features.x_score_choices__mutmut_2": _DISPLAY,
+    "depthlens.analysis.applications.features.x_score_choices__mutmut_3": _DISPLAY,
+    "depthlens.analysis.applications.features.x_score_choices__mutmut_59": _DISPLAY,
+    "depthlens.analysis.applications.features.x_score_choices__mutmut_64": _DISPLAY,
+    "depthlens.analysis.applications.features.x_score_choices__mutmut_17": _PAD,
+    "depthlens.analysis.applications.features.x_score_choices__mutmut_20": _PAD,
+    "depthlens.analysis.applications.features.x_score_choices__mutmut_1": _BATCHING,
+    "depthlens.analysis.applications.features.x_score_choices__mutmut_51": _BATCHING,
+    "depthlens.analysis.applications.features.x_score_choices__mutmut_110": "numpy makes Python ints int64 without a dtype on 64-bit Linux",
     "depthlens.stats.divergences.xǁLogitStatisticsǁ_block__mutmut_8": "the known shift is the top-1 logit, which is exactly the row maximum amax recomputes",
 }
 """Surviving mutants that behave exactly like the original, with the reason; they are left out

@@ -694,7 +694,7 @@ def test_score_choices_refuses_no_examples_no_readouts_and_too_long_prompts(mode
     lens = {"logit": LogitLens(model)}
     with pytest.raises(TaskError, match=r"^no examples to score: give a task with at least one example$"):
         features.score_choices(model, tiny_tokenizer, lens, [])
-    with pytest.raises(TaskError, match=r"^no readouts given: pass at least one lens"):
+    with pytest.raises(TaskError, match=r"^no readouts given: pass at least one lens \(e\.g\. \{'logit': LogitLens\(model\)\}\)$"):
         features.score_choices(model, tiny_tokenizer, {}, [Example("p", (" a", " b"), 0)])
     limit = model.config.max_position_embeddings
     # "a " * k: the trailing space moves into the choice, so the prompt is k tokens ("a" and " a") and "  a" is 2 more
@@ -985,3 +985,28 @@ def test_lof_uses_every_other_training_point_up_to_20_without_a_warning():
     scaler = StandardScaler().fit(normal)
     reference = LocalOutlierFactor(n_neighbors=7, novelty=True).fit(scaler.transform(normal))
     np.testing.assert_allclose(ours, -reference.score_samples(scaler.transform(test)), rtol=1e-12)
+
+
+class _MarksFirstAndMergesAB:
+    """A tokenizer with a known answer: one id per character, the first character of a text marked
+    (+1000, like a word-initial piece), and "ab" merged into the one id 999."""
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> types.SimpleNamespace:
+        ids, i = [], 0
+        while i < len(text):
+            if text[i : i + 2] == "ab":
+                ids.append(999)
+                i += 2
+            else:
+                ids.append(ord(text[i]) + (1000 if i == 0 else 0))
+                i += 1
+        return types.SimpleNamespace(input_ids=ids)
+
+
+def test_encode_pair_splits_the_joint_tokens_and_falls_back_when_a_merge_crosses_the_boundary():
+    """The choice's ids are those it gets inside the joint text (unmarked) while the prompt's ids
+    are a prefix of the joint ones; when a merge crosses the boundary ("a" + "b" → 999) they are
+    the choice's own ids, tokenized alone (first one marked)."""
+    tokenizer = _MarksFirstAndMergesAB()
+    assert features.encode_pair(tokenizer, "x", "y") == ([ord("x") + 1000], [ord("y")])
+    assert features.encode_pair(tokenizer, "xa", "bc") == ([ord("x") + 1000, ord("a")], [ord("b") + 1000, ord("c")])

@@ -659,3 +659,33 @@ def test_erasure_data_decodes_every_position_whatever_the_block_size(model):
     assert blocked.log_probs.shape == whole.log_probs.shape == (64, model.config.vocab_size)
     torch.testing.assert_close(blocked.log_probs, whole.log_probs)
     torch.testing.assert_close(whole.log_probs.exp().sum(-1), torch.ones(64))
+
+
+def test_energy_and_its_gradient_in_many_blocks_are_the_whole_computation(model):
+    """Energies are the per-position KLs averaged over the positions asked for, whatever the block
+    size; the gradient of Σ wᵢ·Eᵢ is the one computed in a single block, and matches central
+    differences. Blocks of 7 rows split both directions and positions, so every sum must
+    accumulate across blocks."""
+    from depthlens.analysis.causal.erasure import energy_and_grad, per_position_energy
+
+    lens = LogitLens(model)
+    data = prepare(lens, capture(model, IDS, layers=[1])[1], 1)
+    frame = torch.linalg.qr(torch.randn(32, 3, generator=torch.Generator().manual_seed(2))).Q.T.contiguous()
+    weights = torch.tensor([1.0, 0.5, 0.25])
+    positions = torch.arange(0, 64, 3)
+    kl = per_position_energy(lens, data, frame)
+    energies, grad = energy_and_grad(lens, data, frame, weights, positions, max_rows=7)
+    torch.testing.assert_close(energies, kl[:, positions].mean(-1), rtol=1e-5, atol=1e-7)
+    whole, whole_grad = energy_and_grad(lens, data, frame, weights, positions, max_rows=10**6)
+    torch.testing.assert_close(energies, whole, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad, whole_grad, rtol=1e-4, atol=1e-6)
+    energies_all, _ = energy_and_grad(lens, data, frame, weights, max_rows=7)
+    torch.testing.assert_close(energies_all, kl.mean(-1), rtol=1e-5, atol=1e-7)
+    step = 1e-2  # one coordinate of the gradient against central differences
+    bumped = frame.clone()
+    bumped[0, 0] += step
+    lowered = frame.clone()
+    lowered[0, 0] -= step
+    slope = (weights @ (energy_and_grad(lens, data, bumped, weights, positions)[0]
+                        - energy_and_grad(lens, data, lowered, weights, positions)[0])) / (2 * step)
+    assert abs(float(slope) - float(grad[0, 0])) <= 0.05 * abs(float(grad[0, 0])) + 1e-4

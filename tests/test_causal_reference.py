@@ -3,12 +3,10 @@ unembedding's top singular vectors, converges, sorts by energy, and finds the mo
 directions of a readout where they can be found by brute force."""
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
-from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny_models import random_tuned_lens, tiny_model
+from tiny_models import LinearReadout, random_tuned_lens, tiny_model
 
 from depthlens import LogitLens, capture
 from depthlens.analysis.causal import prepare
@@ -17,21 +15,6 @@ from depthlens.analysis.causal.search import sequential_search, unembedding_star
 
 IDS = torch.randint(3, 300, (4, 16), generator=torch.Generator().manual_seed(0))
 EPS = torch.finfo(torch.float32).eps
-
-
-class LinearReadout:
-    """A readout that is not a lens: logits ``h Wᵀ`` at layer 0, ``W [vocab, d]``."""
-
-    kind = "linear"
-    num_layers = 1
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        self.weight = weight
-        self.parts = SimpleNamespace(unembedding=SimpleNamespace(weight=weight), vocab_limit=None)
-
-    def iter_logits(self, states: Sequence[torch.Tensor], layers: Iterable[int]) -> Iterator[tuple[int, torch.Tensor]]:
-        for layer in layers:
-            yield layer, states[layer] @ self.weight.T
 
 
 def _direct_energy(weight: torch.Tensor, states: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny_models import random_tuned_lens, tiny_model
+from tiny_models import LinearReadout, random_tuned_lens, tiny_model
 
 from depthlens import LogitLens, TunedLens, capture
 from depthlens.analysis.causal import (
@@ -51,22 +51,6 @@ from depthlens.stats.bootstrap import group_bootstrap
 
 IDS = torch.randint(3, 300, (4, 16), generator=torch.Generator().manual_seed(0))
 EPS = torch.finfo(torch.float32).eps
-
-
-class LinearReadout:
-    """A readout that is not a lens: logits ``h Wᵀ`` at layer 0, ``W [vocab, d]``."""
-
-    kind = "linear"
-    num_layers = 1
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        self.weight = weight
-        self.parts = SimpleNamespace(unembedding=SimpleNamespace(weight=weight), vocab_limit=None,
-                                     d_model=weight.shape[1])
-
-    def iter_logits(self, states: Sequence[torch.Tensor], layers: Iterable[int]) -> Iterator[tuple[int, torch.Tensor]]:
-        for layer in layers:
-            yield layer, states[layer] @ self.weight.T
 
 
 @pytest.fixture(scope="module")

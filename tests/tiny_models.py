@@ -7,6 +7,9 @@ They hide nothing: every bias a family has is switched on where its config offer
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
+from types import SimpleNamespace
+
 import torch
 from transformers import (
     AutoConfig,
@@ -221,3 +224,19 @@ def random_tuned_lens(model: PreTrainedModel, seed: int, std: float, bias: bool 
         if bias:
             torch.nn.init.normal_(translator.bias, std=std)
     return lens
+
+
+class LinearReadout:
+    """A readout that is not a lens: logits ``h Wᵀ`` at layer 0, ``W [vocab, d]``."""
+
+    kind = "linear"
+    num_layers = 1
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+        self.parts = SimpleNamespace(unembedding=SimpleNamespace(weight=weight), vocab_limit=None,
+                                     d_model=weight.shape[1])
+
+    def iter_logits(self, states: Sequence[torch.Tensor], layers: Iterable[int]) -> Iterator[tuple[int, torch.Tensor]]:
+        for layer in layers:
+            yield layer, states[layer] @ self.weight.T

@@ -1,7 +1,9 @@
 """Planted bugs in science code issue 21 did not name: the states inside blocks, the evaluation's
 half-layer rows, the tuned-lens import, the Jacobian lens, the training of a lens inside the blocks,
 the least-squares start of a tuned lens, the comparison of two lenses, the family rule that keeps a
-forward pass in float32, and cached generation on a model without a key-value cache.
+forward pass in float32, the translators and the last layer's decoding kept in float32 inside a
+bfloat16 block, the limericks kept out of the corpus's fortunes, the evaluation's paired
+differences and its top-1 agreement at tied maxima, and cached generation on a model without a key-value cache.
 :mod:`planted_bugs` merges :data:`LENS_PLANTS` into its table; run one as::
 
     python benchmarks/planted_bugs.py mid_state_previous_attention
@@ -121,8 +123,72 @@ def _missing_cache_passed_on() -> None:
     generate.output_cache = output_cache
 
 
+def _translators_in_bfloat16() -> None:
+    """A tuned lens's translators run under autocast with the decoding, in bfloat16."""
+    from contextlib import nullcontext
+
+    from depthlens.lenses import tuned
+
+    tuned.full_precision = lambda device="cpu": nullcontext()
+
+
+def _last_layer_like_the_others() -> None:
+    """The last layer is decoded in the products' precision even where the family keeps its
+    forward pass, and so its output head, in float32."""
+    from contextlib import nullcontext
+
+    from depthlens.lenses import readout
+
+    readout.full_precision = lambda device="cpu": nullcontext()
+
+
+def _limericks_in_fortunes() -> None:
+    """The ``fortunes`` kind keeps the fortunes laid out as limericks."""
+    from depthlens.text import corpus
+
+    corpus.is_limerick_shaped = lambda text: False
+    corpus.kind_documents.cache_clear()
+
+
+def _paired_difference_reversed() -> None:
+    """The evaluation's paired differences are baseline − lens instead of lens − baseline."""
+    from depthlens.analysis import evaluate
+
+    real = evaluate._differences
+
+    def differences(*args, **kwargs):
+        rows = real(*args, **kwargs)
+        for row in rows:
+            row["value"] = -row["value"]
+            if row["ci_low"] is not None:
+                row["ci_low"], row["ci_high"] = -row["ci_high"], -row["ci_low"]
+        return rows
+
+    evaluate._differences = differences
+
+
+def _ties_count_as_agreement() -> None:
+    """Top-1 agreement counts a tie at the lens's maximum as full agreement."""
+    from depthlens.stats import divergences
+
+    real = divergences.LogitStatistics._block
+
+    def block(self, z, rows, shift, into, ranks):
+        scores = real(self, z, rows, shift, into, ranks)
+        if scores.top1_share is not None:
+            scores.top1_share = (scores.rank == 0).float()
+        return scores
+
+    divergences.LogitStatistics._block = block
+
+
 LENS_PLANTS: dict[str, tuple[Callable[[], None], list[str]]] = {
     "forward_rule_ignored": (_forward_rule_ignored, ["tests/test_precision.py"]),
+    "translators_in_bfloat16": (_translators_in_bfloat16, ["tests/test_precision.py"]),
+    "last_layer_like_the_others": (_last_layer_like_the_others, ["tests/test_precision.py"]),
+    "limericks_in_fortunes": (_limericks_in_fortunes, ["tests/test_verse.py"]),
+    "ties_count_as_agreement": (_ties_count_as_agreement, ["tests/test_divergences.py"]),
+    "paired_difference_reversed": (_paired_difference_reversed, ["tests/test_evaluate.py"]),
     "missing_cache_passed_on": (_missing_cache_passed_on, ["tests/test_generate.py"]),
     "mid_state_previous_attention": (_mid_state_previous_attention, ["tests/test_mid_block.py"]),
     "eval_mid_rows_at_whole_layers": (_eval_mid_rows_at_whole_layers, ["tests/test_mid_block.py"]),

@@ -292,7 +292,23 @@ def _affine_map_uncentred() -> None:
     patchscope.fit_affine_map = fit_affine_map
 
 
+def _benign_control_attacks() -> None:
+    """The injection's benign control inserts the attack itself."""
+    from depthlens.analysis.applications import injection
+
+    injection.neutral_text = lambda length: injection.ATTACK.format(answer="yes")[:length]
+
+
+def _rho_draws_pooled_penalty() -> None:
+    """The drift ρ bootstrap resamples the covariances but keeps the pooled transfer penalty."""
+    from depthlens.analysis.drift import transfer
+
+    transfer.Transfer.resampled_ce_penalty = lambda self, counts: self.ce_penalty
+
+
 SCIENCE_PLANTS: dict[str, tuple[Callable[[], None], list[str]]] = {
+    "benign_control_attacks": (_benign_control_attacks, ["tests/test_mutants_applications.py"]),
+    "rho_draws_pooled_penalty": (_rho_draws_pooled_penalty, ["tests/test_drift_interval.py"]),
     "spearman_is_pearson": (_spearman_is_pearson, ["tests/test_oracle_causal.py", "tests/test_oracle_drift.py"]),
     "pc_removal_skipped": (_pc_removal_skipped, ["tests/test_oracle_drift.py"]),
     "transfer_transposed": (_transfer_transposed, ["tests/test_oracle_drift.py"]),

@@ -18,8 +18,15 @@ what it was before each run: the kernel's high-water mark (``VmHWM``) is reset t
 On a machine whose cores are busy with other work, ``--threads 1`` gives steadier figures: with
 more threads, every one of the many small tensor operations waits for its slowest thread.
 
-Run: ``python benchmarks/trajectory.py [--models smollm2-135m gemma3-270m] [--tokens 512] [--repeats 3]``;
-writes each model's results into ``benchmarks/results/trajectory.json`` (other models' entries stay).
+Both take ``--dtype`` (default ``auto``: bfloat16 products where this CPU runs them fast, as the
+command line does), and the bare runs compute in the same precision (the forward pass as the family's
+rule says, the decoding in that dtype), so each ratio is what the statistics add on this CPU's own
+fast path. ``ATEN_CPU_CAPABILITY=avx2`` (or ``default``) caps PyTorch's kernels to check another
+kind of CPU on this one.
+
+Run: ``python benchmarks/trajectory.py [--models smollm2-135m gemma3-270m] [--tokens 512] [--repeats 3] [--dtype auto]``;
+writes the results into ``benchmarks/results/trajectory.json`` under ``"<model> · <kernel capability> ·
+<dtype>"``, with the CPU (other entries stay).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bf16 import describe_cpu
 
 from depthlens.analysis.evaluate import EvalReport, evaluate
 from depthlens.analysis.trajectory import Trajectory
@@ -42,6 +50,7 @@ from depthlens.lenses import LogitLens, TunedLens
 from depthlens.model.architecture import find_parts
 from depthlens.model.hidden_states import capture
 from depthlens.model.load import DEFAULT_MODEL, load_model
+from depthlens.model.precision import DTYPE_NAMES, computing_in, resolve_dtype
 from depthlens.text.data import load_chunks
 
 MIB = 2**20
@@ -99,14 +108,17 @@ def trajectory_run(model: torch.nn.Module, tokenizer: Any, args: argparse.Namesp
 
     @torch.no_grad()
     def bare() -> None:
-        states = capture(model, input_ids, parts=lens.parts)
-        for layer in range(lens.num_layers):
-            lens(states[layer], layer)
+        with computing_in(lens.parts.forward_dtype(args.products)):
+            states = capture(model, input_ids, parts=lens.parts)
+        with computing_in(args.products):
+            for layer in range(lens.num_layers):
+                lens(states[layer], layer)
 
     def trajectory() -> Trajectory:
-        return Trajectory.from_ids(model, lens, input_ids, tokenizer=tokenizer, k=args.k, chunk_tokens=args.chunk_tokens)
+        return Trajectory.from_ids(model, lens, input_ids, tokenizer=tokenizer, k=args.k, chunk_tokens=args.chunk_tokens,
+                                   dtype=args.products)
 
-    Trajectory.from_ids(model, lens, input_ids[:, :16], k=args.k)
+    Trajectory.from_ids(model, lens, input_ids[:, :16], k=args.k, dtype=args.products)
     results = interleaved({"bare": bare, "trajectory": trajectory}, args.repeats)
     rows, vocab = lens.num_layers + 1, lens.parts.vocab_size
     print(f"  trajectory of {rows} rows x {args.tokens} tokens, k={args.k}")
@@ -126,14 +138,17 @@ def evaluation_run(model: torch.nn.Module, tokenizer: Any, args: argparse.Namesp
 
     @torch.no_grad()
     def bare() -> None:
+        parts = lenses["logit"].parts
         for start in range(0, len(chunks), 4):
-            states = capture(model, torch.stack(chunks[start : start + 4]), parts=lenses["logit"].parts)
-            for lens in lenses.values():
-                for _ in lens.iter_logits(states):
-                    pass
+            with computing_in(parts.forward_dtype(args.products)):
+                states = capture(model, torch.stack(chunks[start : start + 4]), parts=parts)
+            with computing_in(args.products):
+                for lens in lenses.values():
+                    for _ in lens.iter_logits(states):
+                        pass
 
     def evaluation() -> EvalReport:
-        return evaluate(model, lenses, chunks, byte_counts, progress=False)
+        return evaluate(model, lenses, chunks, byte_counts, progress=False, dtype=args.products)
 
     results = interleaved({"bare": bare, "evaluation": evaluation}, args.repeats)
     print(f"  evaluation of 2 lenses on {len(chunks)} chunks of {args.eval_chunk_len} tokens "
@@ -155,20 +170,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk-tokens", type=int, default=None, help="Trajectory chunk size (default: automatic)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="auto", help="precision of the products (default: auto)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    args.products = resolve_dtype(args.dtype)
+    dtype = str(args.products).removeprefix("torch.")
     results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
     for name in args.models:
         model, tokenizer = load_model(name)
         print(f"{name}: vocab {find_parts(model).vocab_size}, {torch.get_num_threads()} torch threads, "
-              f"{args.repeats} interleaved repeats")
+              f"{args.repeats} interleaved repeats, products in {dtype}")
         load_average = os.getloadavg()
-        results[name] = {"trajectory": trajectory_run(model, tokenizer, args),
-                         "evaluation": evaluation_run(model, tokenizer, args),
-                         "torch_threads": torch.get_num_threads(), "repeats": args.repeats,
-                         "load_average_start": load_average, "load_average_end": os.getloadavg()}
+        key = f"{name} · {torch.backends.cpu.get_cpu_capability()} · {dtype}"
+        results[key] = {"trajectory": trajectory_run(model, tokenizer, args),
+                        "evaluation": evaluation_run(model, tokenizer, args),
+                        "dtype": dtype, "cpu": describe_cpu(), "repeats": args.repeats,
+                        "load_average_start": load_average, "load_average_end": os.getloadavg()}
         del model
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")

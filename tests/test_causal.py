@@ -216,6 +216,15 @@ def test_cli_writes_results_pictures_and_bases(tiny_model_dir, tmp_path):
     mask = ~torch.eye(len(drift["layers"]), dtype=torch.bool)
     expected = scipy.stats.spearmanr(similarity[mask], penalty[mask]).statistic
     assert drift["rho_similarity_vs_ce_penalty"] == pytest.approx(expected, abs=1e-6)
+    assert "4 sequences, and the interval needs 8" in drift["rho_interval_note"]
+    args = parser.parse_args(["drift", *common[:2], "--tokens", "256", "--chunk-len", "16", "--layers", "0,1,2,3",
+                              "--lens", str(tmp_path / "lens"), "--out", str(tmp_path / "g")])
+    args.run(args)
+    grouped = json.loads((tmp_path / "g" / "results.json").read_text())
+    assert grouped["interval"]["groups"] == 16 and "exploratory" in grouped["top2_removed"]
+    for key in ("rho_similarity_vs_ce_penalty", "rho_similarity_top2_removed_vs_ce_penalty"):
+        low, high = grouped[f"{key}_interval"]
+        assert low <= grouped[key] <= high and high > low
     with pytest.raises(CausalError, match="width"):
         bad = parser.parse_args(["causal", *common, "--k", "99", "--out", str(tmp_path / "f")])
         bad.run(bad)

@@ -186,3 +186,20 @@ def test_fused_statistics_in_blocks_and_their_mixture(monkeypatch, block_floats)
 def test_log_probs_normalise_the_last_axis_of_any_shape():
     logits = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     assert torch.allclose(log_probs(logits).exp().sum(-1), torch.ones(2, 3, dtype=torch.float32))
+
+
+def test_ties_at_the_maximum_share_the_top1_agreement():
+    """Top-1 agreement is |T_q ∩ T_p| / max(|T_q|, |T_p|) for the tokens tied at each maximum: 1/m
+    where the reference's top-1 is one of m tokens tied in the layer (a tie is not agreement), 0
+    below the maximum, 1 or 0 without ties, and 1 for the reference against itself even where it
+    ties (bfloat16 logits of the model's own output do). Planted bug: ties counted as agreement."""
+    reference = torch.tensor([[5.0, 1.0, 0.0, 0.0], [0.0, 5.0, 1.0, 0.0], [1.0, 0.0, 0.0, 5.0], [5.0, 0.0, 0.0, 0.0],
+                              [4.0, 4.0, 1.0, 0.0], [4.0, 4.0, 1.0, 0.0], [0.0, 4.0, 4.0, 4.0]])
+    layer = torch.tensor([[2.0, 2.0, 1.0, 0.0], [3.0, 3.0, 3.0, 0.0], [1.0, 0.0, 4.0, 4.0], [0.0, 2.0, 2.0, 1.0],
+                          [4.0, 4.0, 1.0, 0.0], [4.0, 0.0, 1.0, 0.0], [0.0, 0.0, 2.0, 2.0]])
+    scores = LogitStatistics(reference, torch.full((7,), -1))(layer, ranks=False)
+    assert scores.top1_share.tolist() == pytest.approx([0.5, 1 / 3, 0.5, 0.0, 1.0, 0.5, 2 / 3], abs=1e-7)
+    assert scores.rank.tolist() == [0, 0, 0, 1, 0, 0, 1]
+    assert LogitStatistics(reference, torch.full((7,), -1))(layer).top1_share is None
+    itself = LogitStatistics(reference, torch.full((7,), -1))(reference, ranks=False)
+    assert itself.top1_share.tolist() == [1.0] * 7  # the reference agrees with itself, ties and all

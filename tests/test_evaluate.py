@@ -158,3 +158,42 @@ def test_bias_interval_from_the_head_tokens_is_close_to_the_full_one(setup, monk
     head_and_rest = evaluation._head_and_rest(sums)
     assert head_and_rest.shape == (3, 2, VOCAB // 4 + 1)
     assert torch.allclose(head_and_rest.sum(-1), sums.sum(-1))
+
+
+def test_paired_differences_are_the_differences_of_the_same_resamples(setup):
+    """Each lens's difference from the first lens is the difference of their table values, and its
+    interval is that of the two lenses' resampled means taken from the same groups (the ratio of
+    sums is linear in the sums, so pairing is exact); two copies of one lens differ by exactly 0,
+    however wide their own intervals. Planted bugs: the baseline resampled with another seed, or
+    the sign turned."""
+    model, chunks, lenses, report = setup
+    groups = torch.arange(len(chunks)).remainder(min(20, len(chunks)))
+    counts = torch.zeros(len(groups.unique()), dtype=torch.float64).index_add_(0, groups, torch.full((10,), 11.0,
+                                                                                                     dtype=torch.float64))
+    states = capture(model, torch.stack(chunks))
+    final = states.logits[:, :-1].log_softmax(-1)
+    per_lens = {}
+    for name, lens in lenses.items():
+        sums = torch.zeros(len(counts), model.config.num_hidden_layers + 1, dtype=torch.float64)
+        for layer, logits in lens.iter_logits(states):
+            kl = (final.exp() * (final - logits[:, :-1].log_softmax(-1))).sum(-1).sum(-1).double()
+            sums[:, layer] = torch.zeros(len(counts), dtype=torch.float64).index_add_(0, groups, kl)
+        per_lens[name] = sums
+    rows = {(r["lens"], r["metric"], r["layer"]): r for r in report.differences}
+    assert {r["baseline"] for r in report.differences} == {"logit"} and {r["lens"] for r in report.differences} == {"tuned"}
+    for layer in range(model.config.num_hidden_layers + 1):
+        row = rows[("tuned", "kl", layer)]
+        assert row["value"] == pytest.approx(report.mean("tuned", "kl")[layer] - report.mean("logit", "kl")[layer], abs=1e-5)
+        samples = [evaluation.bootstrap_samples(per_lens[name][:, layer], counts, resamples=200, seed=0)
+                   for name in ("tuned", "logit")]
+        low, high = evaluation.centred_interval(samples[0] - samples[1], row["value"])
+        if layer < model.config.num_hidden_layers:
+            assert row["ci_low"] == pytest.approx(low, abs=1e-4) and row["ci_high"] == pytest.approx(high, abs=1e-4)
+            assert row["ci_low"] < row["value"] < row["ci_high"]
+    worse = [r for r in report.differences if r["metric"] == "kl" and r["layer"] < model.config.num_hidden_layers]
+    assert report.beats_baseline("tuned") == (sum(r["value"] < 0 for r in worse), sum(r["ci_high"] < 0 for r in worse),
+                                              model.config.num_hidden_layers)
+    same = evaluate(model, {"logit": lenses["logit"], "again": LogitLens(model)}, chunks, [30] * 10, groups=20,
+                    resamples=200, progress=False)
+    assert all(r["value"] == 0 and r["ci_low"] == 0 and r["ci_high"] == 0 for r in same.differences)
+    assert any(r["ci_high"] - r["ci_low"] > 0.1 for r in same.table if r["metric"] == "kl")

@@ -791,7 +791,16 @@ def test_evaluate_detectors_reports_each_method_from_the_scores_it_is_given(monk
     assert [m.method for m in layer0.methods] == ["SRM baseline (hidden state 0)"]
     rows = result.rows()
     assert rows[1] == {"task": "toy", "method": "SRM baseline (hidden state 1)", "readout": "hidden", "detector": "srm",
-                       "auroc": 1.0, "low": 1.0, "high": 1.0, "n_clean": 8, "n_injected": 5}
+                       "auroc": 1.0, "low": 1.0, "high": 1.0, "n_clean": 8, "n_injected": 5,
+                       "benign_auroc": None, "benign_low": None, "benign_high": None}
+    fits.clear()
+    controlled = injection.evaluate_detectors(_separable(8, 0.0), _separable(5, 1.0), benign=_separable(4, 0.0), seeds=2,
+                                              detectors=("lof",), resamples=20)
+    assert fits == [("lof", 6, 11, 0), ("lof", 6, 11, 1), ("srm", 6, 11, 0), ("srm", 6, 11, 1)]
+    for method in controlled.methods:  # the control ties with the clean rows: chance; the attack is still found
+        assert method.auroc == 1.0 and method.benign[0] == 0.5 and method.benign[1] <= 0.5 <= method.benign[2]
+        assert method.roc == ([0.0, 0.0, 1.0], [0.0, 1.0, 1.0])
+    assert controlled.accuracy_benign == 0.0 and controlled.rows()[0]["benign_auroc"] == 0.5
     written = result.to_dict()
     assert written["methods"][0]["roc"] == {"fpr": [0.0, 0.0, 1.0], "tpr": [0.0, 1.0, 1.0]}
     assert {k: written[k] for k in ("task", "n_clean", "seeds")} == {"task": "toy", "n_clean": 8, "seeds": 2}
@@ -833,11 +842,14 @@ def test_detect_injections_scores_clean_and_attacked_prompts_with_its_options(mo
                                                           resamples=7, progress=False)
     assert seen[0] == ([e.prompt for e in task.examples], 3, False, "toy clean")
     assert seen[1] == ([e.prompt for e in injection.injected_examples(task)], 3, False, "toy injected")
+    assert seen[2] == ([e.prompt for e in injection.injected_examples(task, benign=True)], 3, False, "toy benign")
     assert result.task == "toy" and result.train_fraction == 0.5 and result.seeds == 1 and len(result.methods) == 3
     assert attacked.loglik["logit"][0, 0, 1] == 1.0 and clean.loglik["logit"][0, 0, 1] == 0.0
     with pytest.raises(ScoreError, match="7 clean examples are too few"):
         injection.detect_injections(None, None, {}, _toy_task(7))
-    assert len(seen) == 2  # refused before any scoring
+    assert len(seen) == 3  # refused before any scoring
+    injection.detect_injections(None, None, {}, task, seeds=1, train_fraction=0.5, control=False, progress=False)
+    assert [description for *_, description in seen[3:]] == ["toy clean", "toy injected"]
 
 
 # --- overthinking ------------------------------------------------------------------------------
@@ -1010,3 +1022,20 @@ def test_encode_pair_splits_the_joint_tokens_and_falls_back_when_a_merge_crosses
     tokenizer = _MarksFirstAndMergesAB()
     assert features.encode_pair(tokenizer, "x", "y") == ([ord("x") + 1000], [ord("y")])
     assert features.encode_pair(tokenizer, "xa", "bc") == ([ord("x") + 1000, ord("a")], [ord("b") + 1000, ord("c")])
+
+
+def test_the_benign_control_is_a_neutral_line_in_the_same_frame_and_about_as_long():
+    """The control differs from the attack only in the framed line: neutral words, at most the
+    attack's length and within 12 characters of it, ending at a whole word. Planted bug: the
+    control carries the attack."""
+    task = _toy_task(8)
+    for attacked, control in zip(injection.injected_examples(task), injection.injected_examples(task, benign=True)):
+        attack_lines, control_lines = attacked.prompt.split("\n"), control.prompt.split("\n")
+        changed = [i for i, (a, b) in enumerate(zip(attack_lines, control_lines)) if a != b]
+        assert len(attack_lines) == len(control_lines) and len(changed) == 1
+        line = control_lines[changed[0]]
+        assert control_lines[changed[0] - 1] == control_lines[changed[0] + 1] == injection.RULE
+        assert "Ignore" not in line and "print" not in line and line.endswith(".")
+        assert 0 <= len(attack_lines[changed[0]]) - len(line) <= 12
+        assert injection.NEUTRAL.startswith(line[:-1])
+    assert injection.neutral_text(5) == "The."

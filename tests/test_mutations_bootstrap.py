@@ -239,8 +239,9 @@ def test_report_means_and_json_keep_the_lenses_apart(two_lens_report):
     assert len(logit) == len(tuned) == 4 and logit[:3] != pytest.approx(tuned[:3])
     assert report.mean("tuned", "top1", "fraction")[-1] == 1.0
     document = report.to_json()
-    assert set(document) == {"tokens", "bytes", "meta", "table"}
+    assert set(document) == {"tokens", "bytes", "meta", "table", "differences"}
     assert (document["tokens"], document["bytes"], document["table"]) == (report.tokens, report.bytes, report.table)
+    assert document["differences"] is report.differences and {r["lens"] for r in report.differences} == {"tuned"}
     assert document["meta"] is report.meta
     assert report.has_intervals and "95% bootstrap intervals over 9 groups of chunks" in report.interval_label()
 

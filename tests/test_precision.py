@@ -269,3 +269,44 @@ def test_families_whose_forward_drifts_keep_it_in_float32(model_type, forward):
     train_step(lens, model, torch.stack(chunks), make_optimizers(lens, config), config, products=torch.bfloat16)
     assert len(seen) == 3 and set(seen) == {forward}
     assert torch.bfloat16 in decoded
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_translators_run_in_float32_inside_a_bfloat16_block(frozen, trainable):
+    """A translator's output joins the float32 residual stream, so it is computed in float32 even
+    with bfloat16 products: the transform is bit for bit the float32 one, on states scaled to
+    gemma3's magnitudes (thousands), where bfloat16's rounding of the product alone would move
+    each coordinate by up to 2⁻⁹ of its size. Planted bug: translators left under autocast."""
+    from depthlens.lenses.tuned import TunedLens
+
+    lens = TunedLens(frozen)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for translator in lens.translators:
+            translator.weight.copy_(0.05 * torch.randn(translator.weight.shape, generator=generator))
+            translator.bias.copy_(torch.randn(translator.bias.shape, generator=generator))
+    lens.requires_grad_(trainable)
+    hidden = 1000 * torch.randn(2, 24, lens.parts.d_model, generator=generator)
+    exact = lens.transform(hidden, 1)
+    with computing_in(torch.bfloat16):
+        low = lens.transform(hidden, 1)
+        decoded = lens(hidden, 1)
+    assert low.dtype == torch.float32 and torch.equal(low, exact)
+    assert decoded.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(("model_type", "head"), [("llama", torch.bfloat16), ("gemma3_text", torch.float32)])
+def test_the_last_layer_decodes_in_the_forward_passes_precision(model_type, head, ids):
+    """The last layer's decoding is the model's output head: float32 for a family whose forward
+    pass stays float32 (gemma3), so the lens at layer L still reproduces its float32 output
+    exactly; bfloat16 elsewhere, like the model's own head. Earlier layers decode in bfloat16
+    either way. Planted bug: the last layer decoded like the others."""
+    model = tiny_model(model_type, seed=0).requires_grad_(False)
+    lens = LogitLens(model)
+    states = capture(model, ids)
+    last = lens.num_layers
+    exact = lens(states[last], last)
+    with computing_in(torch.bfloat16):
+        low = {layer: logits for layer, logits in lens.iter_logits(states, [0, last])}
+    assert low[0].dtype == torch.bfloat16 and low[last].dtype == head
+    assert torch.equal(low[last].float(), exact) == (head == torch.float32)

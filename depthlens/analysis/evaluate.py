@@ -9,8 +9,9 @@ rows sit at half-layers: ``"layer"`` is ``l + 0.5`` for ``l < L``, see
 - ``kl``: KL(p_L ‖ q_l), the distillation loss, in nats;
 - ``ce``: cross-entropy of q_l to the actual next token;
 - ``entropy``: entropy of q_l;
-- ``top1``: whether no token is likelier under q_l than the model's top-1, i.e. q_l's top-1 is
-  the model's (a fraction, not nats);
+- ``top1``: whether q_l's top-1 is the model's top-1 (a fraction, not nats); where ``m`` tokens tie
+  at q_l's largest logit, as bfloat16 logits often do, and the model's top-1 is one of them, it
+  counts ``1 / m`` (:attr:`~depthlens.stats.divergences.Scores.top1_share`);
 - ``bias``: KL between the *marginal* (token-averaged) final distribution and the marginal lens
   distribution, as in the paper (its interval's spread is resampled over the
   :data:`BIAS_HEAD_TOKENS` likeliest tokens and one bucket for the rest).
@@ -103,6 +104,10 @@ class EvalReport:
     tokens: int
     bytes: int
     meta: dict[str, Any] = field(default_factory=dict)
+    differences: list[dict[str, Any]] = field(default_factory=list)
+    """Paired differences from the first lens (the baseline), from :func:`evaluate`: one row per
+    other lens, layer and metric (``kl``, ``ce``; nats), with ``"baseline"`` naming the first lens
+    and ``value = lens − baseline`` (negative: the lens is closer to the model)."""
 
     def mean(self, lens: str, metric: str, unit: str = "nats") -> list[float]:
         """The per-layer means of ``metric`` for ``lens``, in layer order."""
@@ -111,7 +116,16 @@ class EvalReport:
 
     def to_json(self) -> dict[str, Any]:
         """Everything as one JSON-serialisable dict."""
-        return {"tokens": self.tokens, "bytes": self.bytes, "meta": self.meta, "table": self.table}
+        return {"tokens": self.tokens, "bytes": self.bytes, "meta": self.meta, "table": self.table,
+                "differences": self.differences}
+
+    def beats_baseline(self, lens: str, metric: str = "kl") -> tuple[int, int, int]:
+        """``(better, surely_better, layers)``: at how many of the layers ``0 … L−1`` the paired
+        difference of ``metric`` from the baseline is below 0, and its interval entirely below 0."""
+        rows = sorted((r for r in self.differences if r["lens"] == lens and r["metric"] == metric),
+                      key=lambda r: r["layer"])[:-1]
+        return (sum(r["value"] < 0 for r in rows), sum(r["ci_high"] is not None and r["ci_high"] < 0 for r in rows),
+                len(rows))
 
     @property
     def has_intervals(self) -> bool:
@@ -186,11 +200,13 @@ def evaluate(
         meta = {"interval": None, "interval_note": note}
     depths = {name: [depth(layer, site_of(lens), parts.num_layers) for layer in range(parts.num_layers + 1)]
               for name, lens in lenses.items()}
-    table = _table(totals.cpu(), depths, tokens, resamples if with_intervals else 0, seed)
+    totals = totals.cpu()
+    table = _table(totals, depths, tokens, resamples if with_intervals else 0, seed)
     if with_intervals and not all(row["ci_low"] is not None for row in table):
         meta["interval_note"] = "some rows have no interval: their resamples were not finite"
     meta["dtype"] = str(products).removeprefix("torch.")
-    return EvalReport(table=table, tokens=tokens, bytes=totals.bytes, meta=meta)
+    return EvalReport(table=table, tokens=tokens, bytes=totals.bytes, meta=meta,
+                      differences=_differences(totals, depths, tokens, resamples if with_intervals else 0, seed))
 
 
 def _add_batch(
@@ -227,7 +243,7 @@ def _add_batch(
             decoded = lens.iter_logits(flat[site_of(lens)].map_states(lambda state, window=window: state[:, window]))
             for layer, logits in float32_logits(decoded, products, device):
                 scores = scorer(logits, into=(window_groups, sums.marginals[layer]), ranks=False)
-                per_token = torch.stack([scores.kl, scores.ce, scores.entropy, (scores.rank == 0).float()])
+                per_token = torch.stack([scores.kl, scores.ce, scores.entropy, scores.top1_share])
                 sums.values[:, :, layer].index_add_(1, window_groups, per_token.double())
 
 
@@ -248,6 +264,29 @@ def _table(totals: _Totals, depths: Mapping[str, list[float]], tokens: int, resa
                                   "value": point * factor,
                                   "ci_low": _scaled(low, factor), "ci_high": _scaled(high, factor)})
     return table
+
+
+def _differences(totals: _Totals, depths: Mapping[str, list[float]], tokens: int, resamples: int,
+                 seed: int) -> list[dict[str, Any]]:
+    """Each lens's KL and cross-entropy minus the first lens's, at every layer (lenses at other
+    depths, e.g. inside the blocks, are skipped). Paired bootstrap: the two lenses' group sums are
+    differenced first and resampled from the same groups as every interval, so the variation of
+    the text, common to both, cancels."""
+    names = list(totals.sums)
+    rows = []
+    for name in names[1:]:
+        if depths[name] != depths[names[0]]:
+            continue
+        for metric in ("kl", "ce"):
+            index = SUMMED_METRICS.index(metric)
+            for layer, at in enumerate(depths[name]):
+                values = totals.sums[name].values[index, :, layer] - totals.sums[names[0]].values[index, :, layer]
+                point = (values.sum() / tokens).item()
+                samples = bootstrap_samples(values, totals.token_counts, resamples=resamples, seed=seed) if resamples else None
+                low, high = _interval(samples, point)
+                rows.append({"lens": name, "baseline": names[0], "layer": at, "metric": metric, "unit": "nats",
+                             "value": point, "ci_low": low, "ci_high": high})
+    return rows
 
 
 def _scaled(bound: float | None, factor: float) -> float | None:

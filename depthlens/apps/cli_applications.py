@@ -59,13 +59,17 @@ def _inject(args: argparse.Namespace) -> None:
     write_json(out / "injection.json", {"model": args.model, **result.to_dict()})
     write_csv(out / "injection.csv", result.rows())
     save_figure(roc_figure(result), out / "roc.png")
-    print(f"{task.name}: {result.n_clean} clean and {result.n_injected} injected prompts; model accuracy "
-          f"{result.accuracy_clean:.3f} clean, {result.accuracy_injected:.3f} injected")
-    print(f"{'method':44s} {'AUROC':>6s}  95% interval")
+    print(f"{task.name}: {result.n_clean} clean, {result.n_injected} injected and as many benign-control prompts; "
+          f"model accuracy {result.accuracy_clean:.3f} clean, {result.accuracy_injected:.3f} injected, "
+          f"{result.accuracy_benign:.3f} benign")
+    print(f"{'method':44s} {'attack AUROC':>12s}  95% interval     {'benign AUROC':>12s}  95% interval")
     for method in result.methods:
-        print(f"{method.method:44s} {method.auroc:6.3f}  [{method.low:.3f}, {method.high:.3f}]")
-    print(f"AUROC: chance an injected prompt scores as more anomalous than a held-out clean one (0.5 = chance, "
-          f"1 = perfect), mean of {args.seeds} splits")
+        benign_auroc, benign_low, benign_high = method.benign
+        print(f"{method.method:44s} {method.auroc:12.3f}  [{method.low:.3f}, {method.high:.3f}]   "
+              f"{benign_auroc:12.3f}  [{benign_low:.3f}, {benign_high:.3f}]")
+    print(f"AUROC: chance an injected (benign: a neutral insertion in the same frame) prompt scores as more "
+          f"anomalous than a held-out clean one (0.5 = chance, 1 = perfect), mean of {args.seeds} splits; a detector "
+          "whose benign AUROC is as high as its attack AUROC flags any insertion, not the attack")
     print(f"wrote {out}/injection.json, injection.csv, roc.png")
 
 

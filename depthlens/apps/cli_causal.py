@@ -192,6 +192,7 @@ def _drift(args: argparse.Namespace) -> None:
         tokens_per_byte,
         transfer_matrix,
     )
+    from depthlens.analysis.drift.interval import MIN_GROUPS
     from depthlens.lenses.registry import check_spec, load_readout
     from depthlens.model.architecture import find_parts
     from depthlens.model.load import load_model
@@ -207,7 +208,8 @@ def _drift(args: argparse.Namespace) -> None:
     layers = _layers(args.layers, num_layers, args.layer_stride or args.default_stride)
     ids = _tokens(args, tokenizer)
     out = Path(args.out)
-    covariances = stream_covariances(model, ids, layers, progress=True)
+    groups = min(DRIFT_GROUPS, len(ids)) if lens is not None and len(ids) >= MIN_GROUPS else 0
+    covariances = stream_covariances(model, ids, layers, groups=groups, progress=True)
     similarity = {top: similarity_matrix(covariances.covariance, top) for top in (0, 2)}
     results: dict = {"model": args.model, "tokens": ids.numel(), "layers": covariances.layers,
                      "covariance_similarity": similarity[0].tolist(), "covariance_similarity_top2_removed": similarity[2].tolist()}
@@ -216,7 +218,7 @@ def _drift(args: argparse.Namespace) -> None:
             matrix, covariances.layers, f"covariance similarity{' (top 2 PCs removed)' if top else ''}", "", args.model))
     if lens is not None:
         transfer = transfer_matrix(model, lens, ids, covariances.layers, tokens_per_byte=tokens_per_byte(tokenizer, ids),
-                                   progress=True)
+                                   groups=groups, progress=True)
         results.update({"transfer_ce_penalty_nats": transfer.ce_penalty.tolist(),
                         "transfer_kl_penalty_nats": transfer.kl_penalty.tolist(),
                         "transfer_ce_penalty_bits_per_byte": transfer.bits_per_byte(transfer.ce_penalty).tolist(),
@@ -226,14 +228,38 @@ def _drift(args: argparse.Namespace) -> None:
         _pictures(out, "transfer_penalty", _square(transfer.ce_penalty, covariances.layers,
                                                    "transfer penalty (translator row on state column)", "nats", args.model))
         _print_rho(results["rho_similarity_vs_ce_penalty"], len(covariances.layers))
+        results.update(_rho_intervals(covariances, transfer, len(ids)))
     write_json(out / "results.json", results)
     write_csv(out / "results.csv", [{"row_layer": i, "col_layer": j, "covariance_similarity": float(similarity[0][a, b])}
                                        for a, i in enumerate(covariances.layers) for b, j in enumerate(covariances.layers)])
     print(f"wrote {out}/results.json, results.csv and pictures")
 
 
+DRIFT_GROUPS = 16
+"""Groups of sequences for the bootstrap interval of ρ (fewer when there are fewer sequences)."""
 TRANSFER_KINDS = ("tuned", "tuned-lens")
 """Readout kinds whose translators the transfer matrix swaps."""
+
+
+def _rho_intervals(covariances, transfer, sequences: int) -> dict:
+    """The 95% bootstrap intervals of ρ over groups of sequences, printed; with too few sequences,
+    a warning and a note instead. The top-2 removal is marked exploratory: 2 was chosen after
+    looking at the data."""
+    from depthlens.analysis.drift import rho_interval
+    from depthlens.analysis.drift.interval import MIN_GROUPS
+
+    if covariances.group_counts is None:
+        note = f"{sequences} sequences, and the interval needs {MIN_GROUPS}: pass more --tokens or a smaller --chunk-len"
+        warn(f"no interval for ρ: {note}")
+        return {"rho_interval_note": note}
+    groups = len(covariances.group_counts)
+    raw, removed = (rho_interval(covariances, transfer, top) for top in (0, 2))
+    print(f"95% bootstrap interval over {groups} groups of sequences: ρ in [{raw[0]:.3f}, {raw[1]:.3f}]; "
+          f"with the top 2 principal components removed (exploratory) [{removed[0]:.3f}, {removed[1]:.3f}]")
+    return {"rho_similarity_vs_ce_penalty_interval": list(raw),
+            "rho_similarity_top2_removed_vs_ce_penalty_interval": list(removed),
+            "interval": {"level": 0.95, "groups": groups, "resamples": 200, "seed": 0},
+            "top2_removed": "exploratory: the 2 components were chosen after looking at the data"}
 
 
 def _print_rho(rho: float, layers: int) -> None:

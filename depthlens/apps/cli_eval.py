@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from depthlens.apps.options import add_dtype, add_lens, add_model, add_out
 from depthlens.errors import UsageError
@@ -80,10 +81,21 @@ def evaluate_and_report(model, tokenizer, readouts: dict, args: argparse.Namespa
         means = {lens_name: sum(report.mean(lens_name, "kl")[:-1]) / max(1, len(report.mean(lens_name, "kl")) - 1)
                  for lens_name in lenses}
         summaries.append(f"{name} ({source}, {split} split, {report.tokens} tokens): mean KL over layers 0…L−1 "
-                         + ", ".join(f"{lens_name} {mean:.3f}" for lens_name, mean in means.items()) + " nats")
+                         + ", ".join(f"{lens_name} {mean:.3f}" for lens_name, mean in means.items()) + " nats"
+                         + "".join(_beats(report, lens_name) for lens_name in readouts))
     for line in summaries:
         console.print(line, soft_wrap=True)
 
+
+
+def _beats(report: Any, lens: str) -> str:
+    """``"; tuned below logit at 17 of 18 layers (paired 95% interval below 0 at 16)"``, or nothing
+    for a lens at other depths than the logit lens."""
+    better, surely, layers = report.beats_baseline(lens)
+    if not layers:
+        return ""
+    surely_text = f" (paired 95% interval below 0 at {surely})" if report.has_intervals else ""
+    return f"; {lens} KL below logit at {better} of {layers} layers{surely_text}"
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:

@@ -21,6 +21,7 @@ from torch import nn
 
 from depthlens.errors import LayerError
 from depthlens.model.architecture import ModelParts, find_parts
+from depthlens.model.precision import full_precision
 
 
 @runtime_checkable
@@ -91,10 +92,16 @@ class Lens(nn.Module):
 
     def forward(self, hidden: torch.Tensor, layer: int, vocab: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[..., vocab]`` (natural-log units, unnormalised) for states at ``layer``;
-        only those of the token ids ``vocab [k]`` if given (``[..., k]``). Raises
+        only those of the token ids ``vocab [k]`` if given (``[..., k]``). The last layer's decoding
+        is the model's output head, so it runs in float32 where the family keeps the forward pass
+        in float32 (:meth:`~depthlens.model.architecture.ModelParts.forward_dtype`). Raises
         :class:`LayerError` for a layer outside ``0 … L``."""
         check_layer(layer, self.num_layers)
-        return self.parts.decode(self.transform(hidden, layer), vocab)
+        state = self.transform(hidden, layer)
+        if layer == self.num_layers and not self.parts.bfloat16_forward:
+            with full_precision(state.device):
+                return self.parts.decode(state, vocab)
+        return self.parts.decode(state, vocab)
 
     def iter_logits(
         self, states: Sequence[torch.Tensor], layers: Iterable[int] | None = None

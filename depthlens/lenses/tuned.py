@@ -21,6 +21,7 @@ from depthlens.errors import LensFileError
 from depthlens.lenses.lens_file import model_info, read_lens_dir, write_lens_dir
 from depthlens.lenses.readout import Lens
 from depthlens.model.architecture import ModelParts
+from depthlens.model.precision import full_precision
 
 
 class TunedLens(Lens):
@@ -43,12 +44,15 @@ class TunedLens(Lens):
         self.training_info: dict[str, Any] = dict(training or {})
 
     def transform(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
-        """``h + A_l h + b_l`` for ``h [..., d]`` at ``layer < L`` (float32); ``h`` itself at ``L``."""
+        """``h + A_l h + b_l`` for ``h [..., d]`` at ``layer < L`` (float32, even inside a bfloat16
+        :func:`~depthlens.model.precision.computing_in` block: :func:`~depthlens.model.precision.full_precision`);
+        ``h`` itself at ``L``."""
         if layer == self.num_layers:
             return hidden
         translator = self.translators[layer]
         hidden = hidden.to(translator.weight.device, translator.weight.dtype)
-        return hidden + translator(hidden)
+        with full_precision(hidden.device):
+            return hidden + translator(hidden)
 
     def model_info(self) -> dict[str, Any]:
         """What identifies the model this lens decodes (stored in ``config.json``)."""

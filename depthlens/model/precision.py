@@ -24,7 +24,11 @@ choice is made at run time:
   every statistic are computed in float32 by their callers (:mod:`depthlens.stats.divergences`).
 
 Within a product each input is rounded to bfloat16 (relative error at most ``2⁻⁸``) and the output
-is rounded once more; the sums themselves are float32.
+is rounded once more; the sums themselves are float32. :func:`full_precision` turns it off inside a
+block: a tuned lens's translators run in float32 (their outputs join the float32 residual stream,
+whose coordinates reach the thousands on gemma3, and they cost ``d / vocab`` of a decoding), and so
+does the last layer's decoding for a family whose forward pass stays float32, since that decoding
+is the model's own output head.
 """
 
 from __future__ import annotations
@@ -183,7 +187,17 @@ class _FrozenWeights(TorchFunctionMode):
 
     def _swap(self, value: Any) -> Any:
         frozen = isinstance(value, nn.Parameter) and not value.requires_grad and value.dtype == torch.float32
-        return lowered(value, self.dtype) if frozen else value
+        return lowered(value, self.dtype) if frozen and torch.is_autocast_enabled(value.device.type) else value
+
+
+@contextmanager
+def full_precision(device: torch.device | str = "cpu") -> Iterator[None]:
+    """float32 products inside a :func:`computing_in` block: autocast is off on ``device``'s type,
+    so frozen weights are not swapped for their low-precision copies either. For the small
+    products whose outputs join the float32 residual stream (a tuned lens's translators), and for
+    the output head of a family whose forward pass stays float32."""
+    with torch.autocast(torch.device(device).type, enabled=False):
+        yield
 
 
 __all__ = [
@@ -195,6 +209,7 @@ __all__ = [
     "bfloat16_is_fast",
     "computing_in",
     "float32_logits",
+    "full_precision",
     "lowered",
     "product_rates",
     "resolve_dtype",

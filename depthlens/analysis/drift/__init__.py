@@ -6,6 +6,7 @@ from depthlens.analysis.drift.covariance import (
     similarity_matrix,
     stream_covariances,
 )
+from depthlens.analysis.drift.interval import rho_interval, rho_samples
 from depthlens.analysis.drift.transfer import Transfer, drift_correlation, tokens_per_byte, transfer_matrix
 
 __all__ = [
@@ -13,6 +14,8 @@ __all__ = [
     "Transfer",
     "drift_correlation",
     "remove_top_components",
+    "rho_interval",
+    "rho_samples",
     "similarity_matrix",
     "stream_covariances",
     "tokens_per_byte",

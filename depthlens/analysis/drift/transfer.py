@@ -36,6 +36,17 @@ class Transfer:
     kl: torch.Tensor
     """``[n, n]`` nats: ``KL(model output ‖ decode(T_i(h_j)))``."""
     tokens_per_byte: float | None = None
+    group_ce: torch.Tensor | None = None
+    """With ``groups``: per group of sequences, the summed cross-entropy ``[groups, n, n]`` (nats, float64)."""
+    group_targets: torch.Tensor | None = None
+    """With ``groups``: next-token targets per group ``[groups]`` float64."""
+
+    def resampled_ce_penalty(self, counts: torch.Tensor) -> torch.Tensor:
+        """:attr:`ce_penalty` ``[n, n]`` of the data set holding group ``g`` ``counts[g]`` times."""
+        if self.group_ce is None or self.group_targets is None:
+            raise DriftError("this transfer matrix kept no per-group sums: pass groups= to transfer_matrix")
+        ce = torch.einsum("g,gij->ij", counts, self.group_ce) / (counts @ self.group_targets)
+        return ce - ce.diagonal().unsqueeze(0)
 
     @property
     def ce_penalty(self) -> torch.Tensor:
@@ -61,10 +72,13 @@ def transfer_matrix(
     *,
     tokens_per_byte: float | None = None,
     batch_size: int = 4,
+    groups: int = 0,
     progress: bool = False,
 ) -> Transfer:
     """The transfer matrices of ``lens`` over ``layers`` (default ``0 … L``) on ``input_ids
-    [B, T]``; each row's last token has no target and counts only in the KL."""
+    [B, T]``; each row's last token has no target and counts only in the KL. With ``groups > 0``
+    the cross-entropy is also summed per group of rows (row ``b`` in group ``b mod groups``, as in
+    :func:`~depthlens.analysis.drift.covariance.stream_covariances`)."""
     if not isinstance(lens, TunedLens) or site_of(lens) != "block":
         raise DriftError("the transfer matrix needs a block-output tuned lens (translators to swap between block "
                          "outputs): pass --lens DIR of a lens trained without --site mid")
@@ -73,22 +87,28 @@ def transfer_matrix(
         check_layer(layer, lens.num_layers)
     if input_ids.shape[1] < 2:
         raise DriftError("the transfer matrix needs sequences of at least 2 tokens (next-token targets)")
-    n = len(layers)
-    ce_sum, kl_sum = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64)
-    targets_total = positions_total = 0
+    n, kept = len(layers), max(groups, 1)
+    group_ce, kl_sum = torch.zeros(kept, n, n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64)
+    group_targets = torch.zeros(kept, dtype=torch.float64)
+    positions_total = 0
     for i in tqdm(range(0, input_ids.shape[0], batch_size), desc="transfer", disable=not progress, unit="batch"):
         ids = input_ids[i : i + batch_size]
+        row_groups = torch.arange(i, i + len(ids)).remainder(kept)
         states = capture(model, ids, parts=lens.parts, layers=layers)
         reference = states.logits.float().log_softmax(-1)
         targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)
         for col, state in enumerate(layers):
             for row, translator in enumerate(layers):
                 log_q = lens.parts.decode(lens.transform(states[state], translator)).float().log_softmax(-1)
-                ce_sum[row, col] += cross_entropy(log_q, targets).nansum().double()
+                group_ce[:, row, col].index_add_(0, row_groups, cross_entropy(log_q, targets).nansum(-1).double())
                 kl_sum[row, col] += kl(reference, log_q).clamp_min(0).sum().double()
-        targets_total += int((targets >= 0).sum())
+        group_targets.index_add_(0, row_groups, (targets >= 0).sum(-1).double())
         positions_total += ids.numel()
-    return Transfer(layers, (ce_sum / targets_total).float(), (kl_sum / positions_total).float(), tokens_per_byte)
+    ce = (group_ce.sum(0) / group_targets.sum()).float()
+    transfer = Transfer(layers, ce, (kl_sum / positions_total).float(), tokens_per_byte)
+    if groups:
+        transfer.group_ce, transfer.group_targets = group_ce, group_targets
+    return transfer
 
 
 def tokens_per_byte(tokenizer, input_ids: torch.Tensor) -> float:

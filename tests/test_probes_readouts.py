@@ -139,7 +139,7 @@ BEFORE_LOAD = [
     Probe(["eval", *UNLOADED, "--lens", "{p}/tuned", *BLOCKED], "is a file, not a folder"),
     Probe(["eval", *UNLOADED, "--lens", "{p}/tuned", "--ood", "{p}/latin1.txt", *OUT], "UTF-8"),
     Probe(["eval", *UNLOADED, "--lens", "{p}/tuned", "--data", "{p}/missing.txt", *OUT], "no such file"),
-    Probe(["eval", *UNLOADED, "--lens", "{p}/tuned", "--ood", "shakespeare"], "is the --data source itself"),
+    Probe(["eval", *UNLOADED, "--lens", "{p}/tuned", "--ood", "mixed"], "is the --data source itself"),
     Probe(["show", "Fair", *UNLOADED, "--stat", "colour"], "unknown statistic"),
     Probe(["show", "Fair", *UNLOADED, "--k", "0"], "--k must be at least 1"),
     Probe(["show", *UNLOADED, "--file", "{p}/latin1.txt"], "cannot read"),

@@ -19,6 +19,7 @@ from depthlens.apps.cli_eval import EVAL_CHUNK, check_ood, evaluate_and_report
 from depthlens.apps.options import (
     LayerSelection,
     Parser,
+    add_data,
     add_dtype,
     add_layers,
     add_lens,
@@ -213,11 +214,7 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     training = commands.add_parser("train", help="train a tuned lens (defaults: smollm2-135m on the mixed corpus, a 6.5-minute budget; under 10 minutes in all "
                                                      "with the two evaluations on a 2-core Xeon with AMX, in bfloat16)")
     add_model(training)
-    training.add_argument("--data", default="mixed", help="mixed (the built-in corpus of many kinds of text), shakespeare, "
-                                                          "a .txt/.jsonl/.parquet file, folder or glob, or a datasets name")
-    training.add_argument("--column", help="text column of .jsonl/.parquet/datasets sources (default: text)")
-    training.add_argument("--group-column", help="column whose value keeps documents together in the train/validation "
-                                                 "split, e.g. a book id (default: split by document; shakespeare by play)")
+    add_data(training, "mixed", "trained on its train split, evaluated on its validation split", columns=True)
     add_out(training, "run directory (default: runs/<model>); the lens goes to <out>/lens")
     add_dtype(training)
     budget = training.add_mutually_exclusive_group()

@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 
 from depthlens.apps.options import (
+    add_data,
     add_layers,
     add_lens,
     add_model,
@@ -310,8 +311,7 @@ def rerender_drift(out: str | Path, model: str = DEFAULT_MODEL) -> None:
 
 def _common(parser: argparse.ArgumentParser, stride: int) -> None:
     add_model(parser)
-    parser.add_argument("--data", default="shakespeare",
-                        help="text source; its validation split is used (default: shakespeare)")
+    add_data(parser, "shakespeare", "its validation split is used")
     parser.add_argument("--tokens", type=int, default=512, help="tokens of text (default: 512)")
     parser.add_argument("--chunk-len", type=int, default=128, help="tokens per sequence (default: 128)")
     add_layers(parser, "default: every --layer-stride-th and the last")

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from depthlens.apps.options import add_dtype, add_lens, add_model, add_out
+from depthlens.apps.options import add_data, add_dtype, add_lens, add_model, add_out
 from depthlens.errors import UsageError
 
 EVAL_CHUNK = 256
@@ -104,9 +104,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     add_model(evaluation)
     add_lens(evaluation, None, repeatable=True,
              note="readouts to evaluate side by side, e.g. a lens and a --site mid lens; default: runs/<model>/lens")
-    evaluation.add_argument("--data", default="shakespeare", help="held-out text: the validation split of this source")
-    evaluation.add_argument("--column", help="text column of .jsonl/.parquet/datasets sources (default: text)")
-    evaluation.add_argument("--group-column", help="the grouping column the lens was trained with, if any")
+    add_data(evaluation, "mixed", "the held-out text is its validation split", columns=True)
     evaluation.add_argument("--ood", default="none",
                             help="also evaluate on the whole of this out-of-domain source, e.g. python-docs (default: none)")
     evaluation.add_argument("--tokens", type=int, default=4096,

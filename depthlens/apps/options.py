@@ -8,6 +8,7 @@
 - ``--out``: where results go; each command says what it writes there, and :func:`check_out`
   refuses a path that cannot be written before the work starts;
 - ``--dtype``: :data:`DTYPE_CHOICES`, the precision of the products (default ``auto``);
+- ``--data``: :data:`DATA_HELP` everywhere (:func:`add_data`); a command says what it reads of it;
 - :func:`write_json` and :func:`write_csv`: atomic writes of a command's results;
 - :func:`file_stem`: a readout's name made safe for a file name (``tuned (runs/a/lens)`` →
   ``tuned_runs_a_lens``).
@@ -43,6 +44,22 @@ MODEL_HELP = f"built-in name ({DEFAULT_MODEL}, the default, or gemma3-270m), .gg
 """What ``--model`` accepts."""
 LENS_HELP = "logit, a lens folder of any registered kind, or a Hugging Face Hub lens hf:OWNER/NAME[/SUBFOLDER][@REVISION]"
 """What ``--lens`` accepts, in every command."""
+
+
+DATA_HELP = ("mixed (the built-in corpus of many kinds of text, or one kind as mixed:KIND), shakespeare, "
+             "a .txt/.jsonl/.parquet file, folder or glob, or a datasets name")
+"""What ``--data`` accepts, in every command."""
+
+
+def add_data(parser: argparse.ArgumentParser, default: str, use: str, *, columns: bool = False) -> None:
+    """``--data SOURCE`` with :data:`DATA_HELP`; ``use`` says what the command reads of it. With
+    ``columns``, also ``--column`` and ``--group-column`` for table-like sources."""
+    parser.add_argument("--data", default=default, help=f"{DATA_HELP}; {use} (default: {default})")
+    if columns:
+        parser.add_argument("--column", help="text column of .jsonl/.parquet/datasets sources (default: text)")
+        parser.add_argument("--group-column", help="column whose value keeps documents together in the train/validation "
+                                                   "split, e.g. a book id; pass the one the lens was trained with "
+                                                   "(default: split by document; shakespeare by play)")
 
 
 def add_model(parser: argparse.ArgumentParser) -> None:

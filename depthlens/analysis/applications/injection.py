@@ -139,29 +139,35 @@ class InjectionResult:
                 for m in self.methods]
 
 
+def _against_clean(clean: np.ndarray, inserted: np.ndarray, seed: int, resamples: int
+                   ) -> tuple[float, np.ndarray, tuple[list[float], list[float]]]:
+    """AUROC of anomaly scores of ``inserted`` prompts against held-out ``clean`` ones, its
+    stratified bootstrap samples and the ROC curve ``(fpr, tpr)``."""
+    scores = np.concatenate([clean, inserted])
+    labels = np.r_[np.zeros(len(clean), bool), np.ones(len(inserted), bool)]
+    fpr, tpr = roc_curve(scores, labels)
+    return auroc(scores, labels), bootstrap_auroc(scores, labels, resamples=resamples, seed=seed), (fpr.tolist(), tpr.tolist())
+
+
 def _method(name: str, readout: str, detector: str, clean: np.ndarray, injected: np.ndarray,
             splits: Sequence[np.ndarray], resamples: int, benign: np.ndarray | None = None) -> MethodResult:
     """Fit ``detector`` on each split's clean training rows and score held-out clean + injected
     (+ the benign control's rows, with the same fitted detector)."""
-    values, samples, control, control_samples, curve = [], [], [], [], None
+    attack, control = [], []
     for seed, train in enumerate(splits):
         held_out = np.setdiff1d(np.arange(len(clean)), train)
-        extra = [] if benign is None else [benign]
-        scores = fit_score(detector, clean[train], np.concatenate([clean[held_out], injected, *extra]), seed)
-        clean_scores, rest = scores[: len(held_out)], scores[len(held_out) :]
-        for inserted, into, bootstraps in ((rest[: len(injected)], values, samples),
-                                           (rest[len(injected) :], control, control_samples))[: 1 + len(extra)]:
-            test = np.concatenate([clean_scores, inserted])
-            labels = np.r_[np.zeros(len(held_out), bool), np.ones(len(inserted), bool)]
-            into.append(auroc(test, labels))
-            bootstraps.append(bootstrap_auroc(test, labels, resamples=resamples, seed=seed))
-            if curve is None:
-                fpr, tpr = roc_curve(test, labels)
-                curve = (fpr.tolist(), tpr.tolist())
-    low, high = pooled_interval(samples)
-    result = MethodResult(name, readout, detector, float(np.mean(values)), low, high, values, curve)
-    if benign is not None:
-        result.benign = (float(np.mean(control)), *pooled_interval(control_samples))
+        inserted = [injected] if benign is None else [injected, benign]
+        scores = fit_score(detector, clean[train], np.concatenate([clean[held_out], *inserted]), seed)
+        clean_scores, attacked = scores[: len(held_out)], scores[len(held_out) : len(held_out) + len(injected)]
+        attack.append(_against_clean(clean_scores, attacked, seed, resamples))
+        if benign is not None:
+            control.append(_against_clean(clean_scores, scores[len(held_out) + len(injected) :], seed, resamples))
+    values = [value for value, _, _ in attack]
+    low, high = pooled_interval([samples for _, samples, _ in attack])
+    result = MethodResult(name, readout, detector, float(np.mean(values)), low, high, values, attack[0][2])
+    if control:
+        result.benign = (float(np.mean([value for value, _, _ in control])),
+                         *pooled_interval([samples for _, samples, _ in control]))
     return result
 
 

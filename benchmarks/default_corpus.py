@@ -82,12 +82,13 @@ def hard_break_plays(folder: Path) -> TextSource:
     return TextSource(str(path), group_column="play")
 
 
-def train_lens(model: torch.nn.Module, tokenizer: Any, data: str, tokens: int, init_tokens: int, out: Path
+def train_lens(model: torch.nn.Module, tokenizer: Any, data: str, args: argparse.Namespace, out: Path
                ) -> dict[str, Any]:
-    """Train the default recipe on ``data`` for ``tokens`` KL tokens; the lens and facts."""
+    """Train the default recipe on ``data`` for ``args.tokens`` KL tokens; the lens and facts."""
     began = time.monotonic()
-    result = train(TrainConfig(data=data, tokens=tokens, minutes=None, init_tokens=init_tokens, seed=SEED,
-                               out=str(out), checkpoint_minutes=1e9), loaded=(model, tokenizer))
+    result = train(TrainConfig(data=data, tokens=args.tokens, minutes=None, init_tokens=args.init_tokens, seed=SEED,
+                               layer_lr_decay=args.layer_lr_decay, out=str(out), checkpoint_minutes=1e9),
+                   loaded=(model, tokenizer))
     info = result.lens.training_info
     return {"lens": result.lens, "steps": result.steps, "seconds": round(time.monotonic() - began, 1),
             "sources": info.get("sources")}
@@ -100,7 +101,7 @@ def score_one(name: str, args: argparse.Namespace, out: Path) -> None:
     torch.manual_seed(SEED)
     model, tokenizer = load_model(MODEL)
     with tempfile.TemporaryDirectory() as folder:
-        run = train_lens(model, tokenizer, name, args.tokens, args.init_tokens, Path(folder) / name)
+        run = train_lens(model, tokenizer, name, args, Path(folder) / name)
         sets = {f"unseen kind: {kind}": (TextSource(f"mixed:{kind}"), "validation", args.eval_tokens)
                 for kind in corpus.unseen_kinds()}
         sets["unseen plays"] = (TextSource("shakespeare"), "validation", args.eval_tokens)
@@ -120,6 +121,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=65536, help="KL-step tokens of each training run")
     parser.add_argument("--init-tokens", type=int, default=TrainConfig.init_tokens,
                         help="tokens of the least-squares start (default: the recipe's)")
+    parser.add_argument("--layer-lr-decay", type=float, default=TrainConfig.layer_lr_decay,
+                        help="the recipe's per-layer learning-rate decay (default: the recipe's)")
     parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--extra-tokens", type=int, default=1024)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -130,6 +133,7 @@ def main() -> None:
         score_one(args.only, args, args.part)
         return
     record: dict[str, Any] = {"model": MODEL, "kl_tokens": args.tokens, "init_tokens": args.init_tokens, "seed": SEED,
+                              "layer_lr_decay": args.layer_lr_decay,
                               "eval_tokens": args.eval_tokens, "extra_tokens": args.extra_tokens,
                               "threads_per_process": 1, "machine": platform.processor() or platform.machine(),
                               "load_average_start": os.getloadavg()}
@@ -137,7 +141,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         parts = {name: Path(folder) / f"{name}.json" for name in ("mixed", "shakespeare")}
         options = [f"--tokens={args.tokens}", f"--init-tokens={args.init_tokens}", f"--eval-tokens={args.eval_tokens}",
-                   f"--extra-tokens={args.extra_tokens}"]
+                   f"--extra-tokens={args.extra_tokens}", f"--layer-lr-decay={args.layer_lr_decay}"]
         workers = [subprocess.Popen([sys.executable, __file__, *options, f"--only={name}", f"--part={part}"],
                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
                    for name, part in parts.items()]

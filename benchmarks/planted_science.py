@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 def _spearman_is_pearson() -> None:
     """Causal fidelity (and the drift correlation) take Pearson's r of the values, not their ranks."""
-    import depthlens.analysis.causal as causal
-    import depthlens.analysis.causal.fidelity as fidelity
+    from depthlens.analysis import causal
+    from depthlens.analysis.causal import fidelity
 
     def pearson(x, y):
         x, y = x.double() - x.double().mean(-1, keepdim=True), y.double() - y.double().mean(-1, keepdim=True)
@@ -26,16 +26,16 @@ def _spearman_is_pearson() -> None:
 
 def _pc_removal_skipped() -> None:
     """The covariance similarity never removes the top principal components."""
-    import depthlens.analysis.drift as drift
-    import depthlens.analysis.drift.covariance as covariance
+    from depthlens.analysis import drift
+    from depthlens.analysis.drift import covariance
 
     covariance.remove_top_components = drift.remove_top_components = lambda matrix, components: matrix
 
 
 def _transfer_transposed() -> None:
     """The transfer matrices come out transposed (rows are states, columns translators)."""
-    import depthlens.analysis.drift as drift
-    import depthlens.analysis.drift.transfer as transfer
+    from depthlens.analysis import drift
+    from depthlens.analysis.drift import transfer
 
     real = transfer.transfer_matrix
 
@@ -62,21 +62,26 @@ def _detector_method(flip_labels: bool = False, fit_held_out: bool = False) -> N
 
     injection = importlib.import_module("depthlens.analysis.applications.injection")
 
-    def method(name, readout, detector, clean, injected, splits, resamples):
-        values, samples, curve = [], [], None
+    def method(name, readout, detector, clean, injected, splits, resamples, benign=None, options=None):
+        attack, control = [], []
         for seed, train in enumerate(splits):
             held_out = np.setdiff1d(np.arange(len(clean)), train)
-            test = np.concatenate([clean[held_out], injected])
-            labels = np.r_[np.zeros(len(held_out), bool), np.ones(len(injected), bool)]
-            scores = injection.fit_score(detector, clean[held_out if fit_held_out else train], test, seed)
-            labels = ~labels if flip_labels else labels
-            values.append(injection.auroc(scores, labels))
-            samples.append(injection.bootstrap_auroc(scores, labels, resamples=resamples, seed=seed))
-            if curve is None:
-                fpr, tpr = injection.roc_curve(scores, labels)
-                curve = (fpr.tolist(), tpr.tolist())
-        low, high = injection.pooled_interval(samples)
-        return injection.MethodResult(name, readout, detector, float(np.mean(values)), low, high, values, curve)
+            test = np.concatenate([clean[held_out], injected, *([] if benign is None else [benign])])
+            scores = injection.fit_score(detector, clean[held_out if fit_held_out else train], test, seed,
+                                         **(options or {}))
+            clean_scores, attacked = scores[: len(held_out)], scores[len(held_out): len(held_out) + len(injected)]
+            pair = (attacked, clean_scores) if flip_labels else (clean_scores, attacked)
+            attack.append(injection._against_clean(*pair, seed, resamples))
+            if benign is not None:
+                control.append(injection._against_clean(clean_scores, scores[len(held_out) + len(injected):], seed,
+                                                        resamples))
+        low, high = injection.pooled_interval([samples for _, samples, _ in attack])
+        result = injection.MethodResult(name, readout, detector, float(np.mean([a[0] for a in attack])), low, high,
+                                        [a[0] for a in attack], attack[0][2])
+        if control:
+            result.benign = (float(np.mean([c[0] for c in control])),
+                             *injection.pooled_interval([samples for _, samples, _ in control]))
+        return result
 
     injection._method = method
 
@@ -121,7 +126,7 @@ def _depth_off_by_one() -> None:
 
 def _temperature_ignored() -> None:
     """Sampling draws from softmax(logits) whatever the temperature (0 still means greedy)."""
-    import depthlens.analysis.generate as generate
+    from depthlens.analysis import generate
 
     real = generate.sample
 
@@ -145,7 +150,7 @@ def _low_rank_loses_beta() -> None:
 
 def _faithfulness_wrong_position() -> None:
     """Faithfulness reads the attribute lens at the prompt's last token, not the subject's."""
-    import depthlens.lenses.attribute as attribute
+    from depthlens.lenses import attribute
 
     real = attribute.subject_position
 
@@ -196,7 +201,7 @@ def _unshared_lock() -> None:
 
 def _patch_every_step() -> None:
     """Patchscope generation writes the patch at every step, not once in the prefill."""
-    import depthlens.analysis.patchscope as patchscope
+    from depthlens.analysis import patchscope
     from depthlens.model.hooks import replace
 
     patchscope.replace = lambda point, value, positions=None, *, once=False: replace(point, value, positions)
@@ -206,7 +211,7 @@ def _top_p_one_short() -> None:
     """Top-p drops the token that makes the kept probability reach p (the nucleus is one short)."""
     import torch
 
-    import depthlens.analysis.generate as generate
+    from depthlens.analysis import generate
 
     real = generate.sample
 
@@ -225,7 +230,7 @@ def _top_p_one_short() -> None:
 
 def _model_kl_reversed() -> None:
     """Causal fidelity's model side is KL(ablated ‖ clean) instead of KL(clean ‖ ablated)."""
-    import depthlens.analysis.causal.fidelity as fidelity
+    from depthlens.analysis.causal import fidelity
 
     real = fidelity.kl
     fidelity.kl = lambda p, q: real(q, p)
@@ -246,7 +251,7 @@ def _calibrated_ties_count() -> None:
         return (gold_probs >= thresholds[:, gold].T).mean(0)
 
     overthinking.calibrated_accuracy = calibrated_accuracy
-    import depthlens.analysis.applications as applications
+    from depthlens.analysis import applications
     applications.calibrated_accuracy = calibrated_accuracy
 
 
@@ -266,14 +271,14 @@ def _injection_may_ask_for_gold() -> None:
         return dataclasses.replace(done, prompt=done.prompt.replace(f'"{asked}"', f'"{example.choices[pick].strip()}"'))
 
     injection.inject = inject
-    import depthlens.analysis.applications as applications
+    from depthlens.analysis import applications
     applications.inject = inject
 
 
 def _spearman_ties_by_order() -> None:
     """Spearman's ranks break ties by order, not by averaging (the bug fixed in issue 21: on a
     symmetric similarity matrix every value is tied, and ρ depended on the pairs' order)."""
-    import depthlens.analysis.causal.fidelity as fidelity
+    from depthlens.analysis.causal import fidelity
 
     fidelity.ranks = lambda values: values.argsort(-1).argsort(-1).double()
 
@@ -282,7 +287,7 @@ def _affine_map_uncentred() -> None:
     """The Patchscope's least-squares map is fitted without centring (its intercept is lost)."""
     import torch
 
-    import depthlens.analysis.patchscope as patchscope
+    from depthlens.analysis import patchscope
 
     def fit_affine_map(source, target, *, ridge=1e-3):
         x, y = source.double(), target.double()
@@ -306,8 +311,35 @@ def _rho_draws_pooled_penalty() -> None:
     transfer.Transfer.resampled_ce_penalty = lambda self, counts: self.ce_penalty
 
 
+def _srm_ridge_always_relative() -> None:
+    """The SRM ignores ``relative=False``: the authors' fixed ridge becomes 10⁻³ × the mean variance."""
+    from depthlens.analysis.applications import anomaly
+
+    init = anomaly.SRM.__init__
+
+    def relative_init(self, ridge=1e-2, *, relative=True):
+        init(self, ridge, relative=True)
+
+    anomaly.SRM.__init__ = relative_init
+
+
+def _log_odds_reversed() -> None:
+    """Binary tasks' features are log p(choice 0) − log p(choice 1), the log-odds with the sign flipped."""
+    from depthlens.analysis.applications import features
+
+    original = features.ChoiceScores.features
+
+    def reversed_features(self, readout):
+        values = original(self, readout)
+        return -values if self.feature_kind == "log-odds" else values
+
+    features.ChoiceScores.features = reversed_features
+
+
 SCIENCE_PLANTS: dict[str, tuple[Callable[[], None], list[str]]] = {
     "benign_control_attacks": (_benign_control_attacks, ["tests/test_mutants_applications.py"]),
+    "srm_ridge_always_relative": (_srm_ridge_always_relative, ["tests/test_injection_authors.py"]),
+    "log_odds_reversed": (_log_odds_reversed, ["tests/test_injection_authors.py"]),
     "rho_draws_pooled_penalty": (_rho_draws_pooled_penalty, ["tests/test_drift_interval.py"]),
     "spearman_is_pearson": (_spearman_is_pearson, ["tests/test_oracle_causal.py", "tests/test_oracle_drift.py"]),
     "pc_removal_skipped": (_pc_removal_skipped, ["tests/test_oracle_drift.py"]),

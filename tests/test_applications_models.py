@@ -70,7 +70,7 @@ def test_injection_pipeline_reports_every_method_with_intervals(model, lenses, t
                                                 progress=False)
     assert [m.method for m in result.methods] == [
         "logit lens · isolation-forest", "logit lens · lof", "tuned lens · isolation-forest", "tuned lens · lof",
-        "SRM baseline (hidden state 3)"]
+        "SRM baseline (hidden state 3)", "SRM authors' setup (hidden state 1)"]
     for method in result.methods:
         assert method.low <= method.auroc <= method.high and len(method.per_seed) == 2
     assert (result.n_clean, result.n_injected) == (16, 16)
@@ -87,7 +87,7 @@ def test_injection_pipeline_reports_every_method_with_intervals(model, lenses, t
         detector = SRM().fit(clean.hidden[train, -1])
         scores = detector.score(np.concatenate([clean.hidden[held, -1], injected.hidden[:, -1]]))
         expected.append(roc_auc_score(np.r_[np.zeros(len(held)), np.ones(16)], scores))
-    assert result.methods[-1].per_seed == pytest.approx(expected, abs=1e-12)
+    assert result.methods[-2].per_seed == pytest.approx(expected, abs=1e-12)
     json.dumps(result.to_dict())
 
 
@@ -159,7 +159,7 @@ def test_commands_write_json_csv_and_pictures(tiny_model_dir, tiny_tokenizer, tm
     readouts = {"logit": LogitLens(loaded)}
     # The numbers are checked in the pipeline tests; here, that each command writes the library's for its inputs.
     out = tmp_path / "inject"
-    assert main(["inject", "--model", str(tiny_model_dir), "--task", str(task_file), "--seeds", "2",
+    assert main(["inject", "--model", str(tiny_model_dir), "--task", str(task_file), "--seeds", "2", "--shots", "0",
                  "--out", str(out)]) == 0
     assert {p.name for p in out.iterdir()} == {"injection.json", "injection.csv", "roc.png"}
     expected, _, _ = detect_injections(loaded, tokenizer, readouts, load_task(task_file), seeds=2, progress=False)
@@ -195,6 +195,6 @@ def test_commands_write_json_csv_and_pictures(tiny_model_dir, tiny_tokenizer, tm
     ranked = rank_texts(loaded, tokenizer, readouts["logit"], LINES, LINES, progress=False)
     assert [r["score"] for r in written] == pytest.approx(ranked.scores.tolist(), abs=1e-9)
     assert [r["percentile"] for r in written] == pytest.approx(ranked.percentiles.tolist(), abs=1e-9)
-    assert main(["inject", "--model", str(tiny_model_dir), "--task", str(task_file), "--cue", "Reply:",
+    assert main(["inject", "--model", str(tiny_model_dir), "--task", str(task_file), "--shots", "0", "--cue", "Reply:",
                  "--out", str(tmp_path / "x")]) == 2
     assert "no answer cue 'Reply:'" in capsys.readouterr().err

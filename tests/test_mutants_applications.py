@@ -17,6 +17,7 @@ import sys
 import types
 import warnings
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ def _toy_task(n: int = 6, choices: tuple[str, ...] = (" no", " yes")) -> Task:
 def _scores(loglik: np.ndarray, gold: list[int], hidden: np.ndarray | None = None) -> ChoiceScores:
     n, layers = loglik.shape[:2]
     hidden = np.zeros((n, layers, 2), np.float32) if hidden is None else hidden
-    return ChoiceScores({"logit": loglik}, np.array(gold, np.int64), hidden, [f"x{i}" for i in range(n)])
+    return ChoiceScores({"logit": loglik}, np.array(gold, np.int64), hidden, [f"x{i}" for i in range(n)], hidden + 0.5)
 
 
 # --- format_row: every kind of task format -----------------------------------------------------
@@ -660,7 +661,8 @@ def test_choice_scores_accuracy_features_and_layer_count():
     scores = ChoiceScores({"logit": loglik, "tuned": loglik[:, :, ::-1]}, np.array([1, 0]), np.zeros((2, 2, 3)), ["a", "b"])
     assert scores.num_layers == 1
     assert scores.accuracy() == 1.0 and scores.accuracy("logit", 0) == 0.5 and scores.accuracy("tuned") == 0.0
-    assert scores.features("tuned").tolist() == [[-2.0, -1.0, -1.0, -3.0], [-2.0, -1.0, -5.0, -1.0]]
+    assert scores.features("tuned").tolist() == [[1.0, -2.0], [1.0, 4.0]]  # two choices: log p(1) − log p(0)
+    assert scores.feature_kind == "log-odds"
 
 
 def test_encode_pair_moves_a_trailing_space_into_the_choice(tiny_tokenizer):
@@ -757,8 +759,9 @@ def test_the_wrong_choice_depends_on_the_seed():
 
 
 def _separable(n: int, offset: float) -> ChoiceScores:
-    """Features ``(i, offset)`` and hidden states ``(i, offset)`` at layer 1, ``(i, i)`` at layer 0."""
-    loglik = np.stack([np.arange(n, dtype=float), np.full(n, offset)], -1)[:, None, :].repeat(2, 1)
+    """Log-likelihoods ``(−i, offset − i)`` (log-odds ``offset``) and hidden states ``(i, offset)``
+    at layer 1, ``(i, i)`` at layer 0."""
+    loglik = np.stack([-np.arange(n, dtype=float), offset - np.arange(n)], -1)[:, None, :].repeat(2, 1)
     hidden = np.zeros((n, 2, 2), np.float32)
     hidden[:, 1] = np.stack([np.arange(n), np.full(n, offset)], -1)
     hidden[:, 0] = np.arange(n)[:, None]
@@ -770,13 +773,13 @@ def test_evaluate_detectors_reports_each_method_from_the_scores_it_is_given(monk
     clean ones (offset 0) for the lens features and layer 1, and tie with them at layer 0."""
     fits = []
 
-    def fit_score(name, normal, test, seed=0):
+    def fit_score(name, normal, test, seed=0, **options):
         fits.append((name, len(normal), len(test), seed))
         return test[:, -1].astype(float)
 
     monkeypatch.setattr(injection, "fit_score", fit_score)
     result = injection.evaluate_detectors(_separable(8, 0.0), _separable(5, 1.0), task="toy", seeds=2,
-                                          detectors=("lof",), resamples=20)
+                                          detectors=("lof",), srm=(injection.OURS,), resamples=20)
     assert [(m.method, m.readout, m.detector) for m in result.methods] == [
         ("logit lens · lof", "logit", "lof"), ("SRM baseline (hidden state 1)", "hidden", "srm")]
     assert fits == [("lof", 6, 7, 0), ("lof", 6, 7, 1), ("srm", 6, 7, 0), ("srm", 6, 7, 1)]
@@ -784,10 +787,10 @@ def test_evaluate_detectors_reports_each_method_from_the_scores_it_is_given(monk
         assert method.per_seed == [1.0, 1.0] and method.auroc == method.low == method.high == 1.0
         assert method.roc == ([0.0, 0.0, 1.0], [0.0, 1.0, 1.0])
     assert (result.task, result.n_clean, result.n_injected, result.seeds, result.train_fraction) == ("toy", 8, 5, 2, 0.75)
-    # gold is choice 1, log-likelihoods (i, offset): only injected row 0, (0, 1), picks it; ties pick choice 0
-    assert (result.accuracy_clean, result.accuracy_injected) == (0.0, 0.2)
-    layer0 = injection.evaluate_detectors(_separable(8, 0.0), _separable(5, 1.0), seeds=1, detectors=(), baseline_layer=0,
-                                          resamples=20)
+    # gold is choice 1, log-odds offset: every injected row (1) picks it; clean rows tie and ties pick choice 0
+    assert (result.accuracy_clean, result.accuracy_injected) == (0.0, 1.0)
+    layer0 = injection.evaluate_detectors(_separable(8, 0.0), _separable(5, 1.0), seeds=1, detectors=(),
+                                          srm=(replace(injection.OURS, layer=0),), resamples=20)
     assert [m.method for m in layer0.methods] == ["SRM baseline (hidden state 0)"]
     rows = result.rows()
     assert rows[1] == {"task": "toy", "method": "SRM baseline (hidden state 1)", "readout": "hidden", "detector": "srm",
@@ -795,7 +798,7 @@ def test_evaluate_detectors_reports_each_method_from_the_scores_it_is_given(monk
                        "benign_auroc": None, "benign_low": None, "benign_high": None}
     fits.clear()
     controlled = injection.evaluate_detectors(_separable(8, 0.0), _separable(5, 1.0), benign=_separable(4, 0.0), seeds=2,
-                                              detectors=("lof",), resamples=20)
+                                              detectors=("lof",), srm=(injection.OURS,), resamples=20)
     assert fits == [("lof", 6, 11, 0), ("lof", 6, 11, 1), ("srm", 6, 11, 0), ("srm", 6, 11, 1)]
     for method in controlled.methods:  # the control ties with the clean rows: chance; the attack is still found
         assert method.auroc == 1.0 and method.benign[0] == 0.5 and method.benign[1] <= 0.5 <= method.benign[2]
@@ -809,7 +812,7 @@ def test_evaluate_detectors_reports_each_method_from_the_scores_it_is_given(monk
 @pytest.mark.parametrize(("fraction", "ok"), [(0.25, True), (0.125, False), (0.875, True), (0.95, False)])
 def test_evaluate_detectors_needs_two_training_and_one_held_out_example(monkeypatch, fraction, ok):
     """With 8 clean examples: round(0.25·8) = 2 and round(0.875·8) = 7 can be split; 1 and 8 cannot."""
-    monkeypatch.setattr(injection, "fit_score", lambda name, normal, test, seed=0: test[:, -1].astype(float))
+    monkeypatch.setattr(injection, "fit_score", lambda name, normal, test, seed=0, **_: test[:, -1].astype(float))
     run = lambda: injection.evaluate_detectors(_separable(8, 0.0), _separable(3, 1.0), seeds=1, train_fraction=fraction,
                                                detectors=(), resamples=5)
     if ok:
@@ -843,7 +846,7 @@ def test_detect_injections_scores_clean_and_attacked_prompts_with_its_options(mo
     assert seen[0] == ([e.prompt for e in task.examples], 3, False, "toy clean")
     assert seen[1] == ([e.prompt for e in injection.injected_examples(task)], 3, False, "toy injected")
     assert seen[2] == ([e.prompt for e in injection.injected_examples(task, benign=True)], 3, False, "toy benign")
-    assert result.task == "toy" and result.train_fraction == 0.5 and result.seeds == 1 and len(result.methods) == 3
+    assert result.task == "toy" and result.train_fraction == 0.5 and result.seeds == 1 and len(result.methods) == 4
     assert attacked.loglik["logit"][0, 0, 1] == 1.0 and clean.loglik["logit"][0, 0, 1] == 0.0
     with pytest.raises(ScoreError, match="7 clean examples are too few"):
         injection.detect_injections(None, None, {}, _toy_task(7))
@@ -890,7 +893,8 @@ def test_curves_and_result_rows_from_hand_made_scores():
         [0.5, 1.0, 1.0], [0.5, 0.0, 0.0], [0.0, 1.0, 1.0], 1)
     result = overthinking.OverthinkingResult("toy", 2, 1, 4, 1.0, 0.0, {"logit": curves})
     assert result.num_choices == 2
-    assert result.rows()[1] == {"task": "toy", "readout": "logit", "layer": 1, "correct": 1.0, "permuted": 0.0, "gap": 1.0}
+    assert {k: v for k, v in result.rows()[1].items() if not k.endswith(("_low", "_high"))} == {
+        "task": "toy", "readout": "logit", "layer": 1, "correct": 1.0, "permuted": 0.0, "gap": 1.0}
     assert result.to_dict()["curves"]["logit"]["critical_layer"] == 1 and result.to_dict()["examples"] == 4
 
 

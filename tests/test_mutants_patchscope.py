@@ -232,15 +232,20 @@ def test_sampling_settings_reach_the_generator(llama, tiny_tokenizer):
 
 
 def test_curve_rows_carry_every_field_and_refuse_ragged_lists():
-    """One row per layer with both precisions and the position count; lists of different lengths
-    are an error rather than silently cut."""
-    curve = IdentityCurve([0, 2], [0.5, 0.25], [1.0, 0.75], 8)
+    """One row per layer with both precisions, their interval bounds and the position and text
+    counts; lists of different lengths are an error rather than silently cut."""
+    curve = IdentityCurve([0, 2], [0.5, 0.25], [1.0, 0.75], 8, 3, ([0.25, 0.0], [0.75, 0.5]), None)
+    common = {"positions": 8, "texts": 3, "interval_level": 0.95, "bootstrap_unit": "text"}
     assert curve.to_rows() == [
-        {"source_layer": 0, "precision_at_1_identity": 0.5, "precision_at_1_next_token": 1.0, "positions": 8},
-        {"source_layer": 2, "precision_at_1_identity": 0.25, "precision_at_1_next_token": 0.75, "positions": 8},
+        {"source_layer": 0, "precision_at_1_identity": 0.5, "precision_at_1_identity_low": 0.25,
+         "precision_at_1_identity_high": 0.75, "precision_at_1_next_token": 1.0, "precision_at_1_next_token_low": None,
+         "precision_at_1_next_token_high": None, **common},
+        {"source_layer": 2, "precision_at_1_identity": 0.25, "precision_at_1_identity_low": 0.0,
+         "precision_at_1_identity_high": 0.5, "precision_at_1_next_token": 0.75, "precision_at_1_next_token_low": None,
+         "precision_at_1_next_token_high": None, **common},
     ]
     with pytest.raises(ValueError, match="zip"):
-        IdentityCurve([0, 1, 2], [0.5, 0.25], [1.0, 0.75], 8).to_rows()
+        IdentityCurve([0, 1, 2], [0.5, 0.25], [1.0, 0.75], 8, 3, None, None).to_rows()
 
 
 def test_a_continuation_that_merges_with_the_placeholder_is_refused(llama, tiny_tokenizer):

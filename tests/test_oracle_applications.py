@@ -33,13 +33,13 @@ def _scores(offset: float, n: int, seed: int) -> ChoiceScores:
     features = line + noise + across + 1e-3 * np.arange(n)[:, None]  # every row distinct
     loglik = features.reshape(n, LAYERS, CHOICES)
     hidden = np.concatenate([features, features], 1).reshape(n, 1, 8).repeat(LAYERS, 1).astype(np.float32)
-    return ChoiceScores({"logit": loglik}, np.zeros(n, np.int64), hidden, [f"e{i}" for i in range(n)])
+    return ChoiceScores({"logit": loglik}, np.zeros(n, np.int64), hidden, [f"e{i}" for i in range(n)], hidden + 100)
 
 
 def test_a_constructed_separation_has_auroc_one_for_every_detector():
     clean, injected = _scores(0.0, N_CLEAN, 0), _scores(10.0, N_INJECTED, 1)
     result = evaluate_detectors(clean, injected, seeds=3, resamples=100, detectors=("isolation-forest", "lof"))
-    assert [m.detector for m in result.methods] == ["isolation-forest", "lof", "srm"]
+    assert [m.detector for m in result.methods] == ["isolation-forest", "lof", "srm", "srm"]
     for method in result.methods:  # injected rows are 10 noise-widths off the line: perfectly separated
         assert method.per_seed == [1.0, 1.0, 1.0], method.method
         assert method.auroc == method.low == method.high == 1.0
@@ -50,15 +50,16 @@ def test_no_held_out_example_ever_reaches_fit(monkeypatch):
     calls = []
     real = injection.fit_score
 
-    def spy(name, normal, test, seed=0):
+    def spy(name, normal, test, seed=0, **options):
         calls.append((normal.copy(), test.copy()))
-        return real(name, normal, test, seed)
+        return real(name, normal, test, seed, **options)
 
     monkeypatch.setattr(injection, "fit_score", spy)
     evaluate_detectors(clean, injected, seeds=4, resamples=10, detectors=("lof",))
-    assert len(calls) == 2 * 4  # (lof, srm) × seeds
-    clean_rows = {tuple(r) for r in clean.features("logit")} | {tuple(r) for r in clean.hidden[:, -1]}
-    injected_rows = {tuple(r) for r in injected.features("logit")} | {tuple(r) for r in injected.hidden[:, -1]}
+    assert len(calls) == 3 * 4  # (lof, our srm, the authors' srm) × seeds
+    middle = injection.AUTHORS.layer_of(clean.num_layers)
+    clean_rows, injected_rows = ({tuple(r) for r in [*s.features("logit"), *s.hidden[:, -1], *s.prompt_mean[:, middle]]}
+                                 for s in (clean, injected))
     for normal, test in calls:
         fitted, tested = {tuple(r) for r in normal}, {tuple(r) for r in test}
         assert fitted <= clean_rows and not fitted & tested  # fit on clean training rows only

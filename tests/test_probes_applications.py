@@ -71,7 +71,7 @@ def locked(place, monkeypatch) -> Path:
 def _probes(p: Path, model: str) -> list[Probe]:
     m = ["--model", model]
     task, out = str(p / "task.jsonl"), str(p / "out" / "x")
-    inject = ["inject", *m, "--task", task, "--out", out]
+    inject = ["inject", *m, "--task", task, "--demo-pool", "6", "--out", out]
     over = ["overthink", *m, "--task", task, "--shots", "2", "--demo-pool", "6", "--out", out]
     anomaly = ["anomaly", *m, "--reference", str(p / "texts.txt"), "--texts", str(p / "texts.txt"), "--out", out]
     depth = ["depth", "To be, or not to be", *m]
@@ -99,8 +99,10 @@ def _probes(p: Path, model: str) -> list[Probe]:
         Probe([*inject, "--batch-size", "0"], "--batch-size must be at least 1"),
         Probe([*inject, "--limit", "0"], "--limit must be at least 1"),
         Probe([*inject, "--limit", "3"], "too few for an AUROC"),
-        Probe(["inject", *m, "--task", str(p / "five.jsonl"), "--out", out], "5 clean examples are too few"),
-        Probe(["inject", *m, "--task", str(p / "five.jsonl"), "--limit", "50", "--out", out], "5 clean examples"),
+        Probe(["inject", *m, "--task", str(p / "five.jsonl"), "--shots", "0", "--out", out], "5 clean examples are too few"),
+        Probe(["inject", *m, "--task", str(p / "five.jsonl"), "--shots", "0", "--limit", "50", "--out", out],
+              "5 clean examples"),
+        Probe(["inject", *m, "--task", str(p / "five.jsonl"), "--out", out], "lower --demo-pool"),
         Probe(["inject", *m, "--task", str(p / "missing.jsonl"), "--out", out], "does not exist"),
         Probe([*inject, "--cue", "Reply:"], "no answer cue 'Reply:'"),
         Probe([*inject[:-1], str(p / "out" / "inject.json")], "writes a folder"),
@@ -166,7 +168,7 @@ def test_bad_input_gives_one_line_before_any_model_loads(place, tiny_model_dir, 
 
 
 @pytest.mark.parametrize("argv", [
-    ["inject", "--task", "TASK", "--out", "LOCKED/inject"],
+    ["inject", "--task", "TASK", "--demo-pool", "6", "--out", "LOCKED/inject"],
     ["overthink", "--task", "TASK", "--demo-pool", "6", "--out", "LOCKED/over"],
     ["anomaly", "--reference", "TEXTS", "--texts", "TEXTS", "--out", "LOCKED"],
     ["depth", "To be", "--out", "LOCKED/depth.png"],
@@ -181,7 +183,7 @@ def test_an_unwritable_output_is_refused_before_the_work(argv, place, locked, ti
 
 def test_weak_but_meaningful_runs_warn(place, tiny_model_dir, capsys):
     m, task, out = ["--model", str(tiny_model_dir)], str(place / "task.jsonl"), place / "out"
-    run_probe(Probe(["inject", *m, "--task", task, "--limit", "10", "--seeds", "2", "--out", str(out / "i")],
+    run_probe(Probe(["inject", *m, "--task", task, "--limit", "10", "--seeds", "2", "--shots", "0", "--out", str(out / "i")],
                     "10 clean examples", expect="warning"), capsys)
     assert json.loads((out / "i" / "injection.json").read_text())["n_clean"] == 10
     run_probe(Probe(["overthink", *m, "--task", task, "--limit", "30", "--shots", "2", "--demo-pool", "6",

@@ -47,7 +47,7 @@ SMALL: dict[str, dict[str, str | None]] = {
     "eval": {"--tokens": "256"},
     "causal": {"--k": "3", "--tokens": "128", "--chunk-len": "32"},
     "drift": {"--tokens": "64", "--chunk-len": "32"},
-    "inject": {"--limit": "32"},
+    "inject": {"--limit": "16", "--demo-pool": "8"},
     "overthink": {"--limit": "12", "--shots": "2", "--demo-pool": "8"},
     "attribute": {"--train": "6", "--held-out": "3"},
     "dla": {"--target": " foul"},

@@ -10,6 +10,10 @@ prefill and read by later tokens through the key–value cache.
 ``f`` is the identity, a tuned lens's translator at layer ``l`` (:func:`tuned_map`), or an affine
 map fitted by least squares (:func:`fit_affine_map`), which may map between two models of
 different widths. Built-in target prompts: :data:`TARGET_PROMPTS`.
+
+The token-identity curve (:func:`token_identity_curve`) carries a 95% percentile-bootstrap interval
+per layer that resamples whole source texts, not positions (:func:`text_intervals`): the positions
+of one text share its context, so they are not independent draws.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from depthlens.model.architecture import ModelParts, find_parts
 from depthlens.model.hidden_states import HiddenStates, capture
 from depthlens.model.hooks import hooked, replace
 from depthlens.model.unwrap import unwrap_model
+from depthlens.stats.bootstrap import bootstrap_samples, intervals, weighted_means
 
 IDENTITY_PROMPT = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
 """Token identity: the model continues ``x ->`` with ``x``, so a state patched over ``?`` is read back."""
@@ -42,6 +47,14 @@ DESCRIPTION_PROMPT = (
 )
 """Entity description: a few ``name: description`` pairs, then the placeholder ``x`` to patch over."""
 TARGET_PROMPTS = {"identity": IDENTITY_PROMPT, "description": DESCRIPTION_PROMPT}
+
+RESAMPLES = 1000
+"""Bootstrap resamples of the source texts behind the identity curve's intervals."""
+LEVEL = 0.95
+"""The identity curve's confidence level."""
+MIN_TEXTS = 2
+"""The fewest source texts (with a scored position) that give an interval: resampling one text
+always draws that text, a zero-width interval that would claim certainty."""
 
 Mapping = Callable[[torch.Tensor], torch.Tensor]
 """Maps source states ``[..., d_source]`` to target states ``[..., d_target]``."""
@@ -219,23 +232,65 @@ def patchscope_generate(
 class IdentityCurve:
     """Precision@1 per source layer of the token-identity Patchscope: how often the patched
     target's top-1 next token is the source token itself (``identity``) or the model's own next-token
-    prediction at the source position (``next_token``, as in the Patchscopes paper)."""
+    prediction at the source position (``next_token``, as in the Patchscopes paper); fractions of
+    the ``positions`` scored in ``texts`` source texts, ``[layers]`` each.
+
+    ``identity_interval`` and ``next_token_interval`` are ``(low [layers], high [layers])``, the
+    :data:`LEVEL` bootstrap intervals over texts (:func:`text_intervals`), or ``None`` with fewer
+    than :data:`MIN_TEXTS` texts."""
 
     layers: list[int]
     identity: list[float]
     next_token: list[float]
     positions: int
+    texts: int
+    identity_interval: tuple[list[float], list[float]] | None
+    next_token_interval: tuple[list[float], list[float]] | None
 
     def to_rows(self) -> list[dict[str, object]]:
+        """One row per source layer: both precisions, their interval bounds (``None`` without an
+        interval), the position and text counts and the interval's level and bootstrap unit."""
+        none = [None] * len(self.layers)
+        identity_low, identity_high = self.identity_interval or (none, none)
+        next_low, next_high = self.next_token_interval or (none, none)
+        columns = zip(self.layers, self.identity, identity_low, identity_high, self.next_token, next_low, next_high,
+                      strict=True)
         return [
             {
                 "source_layer": layer,
                 "precision_at_1_identity": a,
+                "precision_at_1_identity_low": a_low,
+                "precision_at_1_identity_high": a_high,
                 "precision_at_1_next_token": b,
+                "precision_at_1_next_token_low": b_low,
+                "precision_at_1_next_token_high": b_high,
                 "positions": self.positions,
+                "texts": self.texts,
+                "interval_level": LEVEL,
+                "bootstrap_unit": "text",
             }
-            for layer, a, b in zip(self.layers, self.identity, self.next_token, strict=True)
+            for layer, a, a_low, a_high, b, b_low, b_high in columns
         ]
+
+
+def text_intervals(
+    hits: torch.Tensor, lengths: Sequence[int], *, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL
+) -> tuple[list[float], list[float]] | None:
+    """The ``level`` percentile-bootstrap interval ``(low [layers], high [layers])`` of the hit rate
+    per layer, resampling whole texts. ``hits [layers, positions]`` (0/1) hold the positions of text
+    0, then of text 1, …, ``lengths [texts]`` of them per text; a resample's rate is its drawn
+    texts' hits over their positions. Texts without positions are left out; ``None`` if fewer than
+    :data:`MIN_TEXTS` remain."""
+    lengths = torch.as_tensor(lengths, dtype=torch.long)
+    owner = torch.repeat_interleave(torch.arange(len(lengths)), lengths)  # [positions]
+    sums = torch.zeros(len(lengths), hits.shape[0], dtype=torch.float64).index_add_(0, owner, hits.T.double())
+    kept = lengths > 0
+    if int(kept.sum()) < MIN_TEXTS:
+        return None
+    samples = bootstrap_samples(sums[kept], lengths[kept].double(), resamples=resamples, seed=seed,
+                                statistic=weighted_means)  # [resamples, layers]
+    low, high = intervals(samples, level)
+    return low.tolist(), high.tolist()
 
 
 def _identity_target(tokenizer: PreTrainedTokenizerBase, prompt: str, continuation: str) -> tuple[torch.Tensor, int]:
@@ -266,7 +321,8 @@ def token_identity_curve(
     the placeholder (the last token) of ``target_prompt`` at the same layer, for each ``l`` in
     ``layers`` (default all). ``next_token`` scores the model's top-1 at the placeholder against the
     source's own next-token prediction; ``identity`` scores the top-1 after ``continuation`` (the
-    prompt's `` ->``) against the source token itself."""
+    prompt's `` ->``) against the source token itself. Both come with bootstrap intervals over the
+    texts (:func:`text_intervals`)."""
     model = unwrap_model(model)
     parts = find_parts(model)
     layers = list(range(parts.num_layers + 1)) if layers is None else list(layers)
@@ -279,24 +335,31 @@ def token_identity_curve(
         sources.append({layer: states[layer][0, skip_first:] for layer in layers})
         tokens.append(ids[0, skip_first:])
         predictions.append(states.logits[0, skip_first:].argmax(-1).cpu())
+    lengths = [len(t) for t in tokens]
     tokens, predictions = torch.cat(tokens), torch.cat(predictions)
     target, slot = _identity_target(tokenizer, target_prompt, continuation)
     target = target.to(parts.embedding.weight.device)
-    identity, next_token = [], []
+    identity, next_token = [], []  # hits per layer, [positions] each
     for done, layer in enumerate(layers):
         state = torch.cat([s[layer] for s in sources])[:, None, :]
         with hooked(parts, edits=[replace(f"resid.{layer}", state, positions=[slot])]):
             logits = model(input_ids=target.expand(len(state), -1), use_cache=False).logits
-        identity.append(float((logits[:, -1].argmax(-1).cpu() == tokens).float().mean()))
-        next_token.append(float((logits[:, slot].argmax(-1).cpu() == predictions).float().mean()))
+        identity.append(logits[:, -1].argmax(-1).cpu() == tokens)
+        next_token.append(logits[:, slot].argmax(-1).cpu() == predictions)
         if progress is not None:
             progress(done + 1, len(layers))
-    return IdentityCurve(layers, identity, next_token, len(tokens))
+    identity, next_token = torch.stack(identity).double(), torch.stack(next_token).double()  # [layers, positions]
+    return IdentityCurve(layers, identity.mean(1).tolist(), next_token.mean(1).tolist(), len(tokens),
+                         sum(length > 0 for length in lengths), text_intervals(identity, lengths),
+                         text_intervals(next_token, lengths))
 
 
 __all__ = [
     "DESCRIPTION_PROMPT",
     "IDENTITY_PROMPT",
+    "LEVEL",
+    "MIN_TEXTS",
+    "RESAMPLES",
     "TARGET_PROMPTS",
     "AffineMap",
     "IdentityCurve",
@@ -309,6 +372,7 @@ __all__ = [
     "patchscope",
     "patchscope_generate",
     "source_state",
+    "text_intervals",
     "token_identity_curve",
     "tuned_map",
 ]

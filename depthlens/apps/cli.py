@@ -240,7 +240,7 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     training.add_argument("--lr", type=float, help="peak learning rate (default: 0.01 for adam and muon, 1.0 for sgd)")
     training.add_argument("--clip", type=float, help="gradient-norm clipping (default: 1.0)")
     training.add_argument("--warmup-steps", type=int, help="steps of linear learning-rate warmup (default: 10)")
-    training.add_argument("--layer-lr-decay", type=float, help="layer l's learning rate is lr·(1 − this·l/L) (default: 0.95)")
+    training.add_argument("--layer-lr-decay", type=float, help="layer l's learning rate is lr·(1 − this·l/L) (default: 0.99)")
     training.add_argument("--checkpoint-minutes", type=float,
                           help="minutes of training between checkpoints, 0 for every step (default: 2; always at the end)")
     training.add_argument("--seed", type=int)

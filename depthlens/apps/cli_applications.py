@@ -22,6 +22,7 @@ a file suffix is refused. Options and output paths are checked before the model 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from depthlens.apps import cli_depth, cli_tasks
 from depthlens.apps.app_options import (
@@ -37,40 +38,89 @@ from depthlens.apps.app_options import (
 from depthlens.apps.options import check_at_least, write_csv, write_json
 from depthlens.errors import DataError, UsageError
 
+DEMO_POOL = 40
+"""Examples set aside for demonstrations unless ``--demo-pool`` says otherwise."""
+
+
+def _task_with_pool(args: argparse.Namespace, pool: int, minimum: int, purpose: str) -> tuple[Any, int]:
+    """The task of ``--task`` with ``pool`` examples after the evaluated ones set aside for
+    demonstrations, and how many are evaluated; refuses more ``--shots`` than ``pool`` and fewer
+    than ``minimum`` evaluated examples (``purpose`` needs them)."""
+    if args.shots > pool:
+        raise UsageError(f"--shots {args.shots} demonstrations are drawn from --demo-pool {pool} examples: "
+                         "raise --demo-pool or lower --shots")
+    task = load_task_of(args, extra=pool)
+    evaluated = len(task.examples) - pool
+    if pool and evaluated < minimum:
+        raise UsageError(f"task {task.name} has {len(task.examples)} examples; after the --demo-pool of "
+                         f"{pool} only {max(evaluated, 0)} are left to evaluate, and {purpose} "
+                         f"needs at least {minimum}: lower --demo-pool or use a larger task")
+    return task, evaluated
+
+
+def _warn_limit(args: argparse.Namespace, task: Any, pool: int, evaluated: int) -> None:
+    """Warn when fewer examples than ``--limit`` are left to evaluate besides ``pool`` demonstrations."""
+    if not pool:
+        warn_short(args, task)
+    elif args.limit is not None and evaluated < args.limit:
+        warn(f"--limit {args.limit}: task {task.name} has {len(task.examples)} examples, {pool} of them "
+             f"for demonstrations; evaluating {evaluated}")
+
 
 def _inject(args: argparse.Namespace) -> None:
     from depthlens.analysis.applications import injection
 
-    check_at_least(args, 1, "seeds", "batch_size", "limit")
+    check_at_least(args, 1, "seeds", "batch_size", "limit", "demo_pool")
+    check_at_least(args, 0, "shots")
+    if not args.shots and args.demo_pool is not None:
+        raise UsageError(f"--demo-pool {args.demo_pool} does nothing with --shots 0 (no demonstrations): drop it, "
+                         "or use --shots 1 or more")
+    pool = (DEMO_POOL if args.demo_pool is None else args.demo_pool) if args.shots else 0
     out = out_folder(args, "injection.json, injection.csv, roc.png")
     check_lenses(args)
-    task = load_task_of(args)
-    injection.check_injection_setup(len(task.examples), args.seeds)
-    injection.injected_examples(task)  # every prompt must hold the answer cue: checked before the model loads
-    warn_short(args, task)
-    if len(task.examples) < injection.FEW_EXAMPLES:
-        warn(f"{len(task.examples)} clean examples: the AUROCs and their 95% intervals are rough; use --limit "
-              f"{injection.FEW_EXAMPLES} or more for a usable estimate")
+    if args.limit is not None:
+        injection.check_injection_setup(args.limit, args.seeds)
+    task, evaluated = _task_with_pool(args, pool, injection.MIN_EXAMPLES, "an AUROC")
+    seed = 0 if args.seed is None else args.seed
+    injection.prompt_sets(task, shots=args.shots, limit=evaluated, seed=seed)  # every prompt must hold the cue
+    injection.check_injection_setup(evaluated, args.seeds)
+    _warn_limit(args, task, pool, evaluated)
+    if evaluated < injection.FEW_EXAMPLES:
+        warn(f"{evaluated} clean examples: the AUROCs and their 95% intervals are rough; use --limit "
+             f"{injection.FEW_EXAMPLES} or more for a usable estimate")
     model, tokenizer, lenses = load_readouts(args)
-    result, _, _ = injection.detect_injections(model, tokenizer, lenses, task, seeds=args.seeds, batch_size=args.batch_size)
+    result, _, _ = injection.detect_injections(model, tokenizer, lenses, task, shots=args.shots, limit=evaluated,
+                                               seed=seed, seeds=args.seeds, batch_size=args.batch_size)
     from depthlens.viz.applications import roc_figure
     from depthlens.viz.pictures import save_figure
 
     write_json(out / "injection.json", {"model": args.model, **result.to_dict()})
     write_csv(out / "injection.csv", result.rows())
     save_figure(roc_figure(result), out / "roc.png")
-    print(f"{task.name}: {result.n_clean} clean, {result.n_injected} injected and as many benign-control prompts; "
-          f"model accuracy {result.accuracy_clean:.3f} clean, {result.accuracy_injected:.3f} injected, "
-          f"{result.accuracy_benign:.3f} benign")
-    print(f"{'method':44s} {'attack AUROC':>12s}  95% interval     {'benign AUROC':>12s}  95% interval")
+    _print_injection(result, args.seeds)
+    print(f"wrote {out}/injection.json, injection.csv, roc.png")
+
+
+def _print_injection(result: Any, seeds: int) -> None:
+    """The command's summary of an :class:`~depthlens.analysis.applications.injection.InjectionResult`."""
+    print(f"{result.task}: {result.n_clean} clean, {result.n_injected} injected and as many benign-control prompts, "
+          f"{result.shots}-shot; model accuracy {result.accuracy_clean:.3f} clean, {result.accuracy_injected:.3f} "
+          f"injected, {result.accuracy_benign:.3f} benign; lens features: per-layer {result.features}")
+    print(f"{'method':50s} {'attack AUROC':>12s}  95% interval     {'benign AUROC':>12s}  95% interval")
     for method in result.methods:
         benign_auroc, benign_low, benign_high = method.benign
-        print(f"{method.method:44s} {method.auroc:12.3f}  [{method.low:.3f}, {method.high:.3f}]   "
+        print(f"{method.method:50s} {method.auroc:12.3f}  [{method.low:.3f}, {method.high:.3f}]   "
               f"{benign_auroc:12.3f}  [{benign_low:.3f}, {benign_high:.3f}]")
     print(f"AUROC: chance an injected (benign: a neutral insertion in the same frame) prompt scores as more "
-          f"anomalous than a held-out clean one (0.5 = chance, 1 = perfect), mean of {args.seeds} splits; a detector "
+          f"anomalous than a held-out clean one (0.5 = chance, 1 = perfect), mean of {seeds} splits; a detector "
           "whose benign AUROC is as high as its attack AUROC flags any insertion, not the attack")
-    print(f"wrote {out}/injection.json, injection.csv, roc.png")
+    for method in result.methods:
+        if method.srm:
+            srm, mean = method.srm, method.srm["mean"]
+            print(f"{method.method}: top 1 / top 10 coordinates hold {srm['variance_share_top1']:.0%} / "
+                  f"{srm['variance_share_top10']:.0%} of the variance, ridge = {srm['lambda_over_median_variance']:.3g} × "
+                  f"the median variance; mean score clean {mean['clean']['score']:.4g}, injected "
+                  f"{mean['injected']['score']:.4g}")
 
 
 def _anomaly(args: argparse.Namespace) -> None:
@@ -110,21 +160,11 @@ def _overthink(args: argparse.Namespace) -> None:
     from depthlens.analysis.applications.overthinking import FEW_EVALUATED, MIN_EVALUATED, check_contrast, overthinking
 
     check_at_least(args, 1, "limit", "batch_size", "demo_pool")
-    if args.shots > args.demo_pool:
-        raise UsageError(f"--shots {args.shots} demonstrations are drawn from --demo-pool {args.demo_pool} examples: "
-                         "raise --demo-pool or lower --shots")
     out = out_folder(args, "overthinking.json, overthinking.csv, overthinking.png")
     check_lenses(args)
-    task = load_task_of(args, extra=args.demo_pool)
+    task, evaluated = _task_with_pool(args, args.demo_pool, MIN_EVALUATED, "calibrated accuracy")
     check_contrast(task, args.shots, args.shift)
-    evaluated = len(task.examples) - args.demo_pool
-    if evaluated < MIN_EVALUATED:
-        raise UsageError(f"task {task.name} has {len(task.examples)} examples; after the --demo-pool of "
-                         f"{args.demo_pool} only {max(evaluated, 0)} are left to evaluate, and calibrated accuracy "
-                         f"needs at least {MIN_EVALUATED}: lower --demo-pool or use a larger task")
-    if args.limit is not None and evaluated < args.limit:
-        warn(f"--limit {args.limit}: task {task.name} has {len(task.examples)} examples, {args.demo_pool} of them "
-              f"for demonstrations; evaluating {evaluated}")
+    _warn_limit(args, task, args.demo_pool, evaluated)
     if evaluated < FEW_EVALUATED:
         warn(f"{evaluated} evaluated examples: calibrated accuracy moves in steps of {1 / evaluated:.2f}; use "
               f"--limit {FEW_EVALUATED} or more for a usable curve")
@@ -155,12 +195,23 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 
     inject = commands.add_parser(
         "inject", help="prompt-injection detection from prediction trajectories (AUROC)",
-        description="Fit anomaly detectors (isolation forest, LOF) on the per-layer choice log-likelihoods of 75% of "
-                    "the clean prompts, score the rest and the same prompts with an injected instruction; AUROC: the "
+        description="Fit anomaly detectors (isolation forest, LOF) on per-layer trajectory features of 75% of the "
+                    "clean prompts (the log-odds of choice 1 over choice 0 for a two-choice task, else every choice's "
+                    "log-likelihood), score the rest and the same prompts with an injected instruction; AUROC: the "
                     "chance an injected prompt scores above a clean one (0.5 chance, 1 perfect), mean over --seeds "
-                    "splits with a pooled bootstrap 95% interval. SRM baseline: the hidden state at the answer.")
+                    "splits with a pooled bootstrap 95% interval. Prompts are few-shot by default (--shots). SRM "
+                    "baselines on raw hidden states: ours (answer position, last layer, ridge 1% of the mean "
+                    "variance) and the authors' setup as reported to us (prompt mean, middle layer, ridge 1e-3).")
     inject.add_argument("--task", required=True, help=TASK_HELP)
     inject.add_argument("--seeds", type=int, default=5, help="train/test splits (and detector seeds) (default %(default)s)")
+    inject.add_argument("--shots", type=int, default=2,
+                        help="demonstrations before each prompt, drawn from --demo-pool examples that are never "
+                             "evaluated; few-shot is the default, as in the authors' setup (as reported to us, unverified); 0: "
+                             "zero-shot prompts "
+                             "(default %(default)s)")
+    inject.add_argument("--demo-pool", type=int,
+                        help=f"examples set aside to draw demonstrations from (default {DEMO_POOL}; only with --shots "
+                             "1 or more); --limit counts the evaluated examples besides these")
     add_common(inject, "output folder: injection.json, injection.csv, roc.png")
     inject.set_defaults(run=_inject)
 
@@ -191,7 +242,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     overthink.add_argument("--shift", type=int, default=1,
                            help="permuted label = gold + shift mod the number of choices; not a multiple of it "
                                 "(default %(default)s)")
-    overthink.add_argument("--demo-pool", type=int, default=40,
+    overthink.add_argument("--demo-pool", type=int, default=DEMO_POOL,
                            help="examples set aside to draw demonstrations from (default %(default)s); --limit counts "
                                 "the evaluated examples besides these")
     add_common(overthink, "output folder: overthinking.json, overthinking.csv, overthinking.png", batch=4)

@@ -148,13 +148,17 @@ def _write_curve(out: Path, curve: Any) -> None:
     from depthlens.viz.pictures import save_figure
     from depthlens.viz.readout_charts import curves
 
+    series = {"source token (identity)": (curve.identity, curve.identity_interval),
+              "model's next-token prediction": (curve.next_token, curve.next_token_interval)}
     figure = curves(
         curve.layers,
-        {"source token (identity)": curve.identity, "model's next-token prediction": curve.next_token},
-        title=f"token-identity Patchscope, {curve.positions} source positions",
+        {name: values for name, (values, _) in series.items()},
+        title=f"token-identity Patchscope, {curve.positions} source positions in {curve.texts} texts"
+              + (" (bands: 95% bootstrap intervals over texts)" if curve.identity_interval else ""),
         xlabel="source layer (= target layer)",
         ylabel="precision@1",
         backend="matplotlib",
+        bands={name: interval for name, (_, interval) in series.items() if interval is not None},
     )
     written = [save_figure(figure, out / "identity-curve.png"), write_csv(out / "identity-curve.csv", curve.to_rows()),
                write_json(out / "identity-curve.json", curve.to_rows())]

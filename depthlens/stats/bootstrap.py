@@ -18,10 +18,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 Statistic = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""``statistic(sums [resamples, ...], totals [resamples]) -> [resamples]``."""
+"""``statistic(sums [resamples, ...], totals [resamples]) -> [resamples]`` (or ``[resamples, ...]``,
+as :func:`weighted_means`)."""
 
 
 def ratio(sums: torch.Tensor, totals: torch.Tensor) -> torch.Tensor:
@@ -37,9 +39,23 @@ def resample_counts(groups: int, resamples: int, seed: int) -> torch.Tensor:
 
 @lru_cache(maxsize=8)
 def _counts(groups: int, resamples: int, seed: int) -> torch.Tensor:
+    draws = _indices(groups, resamples, seed)
+    return torch.zeros(resamples, groups, dtype=torch.float64).scatter_add_(1, draws, torch.ones(draws.shape,
+                                                                                               dtype=torch.float64))
+
+
+def resample_indices(groups: int, resamples: int, seed: int) -> torch.Tensor:
+    """The groups drawn (with replacement) in each resample, ``[resamples, groups]`` int64: the
+    draws that :func:`resample_counts` counts, so ``resample_counts(...)[r, g]`` is how often ``g``
+    appears in row ``r``. Do not modify the result (it is cached)."""
+    return _indices(groups, resamples, seed)
+
+
+@lru_cache(maxsize=8)
+def _indices(groups: int, resamples: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     draws = torch.multinomial(torch.ones(groups), groups * resamples, replacement=True, generator=generator)
-    return torch.nn.functional.one_hot(draws.view(resamples, groups), groups).sum(1).double()
+    return draws.view(resamples, groups)
 
 
 def bootstrap_samples(
@@ -64,6 +80,32 @@ def bootstrap_samples(
     sums = (counts.to(flat.dtype) @ flat).reshape(resamples, *values.shape[1:])
     totals = counts.to(weights.dtype) @ weights
     return statistic(sums, totals).double()
+
+
+def weighted_means(sums: torch.Tensor, totals: torch.Tensor) -> torch.Tensor:
+    """``sums [resamples, ...] / totals [resamples]``, dividing every trailing entry of a row by
+    that row's total: many weighted means at once (e.g. a hit rate per layer, ``sums [resamples,
+    layers]``), a :data:`Statistic` returning ``[resamples, ...]``."""
+    return sums / totals.reshape(-1, *([1] * (sums.dim() - 1)))
+
+
+def bootstrap_statistic(
+    statistic: Callable[[torch.Tensor], torch.Tensor | np.ndarray],
+    groups: int,
+    *,
+    resamples: int = 500,
+    seed: int = 0,
+) -> torch.Tensor:
+    """``statistic(indices)`` on every resample, stacked: ``[resamples, ...]`` float64.
+
+    ``indices [groups]`` int64 are one row of :func:`resample_indices` (the groups drawn with
+    replacement, the same draws as :func:`bootstrap_samples` for these arguments); ``statistic``
+    returns an array of any fixed shape ``[...]``. For a statistic that is no function of sums
+    (e.g. one with quantile thresholds across the groups), recomputed on each resample. Several
+    quantities returned by one statistic come from the same draws, so their difference is a
+    paired bootstrap."""
+    rows = resample_indices(groups, resamples, seed)
+    return torch.stack([torch.as_tensor(statistic(row), dtype=torch.float64) for row in rows])
 
 
 def group_bootstrap(
@@ -94,6 +136,15 @@ def interval(samples: torch.Tensor, level: float = 0.95) -> tuple[float, float]:
     return low, high
 
 
+def intervals(samples: torch.Tensor, level: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`interval` of every trailing entry of ``samples [resamples, ...]`` (e.g. one per
+    layer of a curve): ``(low [...], high [...])`` float64."""
+    tail = (1.0 - level) / 2
+    quantiles = torch.tensor([tail, 1.0 - tail], dtype=torch.float64)
+    low, high = torch.quantile(samples.double(), quantiles, dim=0)
+    return low, high
+
+
 def centred_interval(samples: torch.Tensor, point: float, level: float = 0.95) -> tuple[float, float]:
     """:func:`interval` moved by ``point − median(samples)``: the bootstrap's spread around the
     point estimate, so the interval always contains ``point``. For an unbiased statistic (a
@@ -105,5 +156,5 @@ def centred_interval(samples: torch.Tensor, point: float, level: float = 0.95) -
     return low + shift, high + shift
 
 
-__all__ = ["Statistic", "bootstrap_samples", "centred_interval", "group_bootstrap", "interval", "ratio",
-           "resample_counts"]
+__all__ = ["Statistic", "bootstrap_samples", "bootstrap_statistic", "centred_interval", "group_bootstrap", "interval",
+           "intervals", "ratio", "resample_counts", "resample_indices", "weighted_means"]

@@ -75,7 +75,7 @@ class TrainConfig:
     clip: float | None = 1.0
     warmup_steps: int = 10
     """Steps over which the learning rate rises linearly to its peak (then it decays linearly to 0)."""
-    layer_lr_decay: float = 0.95
+    layer_lr_decay: float = 0.99
     """Layer ``l``'s learning rate is ``lr · (1 − layer_lr_decay · l / L)``."""
     checkpoint_minutes: float = 2.0
     """Wall-clock minutes between checkpoints (0: after every step); the end is always checkpointed."""

@@ -33,22 +33,35 @@ def roc_figure(result: InjectionResult) -> Figure:
 
 
 def overthinking_figure(result: OverthinkingResult) -> Figure:
-    """Per-layer calibrated accuracy with correct and with permuted demonstrations, one colour per
-    readout; the critical layer of each readout is marked."""
-    figure = Figure(figsize=(7, 4.2), layout="constrained")
-    axes = figure.add_subplot()
+    """Per-layer calibrated accuracy with correct and with permuted demonstrations (top) and their
+    gap (bottom), one colour per readout, each curve in its 95 % bootstrap band; the critical layer
+    of each readout is marked."""
+    figure = Figure(figsize=(7, 6), layout="constrained")
+    accuracy, gap = figure.subplots(2, 1, sharex=True, height_ratios=(3, 2))
     for name, curves in result.curves.items():
         colour = _COLOURS.get(name.split()[0])
         layers = range(len(curves.correct))
-        axes.plot(layers, curves.correct, "-", color=colour, label=f"{name} lens · correct demos")
-        axes.plot(layers, curves.permuted, "--", color=colour, label=f"{name} lens · permuted demos")
+        for values, low, high, style, what in ((curves.correct, curves.correct_low, curves.correct_high, "-", "correct"),
+                                               (curves.permuted, curves.permuted_low, curves.permuted_high, "--",
+                                                "permuted")):
+            line, = accuracy.plot(layers, values, style, color=colour, label=f"{name} lens · {what} demos")
+            colour = line.get_color()  # a readout without a colour of its own keeps the first one it gets
+            accuracy.fill_between(layers, low, high, color=colour, alpha=0.12, linewidth=0)
+        gap.plot(layers, curves.gap, "-", color=colour, label=f"{name} lens")
+        gap.fill_between(layers, curves.gap_low, curves.gap_high, color=colour, alpha=0.2, linewidth=0)
         if curves.critical_layer is not None:
-            axes.axvline(curves.critical_layer, color=colour, linewidth=0.7, alpha=0.6)
+            for axes in (accuracy, gap):
+                axes.axvline(curves.critical_layer, color=colour, linewidth=0.7, alpha=0.6)
     n = len(next(iter(result.curves.values())).correct)
-    axes.axhline(1 / result.num_choices, color="#999999", linewidth=0.7, linestyle=":")
-    axes.set(xlabel="layer", ylabel="calibrated accuracy", xlim=(0, n - 1),
-             title=f"overthinking · {result.task}, {result.shots}-shot ({result.examples} examples)")
-    axes.legend(fontsize=7)
+    accuracy.axhline(1 / result.num_choices, color="#999999", linewidth=0.7, linestyle=":")
+    gap.axhline(0, color="#999999", linewidth=0.7, linestyle=":")
+    accuracy.set(ylabel="calibrated accuracy", xlim=(0, n - 1),
+                 title=f"overthinking · {result.task}, {result.shots}-shot ({result.examples} examples; "
+                       f"bands: {result.intervals['level']:.0%} bootstrap intervals over examples)")
+    gap.set(xlabel="layer", ylabel="gap (correct − permuted)")
+    accuracy.title.set_fontsize(9)
+    accuracy.legend(fontsize=7)
+    gap.legend(fontsize=7)
     return figure
 
 

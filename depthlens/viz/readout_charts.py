@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import plotly.colors
 import plotly.graph_objects as go
 from matplotlib.figure import Figure
 
@@ -49,6 +50,10 @@ def dla_bars(attribution: LogitAttribution, backend: str = "plotly") -> go.Figur
     return figure
 
 
+Bands = Mapping[str, tuple[Sequence[float], Sequence[float]]]
+"""``(low, high)`` (``[layers]`` each, e.g. a 95% interval) by the name of the series they surround."""
+
+
 def curves(
     layers: Sequence[int],
     series: Mapping[str, Sequence[float]],
@@ -57,22 +62,41 @@ def curves(
     xlabel: str = "layer",
     ylabel: str = "fraction",
     backend: str = "plotly",
+    bands: Bands | None = None,
 ) -> go.Figure | Figure:
-    """One line per entry of ``series`` (values in ``[0, 1]``) over ``layers``."""
+    """One line per entry of ``series`` (values in ``[0, 1]``) over ``layers``; a series named in
+    ``bands`` is drawn inside its shaded ``(low, high)`` band."""
+    bands = bands or {}
     if backend == "plotly":
-        figure = go.Figure(
-            [go.Scatter(x=list(layers), y=list(v), mode="lines+markers", name=k) for k, v in series.items()]
-        )
-        figure.update_layout(title=title, xaxis_title=xlabel, yaxis_title=ylabel, yaxis_range=[0, 1.02])
-        return figure
+        return _plotly_curves(layers, series, bands, title=title, xlabel=xlabel, ylabel=ylabel)
     figure = Figure(figsize=(6.5, 3.8), layout="constrained")
     axes = figure.subplots()
     for (name, values), marker in zip(series.items(), "os^vDx*+", strict=False):
-        axes.plot(list(layers), list(values), marker=marker, markersize=4, label=name)
+        line, = axes.plot(list(layers), list(values), marker=marker, markersize=4, label=name)
+        if name in bands:
+            axes.fill_between(list(layers), *bands[name], color=line.get_color(), alpha=0.2, linewidth=0)
     axes.set(xlabel=xlabel, ylabel=ylabel, ylim=(0, 1.02), title=title)
     axes.title.set_fontsize(9)
     axes.legend(fontsize=7)
     axes.grid(alpha=0.3)
+    return figure
+
+
+def _plotly_curves(layers: Sequence[int], series: Mapping[str, Sequence[float]], bands: Bands, *, title: str,
+                   xlabel: str, ylabel: str) -> go.Figure:
+    """:func:`curves` in plotly: each band a filled outline (low, then high backwards) under its
+    line, in the line's colour."""
+    palette = plotly.colors.qualitative.Plotly
+    traces = []
+    for index, (name, values) in enumerate(series.items()):
+        colour = palette[index % len(palette)]
+        if name in bands:
+            low, high = bands[name]
+            traces.append(go.Scatter(x=[*layers, *reversed(layers)], y=[*low, *reversed(high)], fill="toself",
+                                     fillcolor=colour, opacity=0.2, line_width=0, hoverinfo="skip", showlegend=False))
+        traces.append(go.Scatter(x=list(layers), y=list(values), mode="lines+markers", name=name, line_color=colour))
+    figure = go.Figure(traces)
+    figure.update_layout(title=title, xaxis_title=xlabel, yaxis_title=ylabel, yaxis_range=[0, 1.02])
     return figure
 
 

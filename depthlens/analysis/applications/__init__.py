@@ -5,7 +5,8 @@
 - :mod:`~depthlens.analysis.applications.features` — per-layer answer-choice log-likelihoods;
 - :mod:`~depthlens.analysis.applications.injection` — prompt-injection detection (AUROC);
 - :mod:`~depthlens.analysis.applications.anomaly` — detectors and anomaly scores of free texts;
-- :mod:`~depthlens.analysis.applications.depth` — prediction depth, iteration learned, Spearman ρ;
+- :mod:`~depthlens.analysis.applications.depth` — prediction depth, iteration learned, Spearman ρ (per token,
+  or per example over answer choices with a bootstrap interval), a next-word task from plain text;
 - :mod:`~depthlens.analysis.applications.overthinking` — calibrated accuracy with permuted demos.
 """
 
@@ -14,9 +15,13 @@ from depthlens.analysis.applications.builtin import BUILTIN_TASKS, builtin_task,
 from depthlens.analysis.applications.depth import (
     depth_grid,
     depth_vs_training,
+    example_correlation,
     example_depths,
+    iteration_learned,
+    next_word_examples,
     settling_index,
     spearman,
+    spearman_interval,
     token_depths,
 )
 from depthlens.analysis.applications.features import ChoiceScores, score_choices
@@ -27,7 +32,8 @@ from depthlens.analysis.applications.tasks import Example, Task, few_shot
 
 __all__ = [
     "BUILTIN_TASKS", "DETECTORS", "SRM", "ChoiceScores", "Example", "Task", "builtin_task", "calibrated_accuracy",
-    "critical_layer", "depth_grid", "depth_vs_training", "detect_injections", "evaluate_detectors", "example_depths",
-    "fetch_task_data", "few_shot", "fit_score", "inject", "load_task", "overthinking", "score_choices", "score_texts",
-    "settling_index", "spearman", "task_data_dir", "text_features", "token_depths",
+    "critical_layer", "depth_grid", "depth_vs_training", "detect_injections", "evaluate_detectors",
+    "example_correlation", "example_depths", "fetch_task_data", "few_shot", "fit_score", "inject", "iteration_learned",
+    "load_task", "next_word_examples", "overthinking", "score_choices", "score_texts", "settling_index", "spearman",
+    "spearman_interval", "task_data_dir", "text_features", "token_depths",
 ]

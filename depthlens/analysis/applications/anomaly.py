@@ -54,10 +54,14 @@ class Detector(Protocol):
 
 class SRM:
     """Simplified relative Mahalanobis distance: ``(x−μ)ᵀ(Σ + λI)⁻¹(x−μ) − (x−μ)ᵀ(D + λI)⁻¹(x−μ)``
-    for the training mean ``μ``, covariance ``Σ`` and its diagonal ``D``; ``λ = ridge · tr(Σ)/d``."""
+    for the training mean ``μ``, covariance ``Σ`` and its diagonal ``D``; the ridge is
+    ``λ = ridge · tr(Σ)/d`` (``relative``, the default) or ``λ = ridge`` (absolute, in the
+    features' squared units)."""
 
-    def __init__(self, ridge: float = 1e-2) -> None:
-        self.ridge = ridge
+    def __init__(self, ridge: float = 1e-2, *, relative: bool = True) -> None:
+        if not ridge >= 0:
+            raise ScoreError(f"SRM ridge {ridge}: must be a number ≥ 0 (e.g. 1e-2 relative, 1e-3 absolute)")
+        self.ridge, self.relative = ridge, relative
 
     def fit(self, features: np.ndarray) -> SRM:
         """Estimate ``μ``, ``(Σ + λI)⁻¹`` and ``1/(diag Σ + λ)`` from ``features [n, d]``."""
@@ -65,16 +69,32 @@ class SRM:
         self.mean = x.mean(0)
         centred = x - self.mean
         cov = centred.T @ centred / max(len(x) - 1, 1)
-        lam = self.ridge * max(np.trace(cov) / cov.shape[0], 1e-12)
-        self.precision = np.linalg.inv(cov + lam * np.eye(cov.shape[0]))
-        self.diagonal = 1.0 / (np.diag(cov) + lam)
+        self.variances = np.diag(cov).copy()
+        self.lam = self.ridge * max(np.trace(cov) / cov.shape[0], 1e-12) if self.relative else self.ridge
+        self.precision = np.linalg.inv(cov + self.lam * np.eye(cov.shape[0]))
+        self.diagonal = 1.0 / (self.variances + self.lam)
         return self
+
+    def parts(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The two squared Mahalanobis distances of each row of ``features [m, d]``, full-covariance
+        and diagonal, ``([m], [m])``; the score is their difference."""
+        centred = np.asarray(features, dtype=np.float64) - self.mean
+        return np.einsum("nd,de,ne->n", centred, self.precision, centred), (centred**2 * self.diagonal).sum(1)
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """The SRM score of each row of ``features [m, d]``, ``[m]``."""
-        centred = np.asarray(features, dtype=np.float64) - self.mean
-        full = np.einsum("nd,de,ne->n", centred, self.precision, centred)
-        return full - (centred**2 * self.diagonal).sum(1)
+        full, diagonal = self.parts(features)
+        return full - diagonal
+
+    def spectrum(self) -> dict[str, float]:
+        """How the fitted coordinates' variances compare with the ridge: the share of the total
+        variance ``tr Σ`` in the 1 and the 10 coordinates of largest variance, ``λ``, and ``λ``
+        over the median coordinate variance."""
+        ordered = np.sort(self.variances)[::-1]
+        total = max(float(ordered.sum()), 1e-300)
+        return {"variance_share_top1": float(ordered[:1].sum() / total),
+                "variance_share_top10": float(ordered[:10].sum() / total), "lambda": float(self.lam),
+                "lambda_over_median_variance": float(self.lam / max(float(np.median(ordered)), 1e-300))}
 
 
 class _Sklearn:
@@ -100,20 +120,24 @@ class _Sklearn:
         return -self.model.score_samples(self.scaler.transform(features))
 
 
-def make_detector(name: str, seed: int = 0) -> Detector:
-    """A fresh detector by name (:data:`DETECTORS`); :class:`ScoreError` for another name."""
+def make_detector(name: str, seed: int = 0, **options: float | bool) -> Detector:
+    """A fresh detector by name (:data:`DETECTORS`); ``options`` go to :class:`SRM` (``ridge``,
+    ``relative``) and only there. :class:`ScoreError` for another name or options elsewhere."""
     if name == "srm":
-        return SRM()
-    if name in DETECTORS:
-        return _Sklearn(name, seed)
-    raise ScoreError(f"unknown detector {name!r}: choose one of {', '.join(DETECTORS)}")
+        return SRM(**options)
+    if name not in DETECTORS:
+        raise ScoreError(f"unknown detector {name!r}: choose one of {', '.join(DETECTORS)}")
+    if options:
+        raise ScoreError(f"detector {name} takes no options ({', '.join(options)}); only srm has a ridge")
+    return _Sklearn(name, seed)
 
 
-def fit_score(name: str, normal: np.ndarray, test: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Fit detector ``name`` on ``normal [n, f]`` and score ``test [m, f]`` → ``[m]``."""
+def fit_score(name: str, normal: np.ndarray, test: np.ndarray, seed: int = 0, **options: float | bool) -> np.ndarray:
+    """Fit detector ``name`` (with ``options``, see :func:`make_detector`) on ``normal [n, f]``
+    and score ``test [m, f]`` → ``[m]``."""
     if len(normal) < 2:
         raise ScoreError(f"a detector needs at least 2 normal inputs to fit, got {len(normal)}")
-    return make_detector(name, seed).fit(normal).score(test)
+    return make_detector(name, seed, **options).fit(normal).score(test)
 
 
 @torch.no_grad()

@@ -7,7 +7,9 @@ answer choice, summed over its tokens, when every prediction is read from layer 
 
 where ``p_l`` decodes residual state ``l`` with the readout (the first choice token is predicted
 at the prompt's last position, the *answer position*). At ``l = L`` this is the model's own
-log-likelihood for every readout.
+log-likelihood for every readout. The detector features (:meth:`ChoiceScores.features`) are
+these, except for two choices, where each layer gives one number, the log-odds
+``loglik[e, l, 1] − loglik[e, l, 0]`` (nats).
 
 Cost: one forward pass per prompt (left-padded batches, explicit position ids) keeps the
 key–value cache; it is repeated once per choice and all choices of the batch run through the
@@ -47,6 +49,9 @@ class ChoiceScores:
     hidden-state baselines)."""
     ids: list[str]
     """The examples' ids."""
+    prompt_mean: np.ndarray | None = None
+    """Each layer's residual states averaged over the prompt's tokens (padding excluded; a
+    ``<bos>`` the tokenizer adds counts) ``[examples, L + 1, d]`` float32; ``None``: not recorded."""
 
     @property
     def num_layers(self) -> int:
@@ -59,10 +64,20 @@ class ChoiceScores:
         loglik = self.loglik[readout or next(iter(self.loglik))]
         return float((loglik[:, layer].argmax(-1) == self.gold).mean())
 
+    @property
+    def feature_kind(self) -> str:
+        """What :meth:`features` returns: ``"log-odds"`` for two choices, else
+        ``"choice log-likelihoods"``."""
+        return "log-odds" if next(iter(self.loglik.values())).shape[-1] == 2 else "choice log-likelihoods"
+
     def features(self, readout: str) -> np.ndarray:
-        """The trajectory features of one readout, ``[examples, (L + 1) · choices]``: the layers'
-        choice log-likelihoods, flattened layer by layer."""
+        """The trajectory features of one readout. Two choices: the log-odds
+        ``log p_l(choice 1) − log p_l(choice 0)`` of every layer ``l``, ``[examples, L + 1]``
+        (nats); more: the layers' choice log-likelihoods flattened layer by layer,
+        ``[examples, (L + 1) · choices]`` (nats)."""
         loglik = self.loglik[readout]
+        if loglik.shape[-1] == 2:
+            return loglik[..., 1] - loglik[..., 0]
         return loglik.reshape(loglik.shape[0], -1)
 
 
@@ -94,9 +109,9 @@ def _pad(rows: Sequence[Sequence[int]], pad: int, left: bool) -> tuple[torch.Ten
 @torch.no_grad()
 def _batch_scores(
     model: nn.Module, readouts: Mapping[str, Readout], contexts: list[list[int]], continuations: list[list[list[int]]], pad: int
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Log-likelihoods ``{name: [batch, L + 1, choices]}`` and answer-position states
-    ``[batch, L + 1, d]`` of one batch of examples."""
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Log-likelihoods ``{name: [batch, L + 1, choices]}``, answer-position states
+    ``[batch, L + 1, d]`` and prompt-mean states ``[batch, L + 1, d]`` of one batch of examples."""
     parts = next(iter(readouts.values())).parts
     device = parts.embedding.weight.device
     points = [f"resid.{layer}" for layer in range(parts.num_layers + 1)]
@@ -105,6 +120,8 @@ def _batch_scores(
         out = model(input_ids=ctx_ids.to(device), attention_mask=ctx_mask.to(device),
                     position_ids=(ctx_mask.cumsum(-1) - 1).clamp_min(0).to(device), use_cache=True)
     answer_states = torch.stack([values[p][:, -1] for p in points], 1)  # [batch, L+1, d]
+    weights = (ctx_mask.float() / ctx_mask.sum(-1, keepdim=True)).to(device)  # padding weighs 0: [batch, seq]
+    prompt_mean = torch.stack([torch.einsum("bs,bsd->bd", weights, values[p].float()) for p in points], 1)
     n = len(continuations[0])
     cache = output_cache(out)
     cache.batch_repeat_interleave(n)
@@ -128,7 +145,7 @@ def _batch_scores(
             summed = torch.zeros(keep.shape[0], device=device).index_add_(0, owner, picked)
             per_layer.append(summed.view(-1, n))
         scores[name] = torch.stack(per_layer, 1).double().cpu()
-    return scores, answer_states.float().cpu()
+    return scores, answer_states.float().cpu(), prompt_mean.cpu()
 
 
 def score_choices(
@@ -142,7 +159,8 @@ def score_choices(
     description: str = "scoring choices",
 ) -> ChoiceScores:
     """Per-layer choice log-likelihoods of ``examples`` under every readout (see the module
-    docstring); all readouts must decode ``model``. ``batch_size`` prompts run at a time."""
+    docstring), with the residual states at the answer position and averaged over each prompt;
+    all readouts must decode ``model``. ``batch_size`` prompts run at a time."""
     if not examples:
         raise TaskError("no examples to score: give a task with at least one example")
     if not readouts:
@@ -158,16 +176,17 @@ def score_choices(
                             f"reads at most {limit}; use shorter prompts or fewer demonstrations")
     order = sorted(range(len(examples)), key=lambda i: len(pairs[i][0][0]))  # similar lengths pad less
     loglik: dict[str, list[torch.Tensor]] = {name: [] for name in readouts}
-    hidden = []
+    hidden, means = [], []
     bar = tqdm(total=len(examples), desc=description, unit="ex", disable=not progress)
     for begin in range(0, len(examples), batch_size):
         batch = [pairs[i] for i in order[begin: begin + batch_size]]
         contexts = [p[0][0] for p in batch]
         continuations = [[c for _, c in p] for p in batch]
-        scores, states = _batch_scores(model, readouts, contexts, continuations, pad)
+        scores, states, mean = _batch_scores(model, readouts, contexts, continuations, pad)
         for name in readouts:
             loglik[name].append(scores[name])
         hidden.append(states)
+        means.append(mean)
         bar.update(len(batch))
     bar.close()
     restore = torch.argsort(torch.tensor(order))
@@ -176,6 +195,7 @@ def score_choices(
         gold=np.array([e.gold for e in examples], dtype=np.int64),
         hidden=torch.cat(hidden)[restore].numpy(),
         ids=[e.id or str(i) for i, e in enumerate(examples)],
+        prompt_mean=torch.cat(means)[restore].numpy(),
     )
 
 

@@ -8,14 +8,20 @@ input when its probability beats the ``(n − 1)/n`` quantile of label ``j``'s p
 inputs (ties at the quantile share the places left), and an input is right when its gold label is
 predicted. Chance is ``1/n``. The **critical
 layer** is the first where the gap ``correct − permuted`` reaches half the gap at the output.
+
+Every curve carries a 95% percentile-bootstrap interval over the evaluated examples
+(:func:`curve_samples`): each resample draws the examples with replacement and recomputes the
+calibrated accuracy, thresholds included, on both prompt sets from the same draw, so the gap's
+interval is paired (what the two prompt sets share cancels, as it does in the gap itself).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -23,12 +29,21 @@ from depthlens.analysis.applications.features import ChoiceScores, score_choices
 from depthlens.analysis.applications.tasks import Task, few_shot
 from depthlens.errors import TaskError
 from depthlens.lenses.readout import Readout
+from depthlens.stats.bootstrap import bootstrap_statistic, intervals
 
 MIN_EVALUATED = 10
 """The fewest evaluated examples the ``overthink`` command accepts: each label's threshold is a
 quantile across them."""
 FEW_EVALUATED = 40
 """Below this many evaluated examples calibrated accuracy moves in coarse steps (the command warns)."""
+RESAMPLES = 1000
+"""Bootstrap resamples of the examples behind every curve's interval."""
+LEVEL = 0.95
+"""The intervals' confidence level."""
+INTERVALS = {"level": LEVEL, "resamples": RESAMPLES, "seed": 0,
+             "method": "percentile bootstrap over examples, calibrated accuracy recomputed on each resample; "
+                       "correct and permuted prompts of the same drawn examples, so the gap's interval is paired"}
+"""How the ``*_low`` / ``*_high`` curves were computed (written with them)."""
 
 
 def choice_probs(loglik: np.ndarray) -> np.ndarray:
@@ -69,12 +84,19 @@ def critical_layer(gap: np.ndarray) -> int | None:
 
 @dataclass
 class OverthinkingCurves:
-    """Per-layer calibrated accuracies of one readout (``[L + 1]`` each)."""
+    """Per-layer calibrated accuracies of one readout (``[L + 1]`` each, fractions of examples) and
+    the bounds of their bootstrap intervals (``*_low``, ``*_high``, ``[L + 1]`` each)."""
 
     correct: list[float]
     permuted: list[float]
     gap: list[float]
     critical_layer: int | None
+    correct_low: list[float]
+    correct_high: list[float]
+    permuted_low: list[float]
+    permuted_high: list[float]
+    gap_low: list[float]
+    gap_high: list[float]
 
 
 @dataclass
@@ -89,6 +111,8 @@ class OverthinkingResult:
     accuracy_permuted: float
     curves: dict[str, OverthinkingCurves]
     num_choices: int = 2
+    intervals: dict[str, object] = field(default_factory=lambda: dict(INTERVALS))
+    """How the curves' intervals were computed (:data:`INTERVALS` unless set otherwise)."""
 
     def to_dict(self) -> dict:
         """A JSON-ready dict."""
@@ -96,9 +120,9 @@ class OverthinkingResult:
                 "curves": {name: vars(c) for name, c in self.curves.items()}}
 
     def rows(self) -> list[dict]:
-        """One row per readout and layer (for CSV)."""
-        return [{"task": self.task, "readout": name, "layer": layer, "correct": c.correct[layer],
-                 "permuted": c.permuted[layer], "gap": c.gap[layer]}
+        """One row per readout and layer (for CSV), with every curve's interval bounds."""
+        return [{"task": self.task, "readout": name, "layer": layer,
+                 **{key: values[layer] for key, values in vars(c).items() if key != "critical_layer"}}
                 for name, c in self.curves.items() for layer in range(len(c.gap))]
 
 
@@ -112,13 +136,42 @@ def check_contrast(task: Task, shots: int, shift: int) -> None:
                         f"so both runs would be the same; use a shift from 1 to {task.num_choices - 1}")
 
 
-def curves_from_scores(correct: ChoiceScores, permuted: ChoiceScores) -> dict[str, OverthinkingCurves]:
-    """Per-readout calibrated-accuracy curves of the two prompt sets (same examples, same order)."""
+def curve_samples(
+    correct: np.ndarray, permuted: np.ndarray, gold: np.ndarray, *, resamples: int = RESAMPLES, seed: int = 0
+) -> torch.Tensor:
+    """Calibrated accuracies of bootstrap resamples of the examples, ``[resamples, 3, layers]``
+    float64 (correct, permuted, gap = correct − permuted), from choice probabilities ``correct`` and
+    ``permuted`` ``[examples, layers, choices]`` of the same examples (same order) and their
+    ``gold [examples]``. Each resample draws the examples with replacement
+    (:func:`~depthlens.stats.bootstrap.bootstrap_statistic`) and scores both prompt sets on that
+    same draw, thresholds recomputed, so the gap is paired."""
+
+    def statistic(drawn: torch.Tensor) -> np.ndarray:
+        rows = drawn.numpy()
+        good = calibrated_accuracy(correct[rows], gold[rows])
+        bad = calibrated_accuracy(permuted[rows], gold[rows])
+        return np.stack([good, bad, good - bad])
+
+    return bootstrap_statistic(statistic, len(gold), resamples=resamples, seed=seed)
+
+
+def curves_from_scores(
+    correct: ChoiceScores, permuted: ChoiceScores, *, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL
+) -> dict[str, OverthinkingCurves]:
+    """Per-readout calibrated-accuracy curves of the two prompt sets (same examples, same order),
+    each with its ``level`` bootstrap interval per layer (:func:`curve_samples`); ``ValueError``
+    if the two sets hold different examples (a paired interval needs the same ones)."""
+    if correct.ids != permuted.ids or not np.array_equal(correct.gold, permuted.gold):
+        raise ValueError("the correct and the permuted prompts must score the same examples in the same order")
     curves = {}
     for name in correct.loglik:
-        good = calibrated_accuracy(choice_probs(correct.loglik[name]), correct.gold)
-        bad = calibrated_accuracy(choice_probs(permuted.loglik[name]), permuted.gold)
-        curves[name] = OverthinkingCurves(good.tolist(), bad.tolist(), (good - bad).tolist(), critical_layer(good - bad))
+        good_probs, bad_probs = choice_probs(correct.loglik[name]), choice_probs(permuted.loglik[name])
+        good = calibrated_accuracy(good_probs, correct.gold)
+        bad = calibrated_accuracy(bad_probs, correct.gold)
+        samples = curve_samples(good_probs, bad_probs, correct.gold, resamples=resamples, seed=seed)
+        low, high = (bound.tolist() for bound in intervals(samples, level))
+        curves[name] = OverthinkingCurves(good.tolist(), bad.tolist(), (good - bad).tolist(), critical_layer(good - bad),
+                                          low[0], high[0], low[1], high[1], low[2], high[2])
     return curves
 
 
@@ -153,6 +206,7 @@ def overthinking(
 
 
 __all__ = [
-    "FEW_EVALUATED", "MIN_EVALUATED", "OverthinkingCurves", "OverthinkingResult", "calibrated_accuracy", "check_contrast", "choice_probs", "critical_layer",
-    "curves_from_scores", "overthinking",
+    "FEW_EVALUATED", "INTERVALS", "LEVEL", "MIN_EVALUATED", "RESAMPLES", "OverthinkingCurves", "OverthinkingResult",
+    "calibrated_accuracy", "check_contrast", "choice_probs", "critical_layer", "curve_samples", "curves_from_scores",
+    "overthinking",
 ]

@@ -1,0 +1,354 @@
+"""Regenerate every result behind docs/science.md, docs/applications.md and docs/readouts.md.
+
+Usage, from a fresh clone with the package installed (``pip install -e .``)::
+
+    python docs/regenerate.py                     # every page
+    python docs/regenerate.py science readouts    # some pages
+    python docs/regenerate.py --list              # print the commands, run nothing
+    python docs/regenerate.py --check runs/check  # rerun into runs/check, compare with docs/
+
+Nothing depends on wall time or on files outside the repository and the user's cache. The lenses
+the pages use are trained first, by ``depthlens train`` with a token budget, a fixed seed and
+float32 arithmetic (so a CPU with fast bfloat16 gives the numbers one without gives), into
+``runs/docs/<model>`` (a run folder inside the repository). Every other step is one command of a
+page, with a fixed seed and sizes; its results folder is replaced atomically when it finishes.
+
+Each finished step is recorded in ``docs/regenerate.json`` with its command and wall time, and is
+skipped on the next run while its command is unchanged (``--force`` reruns it), so an interrupted
+regeneration resumes where it stopped. Then the pages' tables are rewritten from the results
+(``docs/tables/``, alone: ``--tables``), timings included.
+
+``--check DIR`` reruns the chosen pages (lenses included) with every output under ``DIR`` and
+compares each JSON result with the committed one (``--check DIR --step NAME`` reruns one step
+with the repository's lenses): a number must agree to 1e-4 (relative), or lie
+within the 95% interval the committed result states for it. Timings and paths are not compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RECORD = "docs/regenerate.json"
+PAGES = ("science", "applications", "readouts")
+LENSES = {"smollm2": "runs/docs/smollm2-135m", "gemma3": "runs/docs/gemma3-270m"}
+UNCOMPARED = {"seconds", "wall_seconds", "tokens_per_second", "load_average", "speedup_wall", "speedup_cpu"}
+TOLERANCE = 1e-4
+POINTS = {"value", "mean", "auroc", "rho", "point", "accuracy"}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One command: ``command`` runs ``depthlens`` (or, when it starts with a ``.py`` path, that
+    script) and writes the folder ``out``; ``{smollm2}``/``{gemma3}`` stand for the docs lenses and
+    ``{out}`` for ``out``."""
+
+    name: str
+    page: str
+    command: tuple[str, ...]
+    out: str
+    drop: tuple[str, ...] = ()
+    """Files (globs in ``out``) the pages don't show, deleted after the step: the HTML pictures."""
+
+    def needs(self) -> list[str]:
+        """The lens steps this step reads."""
+        return [f"lens-{model}" for model in LENSES if "{" + model + "}" in " ".join(self.command)]
+
+    def argv(self, prefix: Path, lenses_in: Path | None = None) -> list[str]:
+        """The command line, every output moved under ``prefix`` (the repository, or ``--check``'s
+        folder); the lenses are read from under ``lenses_in`` (default: ``prefix``)."""
+        lenses = {model: _relative((lenses_in or prefix) / folder / "lens") for model, folder in LENSES.items()}
+        words = [word.format(out=_relative(prefix / self.out), **lenses) for word in self.command]
+        if words[0].endswith(".py"):
+            return [sys.executable, *words]
+        return [sys.executable, "-m", "depthlens", *words]
+
+
+def _relative(path: Path) -> str:
+    """``path`` relative to the repository (commands run there), so no result records this
+    machine's folders."""
+    return os.path.relpath(path, ROOT)
+
+
+def _lens(model: str, name: str, tokens: int, decay: float) -> Step:
+    return Step(f"lens-{model}", "lenses",
+                ("train", "--model", name, "--tokens", str(tokens), "--seed", "0", "--dtype", "float32",
+                 "--layer-lr-decay", str(decay), "--no-eval", "--out", "{out}"), LENSES[model])
+
+
+def _inject(task: str, model: str, shots: int = 2, batch: int = 16) -> Step:
+    """Injection on 240 evaluated examples (and a pool of 40 more for the demonstrations), 10 seeds."""
+    gemma3 = model == "gemma3"
+    return Step(f"gemma3-inject-{task}" if gemma3 else f"inject-{task}", "applications",
+                ("inject", "--task", task, "--model", "gemma3-270m" if gemma3 else "smollm2-135m", "--limit", "240",
+                 "--demo-pool", "40", "--shots", str(shots), "--seeds", "10", "--batch-size", str(batch),
+                 "--lens", "{" + model + "}", "--out", "{out}"),
+                f"docs/applications/gemma3/inject_{task}" if gemma3 else f"docs/applications/inject_{task}")
+
+
+def _overthink(task: str, model: str, shots: int) -> Step:
+    """Overthinking on 230 evaluated examples (and a pool of 30 more for the demonstrations)."""
+    gemma3 = model == "gemma3"
+    return Step(f"gemma3-overthink-{task}" if gemma3 else f"overthink-{task}", "applications",
+                ("overthink", "--task", task, "--model", "gemma3-270m" if gemma3 else "smollm2-135m",
+                 "--limit", "230", "--demo-pool", "30", "--shots", str(shots), "--batch-size", "8",
+                 "--lens", "{" + model + "}", "--out", "{out}"),
+                f"docs/applications/gemma3/overthink_{task}" if gemma3 else f"docs/applications/overthink_{task}")
+
+
+HTML = ("*.html", "plotly-*.min.js")
+GENERATE_PROMPTS = ("The capital of France is Paris. The capital of Italy is", "Once upon a time, there was a")
+ATTRIBUTE_TEXT = "The capital of Japan is Tokyo. The capital of France is"
+
+STEPS: tuple[Step, ...] = (
+    _lens("smollm2", "smollm2-135m", 245760, 0.99),
+    _lens("gemma3", "gemma3-270m", 65536, 0.99),
+    *(Step(f"eval-{model}", "science",
+           ("eval", "--model", name, "--lens", "{" + model + "}", "--data", "mixed", "--ood",
+            "mixed:dataset-descriptions", "--tokens", tokens, "--dtype", "float32", "--out", "{out}"),
+           f"docs/science/eval_{model}", ("curves.html", "ood/curves.html", "ood/curves.png"))
+      for model, name, tokens in (("smollm2", "smollm2-135m", "4096"), ("gemma3", "gemma3-270m", "2048"))),
+    Step("drift", "science", ("drift", "--model", "smollm2-135m", "--lens", "{smollm2}", "--tokens", "2048",
+                              "--layer-stride", "3", "--plotlyjs", "cdn", "--out", "{out}"), "docs/science/drift"),
+    Step("gemma3-drift", "science", ("drift", "--model", "gemma3-270m", "--lens", "{gemma3}", "--tokens", "2048",
+                                     "--layer-stride", "3", "--plotlyjs", "cdn", "--out", "{out}"),
+         "docs/science/gemma3/drift"),
+    Step("causal", "science", ("causal", "--model", "smollm2-135m", "--lens", "logit", "--lens", "{smollm2}",
+                               "--tokens", "384", "--k", "12", "--layers", "0,9,18,27", "--alignment",
+                               "--alignment-tokens", "256", "--directions", "6", "--plotlyjs", "cdn",
+                               "--out", "{out}"), "docs/science/causal", HTML),
+    Step("alignment-model-weights", "science",
+         ("causal", "--model", "smollm2-135m", "--lens", "logit", "--lens", "{smollm2}", "--tokens", "384",
+          "--layers", "0,9,18,27", "--alignment-only", "--alignment-tokens", "256", "--directions", "6",
+          "--weights", "model", "--plotlyjs", "cdn", "--out", "{out}"), "docs/science/alignment_model_weights", HTML),
+    Step("gemma3-causal", "science", ("causal", "--model", "gemma3-270m", "--lens", "logit", "--lens", "{gemma3}",
+                                      "--tokens", "384", "--k", "12", "--layers", "0,6,12", "--alignment",
+                                      "--alignment-tokens", "256", "--directions", "6", "--plotlyjs", "cdn",
+                                      "--out", "{out}"), "docs/science/gemma3/causal", HTML),
+    Step("causal-basis", "science", ("benchmarks/causal_basis.py", "--out", "{out}"),
+         "benchmarks/results/causal_basis.json"),
+    Step("causal-basis-refine100", "science", ("benchmarks/causal_basis.py", "--refine-steps", "100", "--out", "{out}"),
+         "benchmarks/results/causal_basis_refine100.json"),
+    *(_inject(task, "smollm2") for task in ("sst2", "rte", "mrpc", "arc_easy", "sciq", "piqa")),
+    _inject("boolq", "smollm2", shots=1, batch=8),
+    *(_inject(task, "gemma3") for task in ("sst2", "arc_easy")),
+    _inject("boolq", "gemma3", shots=1, batch=8),
+    _overthink("sst2", "smollm2", 3),
+    _overthink("rte", "smollm2", 2),
+    _overthink("sst2", "gemma3", 3),
+    _overthink("rte", "gemma3", 2),
+    Step("prediction-depth", "applications", ("benchmarks/prediction_depth.py", "--steps", "500", "--out", "{out}"),
+         "benchmarks/results/prediction_depth.json"),
+    Step("depth", "applications",
+         ("depth", ("Romeo and Juliet is a tragedy written by William Shakespeare early in his career about the "
+                   "romance between two young Italian lovers whose deaths ultimately reconcile their feuding "
+                   "families. It was among Shakespeare's most popular plays during his lifetime."),
+          "--lens", "{smollm2}", "--out", "{out}"), "docs/applications/depth_smollm2"),
+    Step("attribute", "readouts",
+         ("attribute", "--model", "smollm2-135m", "--relation", "country-capital", "--relation",
+          "country-language", "--relation", "country-currency", "--train", "6", "--context", "3",
+          "--held-out", "80", "--score-beta", "1", "--score-beta", "2.5", "--text", ATTRIBUTE_TEXT,
+          "--out", "{out}"), "docs/readouts/attribute", HTML),
+    Step("gemma3-attribute", "readouts",
+         ("attribute", "--model", "gemma3-270m", "--relation", "country-capital", "--relation",
+          "country-language", "--train", "6", "--context", "3", "--held-out", "40", "--score-beta", "1",
+          "--score-beta", "2.5", "--text", ATTRIBUTE_TEXT, "--out", "{out}"), "docs/readouts/gemma3/attribute", HTML),
+    Step("dla", "readouts", ("dla", "The Eiffel Tower is located in the city of", "--model", "smollm2-135m",
+                             "--target", " Paris", "--neurons", "28,29", "--top-neurons", "5", "--out", "{out}"),
+         "docs/readouts/dla", HTML),
+    Step("dla-contrast", "readouts", ("dla", "The Eiffel Tower is located in the city of", "--model", "smollm2-135m",
+                                      "--target", " Paris", "--contrast", " London", "--out", "{out}"),
+         "docs/readouts/dla-contrast", HTML),
+    Step("gemma3-dla", "readouts", ("dla", "The Eiffel Tower is located in the city of", "--model", "gemma3-270m",
+                                    "--target", " Paris", "--out", "{out}"), "docs/readouts/dla-gemma3", HTML),
+    Step("patchscope", "readouts",
+         ("patchscope", "--identity-curve", "--texts", "docs/readouts/identity-texts.txt", "--layers", "0:30:2",
+          "--model", "smollm2-135m", "--out", "{out}"), "docs/readouts/patchscope"),
+    Step("gemma3-patchscope", "readouts",
+         ("patchscope", "--identity-curve", "--texts", "docs/readouts/identity-texts.txt", "--layers", "0:18:3",
+          "--model", "gemma3-270m", "--out", "{out}"), "docs/readouts/gemma3/patchscope"),
+    *(Step(f"patchscope-describe-{layer}", "readouts",
+           ("patchscope", "Barack Obama", "--source-layer", str(layer), "--target", "description", "--generate",
+            "12", "--lens", "{smollm2}", "--model", "smollm2-135m", "--out", "{out}"),
+           f"docs/readouts/patchscope-describe-{layer}", (*HTML, "patchscope-trajectory.csv"))
+      for layer in (3, 6, 9)),
+    Step("generate", "readouts", ("generate", *GENERATE_PROMPTS, "--layers", "6,12,18,24,27,30",
+                                  "--max-new-tokens", "12", "--model", "smollm2-135m", "--out", "{out}"),
+         "docs/readouts/generate"),
+    Step("generate-tuned", "readouts", ("generate", *GENERATE_PROMPTS, "--layers", "6,12,18,24,27,30",
+                                        "--max-new-tokens", "12", "--model", "smollm2-135m", "--lens", "{smollm2}",
+                                        "--out", "{out}"), "docs/readouts/generate-tuned"),
+    Step("gemma3-generate", "readouts", ("generate", *GENERATE_PROMPTS, "--layers", "3,6,9,12,15,18",
+                                         "--max-new-tokens", "12", "--model", "gemma3-270m", "--out", "{out}"),
+         "docs/readouts/gemma3/generate"),
+    Step("gemma3-generate-tuned", "readouts", ("generate", *GENERATE_PROMPTS, "--layers", "3,6,9,12,15,18",
+                                               "--max-new-tokens", "12", "--model", "gemma3-270m", "--lens",
+                                               "{gemma3}", "--out", "{out}"), "docs/readouts/gemma3/generate-tuned"),
+)
+
+
+def plan(pages: list[str]) -> list[Step]:
+    """The steps of ``pages`` in order, each lens step they read first."""
+    chosen = [step for step in STEPS if step.page in pages]
+    needed = {need for step in chosen for need in step.needs()}
+    return [step for step in STEPS if step.name in needed] + chosen
+
+
+def numbers(value: Any, path: str = "") -> Iterator[tuple[str, float, Any]]:
+    """Every number in a JSON value: ``(path, number, the dict that holds it)``."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key in UNCOMPARED or key.endswith("_seconds"):
+                continue
+            if isinstance(item, (int, float)) and not isinstance(item, bool):
+                yield f"{path}.{key}", float(item), value
+            else:
+                yield from numbers(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            if isinstance(item, (int, float)) and not isinstance(item, bool):
+                yield f"{path}[{index}]", float(item), None
+            else:
+                yield from numbers(item, f"{path}[{index}]")
+
+
+def stated_interval(path: str, holder: dict | None) -> tuple[float, float] | None:
+    """The 95% interval a result states beside the number at ``path``: a sibling ``<key>_interval``
+    pair or ``<key>_low``/``<key>_high``, or, for a point estimate (:data:`POINTS`), ``low``/``high``
+    or ``ci_low``/``ci_high`` in the same record."""
+    if holder is None:
+        return None
+    key = path.rsplit(".", 1)[-1]
+    pair = holder.get(f"{key}_interval")
+    if isinstance(pair, list) and len(pair) == 2:
+        return float(pair[0]), float(pair[1])
+    bounds = [(f"{key}_low", f"{key}_high")]
+    if key in POINTS:
+        bounds += [("low", "high"), ("ci_low", "ci_high")]
+    for low, high in bounds:
+        if isinstance(holder.get(low), (int, float)) and isinstance(holder.get(high), (int, float)):
+            return float(holder[low]), float(holder[high])
+    return None
+
+
+def compare(committed: Any, fresh: Any) -> list[str]:
+    """The numbers of ``fresh`` that neither agree with ``committed`` to :data:`TOLERANCE` nor lie in
+    the interval ``committed`` states for them; one line each."""
+    old = {path: (number, holder) for path, number, holder in numbers(committed)}
+    problems = []
+    for path, number, _ in numbers(fresh):
+        if path not in old:
+            problems.append(f"{path}: new number {number:g}, not in the committed result")
+            continue
+        reference, holder = old.pop(path)
+        if math.isclose(number, reference, rel_tol=TOLERANCE, abs_tol=TOLERANCE * 1e-2):
+            continue
+        interval = stated_interval(path, holder)
+        if interval and interval[0] <= number <= interval[1]:
+            continue
+        where = f", outside [{interval[0]:g}, {interval[1]:g}]" if interval else ""
+        problems.append(f"{path}: {number:g} against {reference:g}{where}")
+    problems.extend(f"{path}: missing from the new result" for path in old)
+    return problems
+
+
+def check(step: Step, prefix: Path) -> list[str]:
+    """Compare each JSON file the step wrote under ``prefix`` with the committed one."""
+    fresh_out = prefix / step.out
+    found = [fresh_out] if fresh_out.is_file() else sorted(fresh_out.rglob("*.json"))
+    problems = []
+    for fresh in found:
+        name = Path(step.out) / fresh.relative_to(fresh_out) if fresh != fresh_out else Path(step.out)
+        committed = ROOT / name
+        if fresh.suffix != ".json" or not committed.is_file():
+            continue
+        for line in compare(json.loads(committed.read_text(encoding="utf-8")),
+                            json.loads(fresh.read_text(encoding="utf-8"))):
+            problems.append(f"{name}{line}")
+    return problems
+
+
+def run(step: Step, prefix: Path, record: dict[str, Any], record_path: Path, force: bool,
+        lenses_in: Path | None = None) -> None:
+    """Run ``step`` unless ``record`` holds it with the same command; record its wall time."""
+    command = list(step.command)
+    if not force and record.get(step.name, {}).get("command") == command and (prefix / step.out).exists():
+        print(f"[skip] {step.name}: done ({record[step.name]['seconds']:.0f} s), command unchanged", flush=True)
+        return
+    argv = step.argv(prefix, lenses_in)
+    print(f"[run] {step.name}: {' '.join(argv[1:])}", flush=True)
+    began = time.monotonic()
+    if subprocess.run(argv, cwd=ROOT, check=False).returncode:
+        raise SystemExit(f"regenerate: step {step.name} failed (its error is above); fix it and rerun "
+                         f"`python docs/regenerate.py {step.page}`: finished steps are kept")
+    if record_path.is_file():
+        record.update(json.loads(record_path.read_text(encoding="utf-8")))
+    for pattern in step.drop:
+        for path in (prefix / step.out).glob(pattern):
+            path.unlink()
+    record[step.name] = {"page": step.page, "command": command, "out": step.out,
+                         "seconds": round(time.monotonic() - began, 1),
+                         "threads": os.environ.get("OMP_NUM_THREADS", "all")}
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    staging = record_path.with_suffix(".json.partial")
+    staging.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    staging.replace(record_path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("pages", nargs="*", metavar="PAGE",
+                        help=f"pages to regenerate: {', '.join(PAGES)} (default: all)")
+    parser.add_argument("--step", action="append", default=[], metavar="NAME",
+                        help="run only this step (repeatable; see --list for the names)")
+    parser.add_argument("--list", action="store_true", help="print the steps' commands and stop")
+    parser.add_argument("--tables", action="store_true", help="only rewrite the pages' tables from the results")
+    parser.add_argument("--force", action="store_true", help="rerun steps already recorded as done")
+    parser.add_argument("--check", type=Path, metavar="DIR",
+                        help="write every output under DIR and compare with the committed results")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.pages) - set(PAGES))
+    if unknown:
+        parser.error(f"unknown page {', '.join(unknown)}; choose from {', '.join(PAGES)}")
+    steps = plan(args.pages or list(PAGES))
+    if args.step:
+        known = {step.name: step for step in STEPS}
+        missing = [name for name in args.step if name not in known]
+        if missing:
+            parser.error(f"unknown step {', '.join(missing)}; `--list` shows the names")
+        steps = [known[name] for name in args.step]
+    prefix = (args.check.resolve() if args.check else ROOT)
+    if args.tables:
+        from tables import main as rewrite_tables
+        rewrite_tables()
+        return
+    if args.list:
+        for step in steps:
+            print(f"{step.name:28} " + " ".join(step.argv(prefix)[1:]))
+        return
+    record_path = prefix / RECORD
+    record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else {}
+    lenses_in = prefix if any(step.page == "lenses" for step in steps) else ROOT
+    for step in steps:
+        run(step, prefix, record, record_path, args.force, lenses_in)
+    if not args.check:
+        from tables import main as rewrite_tables
+        rewrite_tables()
+        return
+    problems = [line for step in steps if step.page != "lenses" for line in check(step, prefix)]
+    print("\n".join(problems) or "every number agrees with the committed results")
+    raise SystemExit(1 if problems else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""The readouts page's tables (token-identity Patchscopes, generation from a layer), and every
+page's wall times."""
+
+from __future__ import annotations
+
+from .common import interval, load, table
+
+
+def identity_table(path: str) -> str:
+    """The token-identity Patchscope per source layer, with intervals over texts."""
+    rows = load(path)
+    cells = []
+    for kind, name in (("identity", "source token"), ("next_token", "next-token prediction")):
+        key = f"precision_at_1_{kind}"
+        cells.append([f"precision@1, {name} [95%]"] + [interval(r[key], r[f"{key}_low"], r[f"{key}_high"], 2)
+                                                       for r in rows])
+    header = ["source layer"] + [str(r["source_layer"]) for r in rows]
+    return table(header, cells) + f"\n{rows[0]['positions']} source positions in {rows[0]['texts']} texts; " \
+        f"intervals resample texts.\n"
+
+
+def _code(text: str) -> str:
+    """``text`` as inline code on one table row."""
+    flat = " ".join(text.replace("|", "\\|").replace("`", "'").split())
+    return f"`{flat}`" if flat else "(blank)"
+
+
+def generation_table(logit_path: str, tuned_path: str) -> str:
+    """Greedy continuations of each prompt read at each layer, logit against tuned lens: one table
+    per prompt."""
+    logit, tuned = load(logit_path), load(tuned_path)
+    parts = []
+    for i, prompt in enumerate(logit[0]["prompts"]):
+        rows = [[str(a["layer"]), _code(a["continuations"][i]), _code(b["continuations"][i])]
+                for a, b in zip(logit, tuned)]
+        parts.append(table(["layer", f"logit lens, \"…{prompt.rsplit('. ', 1)[-1]}\"", "tuned lens, same prompt"],
+                           rows))
+    return "\n".join(parts)
+
+
+def timings_table(page: str) -> str:
+    """Wall time of each step of ``page`` (and of the lenses it reads) from ``docs/regenerate.json``."""
+    from regenerate import RECORD, plan
+    record = load(RECORD)
+    rows, total = [], 0.0
+    for step in plan([page]):
+        done = record.get(step.name)
+        if done and done["command"] == list(step.command):
+            total += done["seconds"]
+            rows.append([step.name, f"{done['seconds'] / 60:.1f}", str(done["threads"])])
+        else:
+            rows.append([step.name, "not run with this command", ""])
+    rows.append(["**all**", f"**{total / 60:.1f}**", ""])
+    return table(["step", "minutes", "threads (OMP_NUM_THREADS)"], rows)

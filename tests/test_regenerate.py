@@ -1,0 +1,214 @@
+"""``docs/regenerate.py``: every page command is one the CLI accepts, lenses come first, finished
+steps are skipped while their command is unchanged, and ``--check`` compares numbers within the
+stated intervals."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from depthlens.apps.cli import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_regenerate():
+    spec = importlib.util.spec_from_file_location("regenerate", ROOT / "docs" / "regenerate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["regenerate"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+regenerate = _load_regenerate()
+
+
+@pytest.mark.parametrize("step", regenerate.STEPS, ids=lambda step: step.name)
+def test_every_step_is_a_command_the_cli_accepts(step):
+    """Planted bug: a page command with an option the CLI dropped (``--k`` renamed) fails here."""
+    argv = step.argv(ROOT)
+    if step.command[0].endswith(".py"):
+        assert (ROOT / step.command[0]).is_file() and argv[1] == step.command[0]
+        return
+    assert argv[:3] == [sys.executable, "-m", "depthlens"]
+    args = build_parser().parse_args(argv[3:])
+    assert args.command == step.command[0]
+    assert Path(regenerate._relative(ROOT / step.out)) == Path(step.out)
+
+
+def test_no_step_is_budgeted_by_wall_time_and_every_training_run_is_seeded():
+    for step in regenerate.STEPS:
+        assert "--minutes" not in step.command
+        if step.command[0] == "train":
+            assert {"--tokens", "--seed", "--dtype"} <= set(step.command)
+
+
+def test_outputs_are_distinct_and_lenses_come_first():
+    outs = [step.out for step in regenerate.STEPS]
+    assert len(outs) == len(set(outs))
+    steps = regenerate.plan(["readouts"])
+    names = [step.name for step in steps]
+    assert names[:2] == ["lens-smollm2", "lens-gemma3"]
+    assert all(step.page == "readouts" for step in steps[2:])
+
+
+
+def test_a_page_gets_only_the_lenses_it_reads(monkeypatch):
+    """Planted bug: every lens trained for any page (half an hour of CPU for nothing)."""
+    lenses = [step for step in regenerate.STEPS if step.page == "lenses"]
+    a = regenerate.Step("a", "science", ("drift", "--lens", "{gemma3}"), "x")
+    b = regenerate.Step("b", "readouts", ("dla", "text"), "y")
+    monkeypatch.setattr(regenerate, "STEPS", (*lenses, a, b))
+    assert [step.name for step in regenerate.plan(["science"])] == ["lens-gemma3", "a"]
+    assert [step.name for step in regenerate.plan(["readouts"])] == ["b"]
+
+
+def test_lens_placeholders_become_the_docs_lens_folders_under_the_prefix(tmp_path):
+    step = next(step for step in regenerate.STEPS if step.name == "drift")
+    argv = step.argv(tmp_path)
+    lens = argv[argv.index("--lens") + 1]
+    assert (ROOT / lens).resolve() == (tmp_path / "runs/docs/smollm2-135m/lens").resolve()
+    assert (ROOT / argv[argv.index("--out") + 1]).resolve() == (tmp_path / "docs/science/drift").resolve()
+    assert step.needs() == ["lens-smollm2"]
+    reused = step.argv(tmp_path, ROOT)
+    assert reused[reused.index("--lens") + 1] == "runs/docs/smollm2-135m/lens"
+    assert (ROOT / reused[reused.index("--out") + 1]).resolve() == (tmp_path / "docs/science/drift").resolve()
+
+
+def test_compare_passes_float_noise_and_numbers_inside_the_stated_interval():
+    committed = {"rho": -0.808, "rho_interval": [-0.816, -0.800], "seconds": 10.0,
+                 "rows": [{"value": 0.5, "low": 0.4, "high": 0.6}, {"kl": [1.0, 2.0]}],
+                 "table": [{"value": 1.3, "ci_low": 1.2, "ci_high": 1.4}]}
+    fresh = {"rho": -0.812, "rho_interval": [-0.8160000001, -0.80], "seconds": 99.0,
+             "rows": [{"value": 0.59, "low": 0.4, "high": 0.6}, {"kl": [1.00000001, 2.0]}],
+             "table": [{"value": 1.25, "ci_low": 1.2, "ci_high": 1.4}]}
+    assert regenerate.compare(committed, fresh) == []
+
+
+def test_compare_reports_numbers_outside_the_interval_and_missing_ones():
+    """Planted bugs: ignoring the interval, or comparing only the keys of the fresh result."""
+    committed = {"rho": -0.808, "rho_interval": [-0.816, -0.800], "rows": [{"value": 0.5, "low": 0.4, "high": 0.6}],
+                 "gone": 3.0, "plain": 1.0}
+    fresh = {"rho": -0.79, "rho_interval": [-0.816, -0.800], "rows": [{"value": 0.61, "low": 0.4, "high": 0.6}],
+             "plain": 1.01}
+    problems = regenerate.compare(committed, fresh)
+    assert any(line.startswith(".rho: -0.79") and "outside" in line for line in problems)
+    assert any(line.startswith(".rows[0].value: 0.61") for line in problems)
+    assert any(line.startswith(".plain: 1.01") for line in problems)
+    assert ".gone: missing from the new result" in problems
+    assert len(problems) == 4
+
+
+def _script_step(tmp_path: Path, name: str = "toy") -> object:
+    script = tmp_path / "write.py"
+    script.write_text("import sys, pathlib\nout = pathlib.Path(sys.argv[1])\nout.mkdir(parents=True, exist_ok=True)\n"
+                      "(out / 'runs.txt').open('a').write('x')\n", encoding="utf-8")
+    return regenerate.Step(name, "science", (str(script), "{out}"), "docs/toy")
+
+
+def test_a_finished_step_is_skipped_until_its_command_changes(tmp_path):
+    """Planted bugs: never skipping (an interrupted regeneration starts over) or skipping a changed
+    command (stale results)."""
+    step = _script_step(tmp_path)
+    record_path = tmp_path / regenerate.RECORD
+    record: dict = {}
+    regenerate.run(step, tmp_path, record, record_path, force=False)
+    regenerate.run(step, tmp_path, record, record_path, force=False)
+    assert (tmp_path / "docs/toy/runs.txt").read_text() == "x"
+    saved = json.loads(record_path.read_text())
+    assert saved["toy"]["command"] == list(step.command) and saved["toy"]["seconds"] >= 0
+    changed = regenerate.Step("toy", "science", (*step.command, "extra"), step.out)
+    regenerate.run(changed, tmp_path, record, record_path, force=False)
+    assert (tmp_path / "docs/toy/runs.txt").read_text() == "xx"
+    regenerate.run(changed, tmp_path, record, record_path, force=True)
+    assert (tmp_path / "docs/toy/runs.txt").read_text() == "xxx"
+
+
+def test_pictures_no_page_shows_are_dropped_and_the_rest_kept(tmp_path):
+    script = tmp_path / "pictures.py"
+    script.write_text("import sys, pathlib\nout = pathlib.Path(sys.argv[1])\nout.mkdir(parents=True)\n"
+                      "for name in ('a.png', 'a.html', 'plotly-4.1.1.min.js', 'a.json'):\n"
+                      "    (out / name).write_text('x')\n", encoding="utf-8")
+    step = regenerate.Step("pictures", "readouts", (str(script), "{out}"), "docs/pictures", regenerate.HTML)
+    regenerate.run(step, tmp_path, {}, tmp_path / regenerate.RECORD, force=False)
+    assert sorted(p.name for p in (tmp_path / "docs/pictures").iterdir()) == ["a.json", "a.png"]
+
+
+def test_a_failed_step_stops_with_one_line_and_records_nothing(tmp_path):
+    script = tmp_path / "fail.py"
+    script.write_text("raise SystemExit(3)\n", encoding="utf-8")
+    step = regenerate.Step("bad", "science", (str(script),), "docs/bad")
+    record_path = tmp_path / regenerate.RECORD
+    with pytest.raises(SystemExit, match="step bad failed"):
+        regenerate.run(step, tmp_path, {}, record_path, force=False)
+    assert not record_path.exists()
+
+
+def test_an_unknown_page_is_one_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        regenerate.main(["sciense"])
+    assert "unknown page sciense; choose from science, applications, readouts" in capsys.readouterr().err
+
+
+def _load_tables():
+    sys.path.insert(0, str(ROOT / "docs"))
+    import tables as module
+    return module
+
+
+tables = _load_tables()
+
+
+def _eval_result(tuned: list[float], logit: list[float], ci: list[tuple[float, float]]) -> dict:
+    rows = [{"lens": lens, "layer": layer, "metric": "kl", "unit": unit, "value": value * scale, "ci_low": value - 0.1,
+             "ci_high": value + 0.1}
+            for lens, values in (("tuned", tuned), ("logit", logit)) for layer, value in enumerate(values)
+            for unit, scale in (("nats", 1.0), ("bits_per_byte", 0.47))]
+    differences = [{"lens": "tuned", "baseline": "logit", "layer": layer, "metric": "kl", "value": t - g,
+                    "ci_low": low, "ci_high": high} for layer, (t, g, (low, high)) in enumerate(zip(tuned, logit, ci))]
+    return {"tokens": 512, "table": rows, "differences": differences}
+
+
+def test_the_eval_summary_leaves_out_the_last_layer_and_counts_sure_layers():
+    """Planted bugs: averaging over the last layer too (where both lenses are the model), averaging
+    the bits-per-byte rows in with the nats, or counting point estimates as sure."""
+    result = _eval_result([1.0, 2.0, 3.0, 0.0], [4.0, 2.5, 9.0, 0.0],
+                          [(-3.5, -2.5), (-0.7, 0.1), (-6.5, -5.5), (0.0, 0.0)])
+    summary = tables.science.eval_summary(result)
+    assert summary["layers"] == 3
+    assert summary["tuned"] == pytest.approx(2.0) and summary["logit"] == pytest.approx(15.5 / 3)
+    assert (summary["below"], summary["surely_below"]) == (3, 2)
+    assert summary["worst"]["layer"] == 1
+
+
+def test_render_replaces_only_marked_blocks_and_refuses_unknown_names():
+    text = "intro 1.0\n<!-- table: toy -->\nold | row\n<!-- /table -->\nafter 2.0\n"
+    rendered = tables.render(text, {"toy": lambda: "| a |\n|---|\n| 3.0 |\n"})
+    assert rendered == "intro 1.0\n<!-- table: toy -->\n| a |\n|---|\n| 3.0 |\n<!-- /table -->\nafter 2.0\n"
+    with pytest.raises(SystemExit, match="no table named 'toy'"):
+        tables.render(text, {})
+
+
+@pytest.mark.parametrize("page", tables.PAGES)
+def test_every_table_on_a_page_is_what_its_committed_results_render_to(page):
+    """Planted bug: a number edited on a page, or a result file regenerated without its page."""
+    text = (ROOT / "docs" / f"{page}.md").read_text(encoding="utf-8")
+    assert tables.BLOCK.search(text), f"docs/{page}.md marks no table"
+    assert tables.render(text) == text, f"docs/{page}.md: run `python docs/regenerate.py --tables`"
+
+
+def test_verdicts_follow_the_intervals_and_name_each_model_when_they_disagree():
+    """Planted bugs: a claim called reproduced on point estimates, or one model's verdict standing for both."""
+    from tables.common import outcome, verdict
+    from tables.science import _compare_layers
+
+    above, below = _compare_layers([0, 9, 18], [(0.5, 0.7), (0.3, 0.5), (0.1, 0.2)], [(0.2, 0.4), (0.4, 0.6), (0.3, 0.5)])
+    assert (above, below) == ([0], [18])
+    assert outcome(True, False) == "reproduced" and outcome(False, True) == "refuted"
+    assert outcome(False, False) == "differs"
+    assert verdict({"a": "reproduced", "b": "reproduced"}) == "reproduced"
+    assert verdict({"a": "reproduced", "b": "differs"}) == "a: reproduced; b: differs"

@@ -49,6 +49,6 @@ def timings_table(page: str) -> str:
             total += done["seconds"]
             rows.append([step.name, f"{done['seconds'] / 60:.1f}", str(done["threads"])])
         else:
-            rows.append([step.name, "not run with this command", ""])
+            rows.append([step.name, "not run in the last regeneration", ""])
     rows.append(["**all**", f"**{total / 60:.1f}**", ""])
     return table(["step", "minutes", "threads (OMP_NUM_THREADS)"], rows)

@@ -22,6 +22,7 @@ regeneration resumes where it stopped. Then the pages' tables are rewritten from
 compares each JSON result with the committed one (``--check DIR --step NAME`` reruns one step
 with the repository's lenses): a number must agree to 1e-4 (relative), or lie
 within the 95% interval the committed result states for it. Timings and paths are not compared.
+What each rerun found is merged into ``docs/checks.json``, which the pages' checks tables show.
 """
 
 from __future__ import annotations
@@ -38,8 +39,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from depthlens.atomic import write_file
+
 ROOT = Path(__file__).resolve().parent.parent
 RECORD = "docs/regenerate.json"
+CHECKS = "docs/checks.json"
+"""What each ``--check`` rerun found, per step and thread count: numbers equal to 1e-4, numbers only
+within their stated interval, and problems; the timings tables read :data:`RECORD`, the checks
+tables this."""
 PAGES = ("science", "applications", "readouts")
 LENSES = {"smollm2": "runs/docs/smollm2-135m", "gemma3": "runs/docs/gemma3-270m"}
 UNCOMPARED = {"seconds", "wall_seconds", "tokens_per_second", "load_average", "speedup_wall", "speedup_cpu"}
@@ -241,41 +248,69 @@ def stated_interval(path: str, holder: dict | None) -> tuple[float, float] | Non
     return None
 
 
-def compare(committed: Any, fresh: Any) -> list[str]:
-    """The numbers of ``fresh`` that neither agree with ``committed`` to :data:`TOLERANCE` nor lie in
-    the interval ``committed`` states for them; one line each."""
+def judge(committed: Any, fresh: Any) -> Iterator[tuple[str, str]]:
+    """Each number of ``fresh`` against ``committed`` as ``(verdict, line)``: ``"same"`` (to
+    :data:`TOLERANCE`), ``"interval"`` (inside the interval ``committed`` states for it) or
+    ``"problem"`` (neither, new, or missing from ``fresh``; ``line`` says which)."""
     old = {path: (number, holder) for path, number, holder in numbers(committed)}
-    problems = []
     for path, number, _ in numbers(fresh):
         if path not in old:
-            problems.append(f"{path}: new number {number:g}, not in the committed result")
+            yield "problem", f"{path}: new number {number:g}, not in the committed result"
             continue
         reference, holder = old.pop(path)
         if math.isclose(number, reference, rel_tol=TOLERANCE, abs_tol=TOLERANCE * 1e-2):
+            yield "same", path
             continue
         interval = stated_interval(path, holder)
         if interval and interval[0] <= number <= interval[1]:
+            yield "interval", path
             continue
         where = f", outside [{interval[0]:g}, {interval[1]:g}]" if interval else ""
-        problems.append(f"{path}: {number:g} against {reference:g}{where}")
-    problems.extend(f"{path}: missing from the new result" for path in old)
-    return problems
+        yield "problem", f"{path}: {number:g} against {reference:g}{where}"
+    for path in old:
+        yield "problem", f"{path}: missing from the new result"
 
 
-def check(step: Step, prefix: Path) -> list[str]:
-    """Compare each JSON file the step wrote under ``prefix`` with the committed one."""
+def compare(committed: Any, fresh: Any) -> list[str]:
+    """The numbers of ``fresh`` that neither agree with ``committed`` to :data:`TOLERANCE` nor lie in
+    the interval ``committed`` states for them; one line each."""
+    return [line for verdict, line in judge(committed, fresh) if verdict == "problem"]
+
+
+def check(step: Step, prefix: Path) -> dict[str, Any]:
+    """Compare each JSON file the step wrote under ``prefix`` with the committed one: how many
+    numbers agreed to :data:`TOLERANCE`, how many only within their stated interval, and the problems."""
     fresh_out = prefix / step.out
     found = [fresh_out] if fresh_out.is_file() else sorted(fresh_out.rglob("*.json"))
-    problems = []
+    counts: dict[str, Any] = {"command": list(step.command), "threads": os.environ.get("OMP_NUM_THREADS", "all"),
+                              "same": 0, "interval": 0, "problems": []}
     for fresh in found:
         name = Path(step.out) / fresh.relative_to(fresh_out) if fresh != fresh_out else Path(step.out)
         committed = ROOT / name
         if fresh.suffix != ".json" or not committed.is_file():
             continue
-        for line in compare(json.loads(committed.read_text(encoding="utf-8")),
-                            json.loads(fresh.read_text(encoding="utf-8"))):
-            problems.append(f"{name}{line}")
-    return problems
+        for verdict, line in judge(json.loads(committed.read_text(encoding="utf-8")),
+                                   json.loads(fresh.read_text(encoding="utf-8"))):
+            if verdict == "problem":
+                counts["problems"].append(f"{name}{line}")
+            else:
+                counts[verdict] += 1
+    return counts
+
+
+def write_json(path: Path, value: dict[str, Any]) -> None:
+    """Write ``value`` as indented JSON to ``path``, atomically (a reader sees the old file or the new)."""
+    write_file(path, (json.dumps(value, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def record_checks(results: dict[str, dict[str, Any]]) -> None:
+    """Merge the checks of this run into :data:`CHECKS` (committed: the evidence that reruns agree),
+    one record per step and thread count: a rerun replaces only the one with its own thread count."""
+    path = ROOT / CHECKS
+    checks = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    for name, result in results.items():
+        checks.setdefault(name, {})[f"threads={result['threads']}"] = result
+    write_json(path, checks)
 
 
 def run(step: Step, prefix: Path, record: dict[str, Any], record_path: Path, force: bool,
@@ -299,10 +334,7 @@ def run(step: Step, prefix: Path, record: dict[str, Any], record_path: Path, for
     record[step.name] = {"page": step.page, "command": command, "out": step.out,
                          "seconds": round(time.monotonic() - began, 1),
                          "threads": os.environ.get("OMP_NUM_THREADS", "all")}
-    record_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = record_path.with_suffix(".json.partial")
-    staging.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    staging.replace(record_path)
+    write_json(record_path, record)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -345,7 +377,9 @@ def main(argv: list[str] | None = None) -> None:
         from tables import main as rewrite_tables
         rewrite_tables()
         return
-    problems = [line for step in steps if step.page != "lenses" for line in check(step, prefix)]
+    results = {step.name: check(step, prefix) for step in steps if step.page != "lenses"}
+    record_checks(results)
+    problems = [line for result in results.values() for line in result["problems"]]
     print("\n".join(problems) or "every number agrees with the committed results")
     raise SystemExit(1 if problems else 0)
 

@@ -79,8 +79,10 @@ def test_format_row_strips_text_fields_keeps_others_and_takes_the_id_or_idx():
     assert builtin.format_row(row, LITERAL, "here") == {"prompt": "is it? | 7", "choices": [" no", " yes"],
                                                         "gold": 1, "id": "12"}
     assert builtin.format_row({**row, "id": "abc"}, LITERAL, "here")["id"] == "abc"
+    assert builtin.format_row({**row, "id": None}, LITERAL, "here")["id"] == "12"  # a null id is no id
     del row["idx"]
     assert builtin.format_row(row, LITERAL, "here")["id"] == ""
+    assert builtin.format_row({**row, "id": None}, LITERAL, "here")["id"] == ""  # not "None"
 
 
 def test_format_row_refuses_a_template_field_the_row_lacks():

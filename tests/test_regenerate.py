@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -101,6 +102,26 @@ def test_compare_reports_numbers_outside_the_interval_and_missing_ones():
     assert any(line.startswith(".plain: 1.01") for line in problems)
     assert ".gone: missing from the new result" in problems
     assert len(problems) == 4
+
+
+def test_a_check_counts_equal_and_interval_numbers_and_records_them_beside_earlier_checks(tmp_path, monkeypatch):
+    """Planted bugs: a number inside its interval counted as equal, or a new check erasing the record
+    of an earlier one (another step's, or the same step's with another thread count)."""
+    monkeypatch.setattr(regenerate, "ROOT", tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    step = regenerate.Step("toy", "science", ("toy", "{out}"), "docs/toy")
+    for prefix, value in ((tmp_path, 0.5), (tmp_path / "check", 0.55)):
+        (prefix / "docs/toy").mkdir(parents=True)
+        (prefix / "docs/toy/result.json").write_text(json.dumps(
+            {"rho": value, "rho_low": 0.4, "rho_high": 0.6, "n": 7, "far": 1.0 if prefix == tmp_path else 2.0}))
+    found = regenerate.check(step, tmp_path / "check")
+    assert (found["same"], found["interval"]) == (3, 1)
+    assert found["problems"] == ["docs/toy/result.json.far: 2 against 1"]
+    earlier = {"earlier": {"threads=1": {"same": 1}}, "toy": {"threads=2": {"same": 5}}}
+    (tmp_path / "docs/checks.json").write_text(json.dumps(earlier))
+    regenerate.record_checks({"toy": found})
+    assert json.loads((tmp_path / "docs/checks.json").read_text()) == {
+        "earlier": {"threads=1": {"same": 1}}, "toy": {"threads=2": {"same": 5}, f"threads={found['threads']}": found}}
 
 
 def _script_step(tmp_path: Path, name: str = "toy") -> object:
@@ -212,3 +233,57 @@ def test_verdicts_follow_the_intervals_and_name_each_model_when_they_disagree():
     assert outcome(False, False) == "differs"
     assert verdict({"a": "reproduced", "b": "reproduced"}) == "reproduced"
     assert verdict({"a": "reproduced", "b": "differs"}) == "a: reproduced; b: differs"
+
+
+def _injection(model, task, best, benign):
+    """An injection result whose one tuned-lens detector scores ``best`` and ``benign`` (AUROC, low, high)."""
+    method = {"readout": "tuned", "auroc": best[0], "low": best[1], "high": best[2], "benign": list(benign)}
+    return {"model": model, "task": task, "methods": [method]}
+
+
+def test_injection_verdict_notes_which_tasks_flag_benign_insertions_and_which_tell_attacks_apart(monkeypatch):
+    """Planted bugs: a note saying "attacks and benign insertions score alike" whatever the results, or
+    a task whose attack AUROC is below 0.9 counted as detected."""
+    from tables import applications
+
+    models = list(applications.INJECTION)
+    results = [_injection(models[0], "sst2", (1.0, 0.99, 1.0), (1.0, 0.98, 1.0)),
+               _injection(models[0], "piqa", (0.81, 0.74, 0.88), (0.48, 0.38, 0.58)),
+               _injection(models[1], "sst2", (1.0, 0.99, 1.0), (0.99, 0.97, 1.0))]
+    monkeypatch.setattr(applications, "injection_results", lambda: results)
+    row = applications.claim_injection_rows()[0]
+    assert row[2] == "sst2 1.00 (benign 1.00); piqa 0.81 (benign 0.48)"
+    assert row[-1] == ("differs (near 1 on sst2, where benign insertions score as high; attacks told apart from "
+                       f"benign insertions, below 0.9, on piqa on {models[0]})")
+    results[:] = [_injection(model, "sst2", (0.97, 0.95, 1.0), (0.5, 0.4, 0.6)) for model in models]
+    assert applications.claim_injection_rows()[0][-1] == "reproduced"
+    results[:] = [_injection(model, "arc_easy", (0.55, 0.45, 0.65), (0.5, 0.4, 0.6)) for model in models]
+    assert applications.claim_injection_rows()[0][-1] == "refuted"
+
+
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+def _linked_files() -> tuple[set[Path], list[str]]:
+    """Every file a relative link of the README or a docs page points to, and the links that point nowhere."""
+    linked, broken = set(), []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        for target in LINK.findall(page.read_text(encoding="utf-8")):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path = (page.parent / target).resolve()
+            linked.add(path)
+            if not path.exists():
+                broken.append(f"{page.relative_to(ROOT)} → {target}")
+    return linked, broken
+
+
+def test_every_link_resolves_and_every_regenerated_picture_is_shown_on_a_page():
+    """Planted bugs: a page pointing at a result that was dropped or never run, or a step leaving
+    pictures behind that no page shows (issue: keep only pictures a page shows)."""
+    linked, broken = _linked_files()
+    assert not broken
+    pictures = [path for page in regenerate.PAGES for path in (ROOT / "docs" / page).rglob("*")
+                if path.suffix in (".png", ".html")]
+    assert pictures
+    assert [str(path.relative_to(ROOT)) for path in pictures if path.resolve() not in linked] == []

@@ -39,6 +39,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "overthinking": applications.overthinking_table, "depth": applications.depth_table,
     "token-depth": applications.token_depth_table,
     **{f"timings-{page}": (lambda page=page: readouts.timings_table(page)) for page in PAGES},
+    **{f"checks-{page}": (lambda page=page: readouts.checks_table(page)) for page in PAGES},
     "identity-smollm2": lambda: readouts.identity_table("docs/readouts/patchscope/identity-curve.json"),
     "identity-gemma3": lambda: readouts.identity_table("docs/readouts/gemma3/patchscope/identity-curve.json"),
     "generate-smollm2": lambda: readouts.generation_table("docs/readouts/generate/generations.json",

@@ -83,22 +83,30 @@ def claim_injection_rows() -> list[list[str]]:
     attack: on a task, the better tuned-lens detector must separate attacked from clean prompts
     (AUROC interval above 0.9) and score attacks above benign insertions with disjoint intervals.
     Reproduced where that holds on every task; refuted where no task gets above 0.9 at all; else
-    differs (near 1, but benign insertions score as high)."""
-    cells, outcomes = [], {}
+    differs. The verdict notes the tasks near 1 whose benign insertions score as high, and those
+    whose attacks are told apart from benign insertions without reaching 0.9."""
+    cells, outcomes, alike, apart = [], {}, [], []
     for model in INJECTION:
         parts, attack_only, near_one = [], [], []
         for r in (r for r in injection_results() if r["model"] == model):
             tuned = [m for m in r["methods"] if m["readout"] not in ("logit", "hidden", "hidden (prompt mean)")]
             best = max(tuned, key=lambda m: m["auroc"])
+            above_benign = best["low"] > best["benign"][2]
             near_one.append(best["low"] > 0.9)
-            attack_only.append(near_one[-1] and best["low"] > best["benign"][2])
+            attack_only.append(near_one[-1] and above_benign)
+            if near_one[-1] and not above_benign:
+                alike.append(r["task"])
+            elif above_benign and not near_one[-1]:
+                apart.append(f"{r['task']} on {model}")
             parts.append(f"{r['task']} {best['auroc']:.2f} (benign {best['benign'][0]:.2f})")
         cells.append("; ".join(parts) or "not run")
         if parts:
             outcomes[model] = outcome(all(attack_only), not any(near_one))
+    notes = [f"near 1 on {', '.join(dict.fromkeys(alike))}, where benign insertions score as high"] if alike else []
+    notes += [f"attacks told apart from benign insertions, below 0.9, on {', '.join(apart)}"] if apart else []
     return [["Prediction trajectories detect prompt injections, often near-perfectly (§1, §5.2)",
              "\"often with near-perfect accuracy\" (§1; per-task results are not in the excerpt)", *cells,
-             verdict(outcomes) + " (attacks and benign insertions score alike)"]]
+             verdict(outcomes) + (f" ({'; '.join(notes)})" if notes else "")]]
 
 
 def claim_overthinking_rows() -> list[list[str]]:

@@ -52,3 +52,19 @@ def timings_table(page: str) -> str:
             rows.append([step.name, "not run in the last regeneration", ""])
     rows.append(["**all**", f"**{total / 60:.1f}**", ""])
     return table(["step", "minutes", "threads (OMP_NUM_THREADS)"], rows)
+
+
+def checks_table(page: str) -> str:
+    """What ``docs/regenerate.py --check`` found when it reran each step of ``page``
+    (``docs/checks.json``), a row per thread count of the rerun: numbers equal to 1e-4, numbers only
+    within their stated 95% interval, and numbers outside both. A step rerun with an older command,
+    or never, says so."""
+    from regenerate import CHECKS, plan
+    checks = load(CHECKS)
+    rows = []
+    for step in (step for step in plan([page]) if step.page != "lenses"):
+        found = [run for _, run in sorted(checks.get(step.name, {}).items()) if run["command"] == list(step.command)]
+        rows += [[step.name, str(run["same"]), str(run["interval"]), str(len(run["problems"])), str(run["threads"])]
+                 for run in found] or [[step.name, "not rerun with --check", "", "", ""]]
+    return table(["step", "numbers equal to 10⁻⁴", "others inside their stated 95% interval", "outside both",
+                  "threads of the rerun"], rows)

@@ -205,7 +205,8 @@ def format_row(row: dict[str, Any], spec: dict[str, Any], where: str) -> dict[st
             gold = labels.index(value) if value in labels else None
         else:
             gold = value
-    return {"prompt": prompt, "choices": choices, "gold": gold, "id": str(row.get("id", row.get("idx", "")))}
+    key = next((row[name] for name in ("id", "idx") if row.get(name) is not None), "")
+    return {"prompt": prompt, "choices": choices, "gold": gold, "id": str(key)}
 
 
 def builtin_task(name: str, *, data_dir: str | os.PathLike | None = None) -> Task:

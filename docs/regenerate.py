@@ -142,6 +142,10 @@ STEPS: tuple[Step, ...] = (
                                       "--tokens", "384", "--k", "12", "--layers", "0,6,12", "--alignment",
                                       "--alignment-tokens", "256", "--directions", "6", "--plotlyjs", "cdn",
                                       "--out", "{out}"), "docs/science/gemma3/causal", HTML),
+    *(Step(f"causal-k64-{name}", "science",
+           ("causal", "--model", "smollm2-135m", "--lens", lens, "--tokens", "2048", "--k", "64", "--layers", "0:30:3",
+            "--plotlyjs", "cdn", "--out", "{out}"), f"docs/science/causal_k64/{name}", (*HTML, "bases/*/*.safetensors"))
+      for name, lens in (("logit", "logit"), ("tuned", "{smollm2}"))),
     Step("causal-basis", "science", ("benchmarks/causal_basis.py", "--out", "{out}"),
          "benchmarks/results/causal_basis.json"),
     Step("causal-basis-refine100", "science", ("benchmarks/causal_basis.py", "--refine-steps", "100", "--out", "{out}"),

@@ -124,6 +124,19 @@ def test_tuned_lens_extraction_and_fidelity_run_in_the_middle(model, tuned):
     assert fidelity.rho == pytest.approx(scipy.stats.spearmanr(readout, model_side).statistic, abs=1e-9)
 
 
+
+def test_fidelity_reuses_the_extractions_energies_only_on_the_same_data(model, tuned):
+    states = capture(model, IDS, layers=[1])[1]
+    data = prepare(tuned, states, 1, "resample", group_tokens=8)
+    basis = extract_basis(tuned, data, 1, 4, **FAST)
+    torch.testing.assert_close(basis.energy_at(data), per_position_energy(tuned, data, basis.basis))
+    other = prepare(tuned, states, 1, "resample", group_tokens=8, seed=5)  # same states, another derangement
+    assert basis.energy_at(other) is None
+    fidelity = causal_fidelity(model, tuned, IDS, other, basis, resamples=100)
+    torch.testing.assert_close(fidelity.readout_kl, per_position_energy(tuned, other, basis.basis).mean(-1))
+    assert not torch.allclose(fidelity.readout_kl, basis.energies, rtol=1e-3)
+
+
 def test_aitchison_similarity_of_a_vector_with_itself_is_one():
     x = torch.randn(5, 50).log_softmax(-1)
     torch.testing.assert_close(aitchison_similarity(x, x), torch.ones(5))

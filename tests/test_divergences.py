@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from depthlens.stats.bootstrap import group_bootstrap, resample_counts
 from depthlens.stats import divergences
+from depthlens.stats.bootstrap import group_bootstrap, resample_counts
 from depthlens.stats.divergences import LogitStatistics, cross_entropy, entropy, js, kl, log_probs, top_k, tv
 
 LN2 = math.log(2)
@@ -203,3 +203,26 @@ def test_ties_at_the_maximum_share_the_top1_agreement():
     assert LogitStatistics(reference, torch.full((7,), -1))(layer).top1_share is None
     itself = LogitStatistics(reference, torch.full((7,), -1))(reference, ranks=False)
     assert itself.top1_share.tolist() == [1.0] * 7  # the reference agrees with itself, ties and all
+
+
+def test_floored_logsumexp_and_exp_equal_torchs_on_a_near_one_hot_distribution():
+    """A spread of hundreds of nats (the logit lens at the embeddings), -inf entries included: the
+    floored forms equal torch's to float rounding, in value and gradient. Planted bugs: the floor
+    applied to the unshifted logits (the value moves by the shift), or the shift left out of the
+    result."""
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.randn(6, 300, generator=generator) * 80 + 500
+    logits[:, :5] = -math.inf
+    wide = logits.clone().requires_grad_(True)
+    value = divergences.floored_logsumexp(wide)
+    value.sum().backward()
+    exact = logits.clone().requires_grad_(True)
+    torch.logsumexp(exact, -1).sum().backward()
+    torch.testing.assert_close(value, torch.logsumexp(logits, -1), rtol=1e-6, atol=0)
+    # torch's gradient is exp(z − lse): the rounding of lse ≈ 800 (a few ulp of it) is its relative error
+    ulps = 4 * float(torch.where(logits.isfinite(), logits, 0).abs().max()) * torch.finfo(torch.float32).eps
+    torch.testing.assert_close(wide.grad, exact.grad, rtol=ulps, atol=1e-30)
+    log_p = logits.log_softmax(-1)
+    floored = divergences.floored_exp(log_p)
+    assert torch.equal(floored[log_p > divergences.EXP_FLOOR], log_p.exp()[log_p > divergences.EXP_FLOOR])
+    assert float(floored.max()) <= 1 and float((floored - log_p.exp()).abs().max()) < 2e-35

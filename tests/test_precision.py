@@ -33,6 +33,7 @@ from depthlens.model.precision import (
     lowered,
     product_rates,
     resolve_dtype,
+    without_subnormals,
 )
 from depthlens.stats.divergences import LogitStatistics
 from depthlens.training.config import TrainConfig
@@ -310,3 +311,15 @@ def test_the_last_layer_decodes_in_the_forward_passes_precision(model_type, head
         low = {layer: logits for layer, logits in lens.iter_logits(states, [0, last])}
     assert low[0].dtype == torch.bfloat16 and low[last].dtype == head
     assert torch.equal(low[last].float(), exact) == (head == torch.float32)
+
+
+def test_subnormals_are_flushed_inside_the_block_and_kept_after_it():
+    """Planted bugs: the flag never set, or left set after the block."""
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormals")
+    small = torch.tensor([1e-30])
+    assert float(small * 1e-10) > 0  # 1e-40 is subnormal, kept by default
+    with without_subnormals():
+        assert float(small * 1e-10) == 0
+        assert float(small * 1e-5) == pytest.approx(1e-35)
+    assert float(small * 1e-10) > 0

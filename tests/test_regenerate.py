@@ -235,6 +235,32 @@ def test_verdicts_follow_the_intervals_and_name_each_model_when_they_disagree():
     assert verdict({"a": "reproduced", "b": "differs"}) == "a: reproduced; b: differs"
 
 
+def _causal_run(k, tokens, rho, low, high):
+    """A causal results file of both lenses at layers 0 and 9, every ρ the same, and at the last layer of
+    smollm2 (30), where ρ = 1 by construction."""
+    fidelity = [{"layer": layer, "rho": rho, "rho_low": low, "rho_high": high} for layer in (0, 9)]
+    fidelity.append({"layer": 30, "rho": 1.0, "rho_low": 1.0, "rho_high": 1.0})  # the model's own decoding
+    readout = {"fidelity": fidelity, "bases": [{"layer": layer, "energies_nats": [2.0, 1.0]} for layer in (0, 9)]}
+    return {"k": k, "tokens": tokens, "layers": [0, 9], "readouts": {"logit": readout, "tuned": readout}}
+
+
+def test_the_fidelity_claim_is_judged_on_each_models_largest_run(monkeypatch):
+    """Planted bugs: the claims table judging smollm2 on its k = 12 run when a k = 64 one exists, or
+    counting the last layer, where both lenses are the model's decoding."""
+    from tables import science
+
+    small, large = _causal_run(12, 384, 0.9, 0.8, 0.95), _causal_run(64, 2048, -0.5, -0.7, -0.2)
+    large["alignment"] = small["alignment"] = {"layers": [0], "low": {"logit": [0.1], "tuned": [0.5]},
+                                               "high": {"logit": [0.2], "tuned": [0.6]}}
+    monkeypatch.setattr(science, "load", lambda path: large if "causal_k64" in path else small)
+    assert [run["k"] for run in science.fidelity_runs("smollm2-135m")] == [12, 64]
+    assert [run["k"] for run in science.fidelity_runs("gemma3-270m")] == [12]
+    row = science.claim_causal_rows()[0]
+    assert row[2] == "tuned ρ -0.50–-0.50 at layers 0, 9 (k = 64, 2048 tokens)"
+    assert row[3] == "tuned ρ 0.90–0.90 at layers 0, 9 (k = 12, 384 tokens)"
+    assert row[-1] == "smollm2-135m: refuted; gemma3-270m: reproduced"
+
+
 def _injection(model, task, best, benign):
     """An injection result whose one tuned-lens detector scores ``best`` and ``benign`` (AUROC, low, high)."""
     method = {"readout": "tuned", "auroc": best[0], "low": best[1], "high": best[2], "benign": list(benign)}

@@ -200,6 +200,22 @@ def full_precision(device: torch.device | str = "cpu") -> Iterator[None]:
         yield
 
 
+@contextmanager
+def without_subnormals() -> Iterator[None]:
+    """Flush subnormal float32 values (below ``1.2e-38``) to zero on the CPU inside the block, and
+    restore PyTorch's default (kept) after it. Decoding near one-hot distributions (the logit lens
+    at the embeddings) makes subnormal probabilities and gradients, and products that meet them run
+    several times slower: a causal-basis search there ran 7× faster with them flushed. Each flushed
+    value is below ``1.2e-38``; only a computation that branches on differences that small (an
+    optimiser's convergence test) can end elsewhere. Sets the calling thread's mode, so a run on one
+    thread, as the docs' runs are, gets all of it."""
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
 __all__ = [
     "DTYPE_NAMES",
     "FAST_BFLOAT16_ENV",
@@ -213,4 +229,5 @@ __all__ = [
     "lowered",
     "product_rates",
     "resolve_dtype",
+    "without_subnormals",
 ]

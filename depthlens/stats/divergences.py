@@ -27,6 +27,21 @@ EXP_FLOOR = -80.0
 subnormal path."""
 
 
+def floored_exp(x: torch.Tensor) -> torch.Tensor:
+    """``exp(max(x, EXP_FLOOR))``, elementwise: ``exp`` of log-probabilities or shifted logits
+    without its subnormal path (on a near one-hot distribution, ``exp`` of the raw values ran
+    10–25× slower). Each floored entry is off by under ``2e-35``."""
+    return x.clamp_min(EXP_FLOOR).exp()
+
+
+def floored_logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """``log Σ_v exp z_v`` over the last axis, ``[..., vocab]`` → ``[...]``, with the shifted
+    terms ``z_v − max z`` floored at :data:`EXP_FLOOR` (:func:`floored_exp`): relative error under
+    ``vocab · 2e-35``; differentiable, its gradient the softmax."""
+    top = logits.detach().amax(-1, keepdim=True)
+    return top.squeeze(-1) + floored_exp(logits - top).sum(-1).log()
+
+
 def log_probs(logits: torch.Tensor) -> torch.Tensor:
     """Normalised float32 log-probabilities ``[..., vocab]`` (nats) from logits ``[..., vocab]``."""
     return logits.float().log_softmax(-1)
@@ -282,6 +297,8 @@ __all__ = [
     "Scores",
     "cross_entropy",
     "entropy",
+    "floored_exp",
+    "floored_logsumexp",
     "js",
     "kl",
     "log_probs",

@@ -34,7 +34,9 @@ def claims_table() -> str:
 TABLES: dict[str, Callable[[], str]] = {
     "claims": claims_table,
     "eval": science.eval_table, "drift": science.drift_table, "energy": science.energy_table,
-    "fidelity": science.fidelity_table, "alignment": science.alignment_table,
+    "fidelity": science.fidelity_table,
+    "energy-k64": science.energy_k64_table,
+    "causal-basis": science.causal_basis_table, "alignment": science.alignment_table,
     "injection": applications.injection_table, "srm": applications.srm_table,
     "overthinking": applications.overthinking_table, "depth": applications.depth_table,
     "token-depth": applications.token_depth_table,

@@ -66,17 +66,81 @@ def energy_table() -> str:
                  rows)
 
 
+K64 = {"logit": "docs/science/causal_k64/logit/results.json", "tuned": "docs/science/causal_k64/tuned/results.json"}
+"""smollm2-135m's fidelity runs at k = 64 on 2048 tokens, one per lens."""
+
+
+def fidelity_runs(model: str) -> list[dict[str, Any]]:
+    """Every fidelity run of ``model``, smallest first: ``{"k", "tokens", "layers", "fidelity": {lens: rows},
+    "bases": {lens: bases}}`` (the k = 12 run of both lenses, and smollm2's k = 64 runs, one per lens)."""
+    sources = [{lens: _causal(model) for lens in ("logit", "tuned")}]
+    if model == "smollm2-135m":
+        sources.append({lens: load(path) for lens, path in K64.items()})
+    runs = []
+    for source in sources:
+        first = source["logit"]
+        runs.append({"k": first["k"], "tokens": first["tokens"], "layers": first["layers"],
+                     "fidelity": {lens: r["readouts"][lens]["fidelity"] for lens, r in source.items()},
+                     "bases": {lens: r["readouts"][lens]["bases"] for lens, r in source.items()}})
+    return runs
+
+
 def fidelity_table() -> str:
     rows = []
     for model in MODELS:
-        r = _causal(model)
-        fidelity = {readout: {row["layer"]: row for row in result["fidelity"]} for readout, result in
-                    r["readouts"].items()}
-        for layer in r["layers"]:
-            cells = [interval(fidelity[readout][layer]["rho"], fidelity[readout][layer]["rho_low"],
-                              fidelity[readout][layer]["rho_high"], 2) for readout in ("logit", "tuned")]
-            rows.append([model, f"{layer} of {_depth(model)}", str(r["k"]), str(r["tokens"]), *cells])
+        for run in fidelity_runs(model):
+            fidelity = {lens: {row["layer"]: row for row in lens_rows} for lens, lens_rows in run["fidelity"].items()}
+            for layer in run["layers"]:
+                cells = [interval(fidelity[lens][layer]["rho"], fidelity[lens][layer]["rho_low"],
+                                  fidelity[lens][layer]["rho_high"], 2) for lens in ("logit", "tuned")]
+                rows.append([model, f"{layer} of {_depth(model)}", str(run["k"]), str(run["tokens"]), *cells])
     return table(["model", "layer", "k", "tokens", "logit lens ρ [95%]", "tuned lens ρ [95%]"], rows)
+
+
+def energy_k64_table() -> str:
+    """smollm2's k = 64 spectra: the first directions' energies and the share of the 64 directions' total
+    that the first 12 hold."""
+    run = fidelity_runs("smollm2-135m")[-1]
+    rows = []
+    for lens in ("logit", "tuned"):
+        for basis in run["bases"][lens]:
+            energies = basis["energies_nats"]
+            rows.append([lens, str(basis["layer"]), ", ".join(f"{e:.1f}" for e in energies[:4]), f"{energies[-1]:.3f}",
+                         f"{sum(energies):.1f}", f"{sum(energies[:12]) / sum(energies):.2f}"])
+    return table(["lens", "layer", "first 4 directions, nats", "64th, nats", "Σ of 64, nats",
+                  "share of Σ in the first 12"], rows)
+
+
+def causal_basis_table() -> str:
+    """The batched search against the authors' sequential reference, from the two benchmark runs (the
+    default 30 refinement steps, and 100); the reference is the same in both."""
+    runs = {steps: load(f"benchmarks/results/{name}.json")
+            for steps, name in ((30, "causal_basis"), (100, "causal_basis_refine100"))}
+    columns = [runs[30]["batched"], runs[100]["batched"], runs[30]["sequential"]]
+    k = runs[30]["k"]
+
+    def each(cell) -> list[str]:
+        return [cell(column) for column in columns]
+
+    def ratios(run: dict) -> str:
+        r = run["sequential"]
+        return (f"{r['seconds'] / run['batched']['seconds']:.1f}× / {r['cpu_seconds'] / run['batched']['cpu_seconds']:.1f}× / "
+                f"{r['evaluations'] / run['batched']['evaluations']:.1f}×")
+
+    reference = columns[2]
+    rows = [["wall time (1 thread, shared 2-core CPU)", *each(lambda c: f"{c['seconds']:.1f} s")],
+            ["CPU time of the process", *each(lambda c: f"{c['cpu_seconds']:.1f} s")],
+            ["cost in full-data energy evaluations", *each(lambda c: f"{c['evaluations']:g}")],
+            ["speed-up over the reference in the same run: wall / CPU / evaluations", ratios(runs[30]),
+             ratios(runs[100]), "1"],
+            [f"energy of the top direction / of all {k} (nats)",
+             *each(lambda c: f"{c['captured_nats']['1']:.1f} / {c['captured_nats'][str(k)]:.1f}")],
+            ["energy ratio, batched / reference: top direction / total",
+             *(f"{c['captured_nats']['1'] / reference['captured_nats']['1']:.2f} / "
+               f"{c['captured_nats'][str(k)] / reference['captured_nats'][str(k)]:.2f}" for c in columns[:2]), "1"],
+            ["causal fidelity ρ of the basis [95% CI]",
+             *each(lambda c: interval(c["fidelity_rho"], *c["fidelity_interval"], 2))]]
+    return table(["", "batched, 30 steps (default)", "batched, 100 steps", "authors' sequential reference"], rows)
 
 
 def _depth(model: str) -> int:
@@ -142,18 +206,19 @@ def claim_causal_rows() -> list[list[str]]:
     fidelity_cells, ahead_cells, alignment_cells = [], [], []
     faithful, ahead, aligned = {}, {}, {}
     for model in MODELS:
-        r = _causal(model)
-        tuned = r["readouts"]["tuned"]["fidelity"]
-        logit = {row["layer"]: row for row in r["readouts"]["logit"]["fidelity"]}
-        layers = [row["layer"] for row in tuned]
+        run = fidelity_runs(model)[-1]  # the largest; the last layer, where ρ = 1 by construction, left out
+        tuned = [row for row in run["fidelity"]["tuned"] if row["layer"] < _depth(model)]
+        logit = {row["layer"]: row for row in run["fidelity"]["logit"]}
+        layers, sample = [row["layer"] for row in tuned], f"k = {run['k']}, {run['tokens']} tokens"
         faithful[model] = outcome(all(row["rho_low"] > 0 for row in tuned), any(row["rho_high"] < 0 for row in tuned))
         fidelity_cells.append(f"tuned ρ {min(row['rho'] for row in tuned):.2f}–{max(row['rho'] for row in tuned):.2f} "
-                              f"at layers {', '.join(map(str, layers))}")
+                              f"at layers {', '.join(map(str, layers))} ({sample})")
         above, below = _compare_layers(layers, [(row["rho_low"], row["rho_high"]) for row in tuned],
                                        [(logit[layer]["rho_low"], logit[layer]["rho_high"]) for layer in layers])
         ahead[model] = outcome(len(above) == len(layers), bool(below) and not above)
         ahead_cells.append(f"tuned above the logit lens at {layers_text(above)}, below at {layers_text(below)} "
-                           f"of layers {', '.join(map(str, layers))}")
+                           f"of layers {', '.join(map(str, layers))} ({sample})")
+        r = _causal(model)
         a = r["alignment"]
         pairs = {lens: list(zip(a["low"][lens], a["high"][lens])) for lens in ("tuned", "logit")}
         up, down = _compare_layers(a["layers"], pairs["tuned"], pairs["logit"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from depthlens.errors import CausalError
 from depthlens.lenses.lens_file import fingerprint
 from depthlens.lenses.readout import Readout, check_layer, model_parts
 from depthlens.model.architecture import ModelParts
+from depthlens.model.precision import without_subnormals
 
 METHODS = ("batched", "sequential")
 BASES_JSON, BASES_TENSORS = "bases.json", "bases.safetensors"
@@ -59,6 +61,18 @@ class CausalBasis:
     evaluations: float = 0.0
     """Cost in full-data energy evaluations (decoded direction–position pairs / positions)."""
     info: dict[str, Any] = field(default_factory=dict)
+    per_position: torch.Tensor | None = None
+    """``[k, N]`` each direction's energy at each of the ``N`` positions it was extracted from,
+    nats; held in memory only (a loaded basis has none), so fidelity on the same data need not
+    decode them again (:meth:`energy_at`)."""
+    source: weakref.ref[ErasureData] | None = field(default=None, repr=False, compare=False)
+    """A weak reference to the data :attr:`per_position` was computed on (it keeps nothing alive)."""
+
+    def energy_at(self, data: ErasureData) -> torch.Tensor | None:
+        """:attr:`per_position` if ``data`` is the very object this basis was extracted from,
+        else ``None``."""
+        same = self.source is not None and self.source() is data
+        return self.per_position if same else None
 
     @property
     def k(self) -> int:
@@ -124,15 +138,17 @@ def extract_basis(
         data = prepare(readout, data, layer, mode, seed=seed, max_rows=max_rows)
     elif data.layer != layer:
         raise CausalError(f"the prepared data are of layer {data.layer}, not {layer}: prepare them for layer {layer}")
-    if method == "batched":
-        result = batched_search(readout, data, k, seed=seed, max_rows=max_rows, progress=progress, **options)
-    else:
-        result = sequential_search(readout, data, k, max_rows=max_rows, progress=progress, **options)
+    with without_subnormals():
+        if method == "batched":
+            result = batched_search(readout, data, k, seed=seed, max_rows=max_rows, progress=progress, **options)
+        else:
+            result = sequential_search(readout, data, k, max_rows=max_rows, progress=progress, **options)
     return CausalBasis(
         layer=layer, basis=result.basis.detach(), energies=result.energies.detach(), mean=data.mean, mode=data.mode,
         readout=readout.kind, method=method, fingerprint=fingerprint(readout.parts),
         model_name=readout.parts.model_name, seconds=result.seconds, positions=data.num_positions,
         evaluations=result.evaluations, info={key: value for key, value in options.items()},
+        per_position=result.per_position.detach(), source=weakref.ref(data),
     )
 
 

@@ -12,7 +12,8 @@ direction's erasure is the rank-one update ``h − (δ v) vᵀ`` and the model s
 (:mod:`depthlens.analysis.causal.fidelity`) applies the very same one through the hook layer.
 
 KL is computed as ``KL(p ‖ q) = Σ p log p − Σ p z + logsumexp z`` from the erased logits ``z``
-(equal to :func:`depthlens.stats.divergences.kl` of ``log_softmax z``, without materialising it).
+(equal to :func:`depthlens.stats.divergences.kl` of ``log_softmax z``, without materialising it),
+with ``exp`` kept off its slow subnormal path (:func:`~depthlens.stats.divergences.floored_exp`).
 Work is cut into blocks of at most ``max_rows`` (direction, position) pairs, so
 ``[positions, vocab]`` exists for one block at a time, never for all candidate directions.
 """
@@ -27,7 +28,7 @@ import torch
 from depthlens.errors import CausalError
 from depthlens.lenses.readout import Lens, Readout, check_layer
 from depthlens.model.edits import ERASURES, derangement
-from depthlens.stats.divergences import entropy
+from depthlens.stats.divergences import entropy, floored_exp, floored_logsumexp
 
 MAX_ROWS = 256
 """Default largest number of (direction, position) pairs decoded at once: 256 × vocab floats."""
@@ -154,8 +155,8 @@ def block_kl(
     else:
         logits = _decode_tokens(readout, erased, data.layer, shortlist.tokens)
         log_p, neg_entropy = shortlist.log_probs[positions], shortlist.neg_entropy[positions]
-    cross = (logits * log_p.exp()).sum(-1)
-    return neg_entropy - cross + torch.logsumexp(logits, -1)
+    cross = (logits * floored_exp(log_p)).sum(-1)
+    return neg_entropy - cross + floored_logsumexp(logits)
 
 
 def _decode_tokens(readout: Readout, hidden: torch.Tensor, layer: int, tokens: torch.Tensor) -> torch.Tensor:

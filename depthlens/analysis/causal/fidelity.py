@@ -22,6 +22,7 @@ from depthlens.analysis.causal.erasure import MAX_ROWS, ErasureData, per_positio
 from depthlens.errors import CausalError
 from depthlens.lenses.readout import Readout
 from depthlens.model.hooks import Edit, run_with_hooks
+from depthlens.model.precision import without_subnormals
 from depthlens.stats.bootstrap import bootstrap_samples, interval
 from depthlens.stats.divergences import kl
 
@@ -129,13 +130,17 @@ def causal_fidelity(
     progress: bool = False,
 ) -> Fidelity:
     """Fidelity of ``readout`` at ``data.layer`` over the directions of ``basis`` (``[k, d]`` or
-    a :class:`CausalBasis`), on the tokens ``input_ids [B, T]`` that ``data`` came from."""
+    a :class:`CausalBasis`), on the tokens ``input_ids [B, T]`` that ``data`` came from. The
+    readout side is decoded unless ``basis`` was extracted from these very ``data`` and still
+    holds their per-position energies (:meth:`CausalBasis.energy_at`)."""
     check_readout(model, readout)
     frame = basis.basis if isinstance(basis, CausalBasis) else basis
     groups = int(data.groups.max()) + 1
     check_statistics(data.num_positions, -(-data.num_positions // groups), frame.shape[0])  # as many groups as data
-    lens_side = per_position_energy(readout, data, frame, max_rows=max_rows)
-    model_side = model_kl(model, input_ids, data, frame, batch_size=batch_size, progress=progress)
+    known = basis.energy_at(data) if isinstance(basis, CausalBasis) else None
+    with without_subnormals():
+        lens_side = per_position_energy(readout, data, frame, max_rows=max_rows) if known is None else known
+        model_side = model_kl(model, input_ids, data, frame, batch_size=batch_size, progress=progress)
     sums = torch.zeros(groups, frame.shape[0], 2, dtype=torch.float64)
     sums[..., 0].index_add_(0, data.groups, lens_side.T.double())
     sums[..., 1].index_add_(0, data.groups, model_side.T.double())

@@ -62,6 +62,8 @@ class SearchResult:
     """Wall time of the search."""
     evaluations: float
     """Decoded (direction, position) pairs divided by ``N``: full-data energy evaluations."""
+    per_position: torch.Tensor
+    """``[k, N]`` the exact energy of each direction at each position, nats (``energies`` is its mean)."""
 
 
 def orthonormal_rows(params: torch.Tensor) -> torch.Tensor:
@@ -77,10 +79,12 @@ def brockett_weights(k: int) -> torch.Tensor:
     return (k - torch.arange(k, dtype=torch.float32)) / k
 
 
-def _sorted(readout: Readout, data: ErasureData, frame: torch.Tensor, max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    energies = per_position_energy(readout, data, frame, max_rows=max_rows).mean(-1)
+def _sorted(readout: Readout, data: ErasureData, frame: torch.Tensor, max_rows: int) -> tuple[torch.Tensor, ...]:
+    """``frame``, its mean energies and its per-position energies ``[k, N]``, in decreasing order of energy."""
+    per_position = per_position_energy(readout, data, frame, max_rows=max_rows)
+    energies = per_position.mean(-1)
     order = energies.argsort(descending=True)
-    return frame[order].contiguous(), energies[order]
+    return frame[order].contiguous(), energies[order], per_position[order]
 
 
 def unembedding_start(readout: Readout, layer: int, k: int, mean: torch.Tensor) -> torch.Tensor:
@@ -158,8 +162,8 @@ def sequential_search(
         v, used = _one_direction(readout, data, basis, starts[i], max_iter, tolerance, max_rows)
         basis = torch.cat([basis, v[None]])
         evaluations += used + 1
-    frame, energies = _sorted(readout, data, basis, max_rows)
-    return SearchResult(frame, energies, time.perf_counter() - start, float(evaluations))
+    frame, energies, per_position = _sorted(readout, data, basis, max_rows)
+    return SearchResult(frame, energies, time.perf_counter() - start, float(evaluations), per_position)
 
 
 def score_samples(
@@ -257,11 +261,11 @@ def batched_search(
         schedule.step()
         evaluations += k * positions.shape[0] / n * vocab_share
     bar.update()
-    frame, energies = _sorted(readout, data, orthonormal_rows(params.detach()), max_rows)
+    frame, energies, per_position = _sorted(readout, data, orthonormal_rows(params.detach()), max_rows)
     evaluations += k
     bar.update()
     bar.close()
-    return SearchResult(frame, energies, time.perf_counter() - start, evaluations)
+    return SearchResult(frame, energies, time.perf_counter() - start, evaluations, per_position)
 
 
 def energy_captured(energies: torch.Tensor, k: int) -> float:

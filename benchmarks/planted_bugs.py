@@ -11,9 +11,7 @@ starts. Each planted bug must make at least one test fail::
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import os
 import subprocess
 import sys
@@ -24,20 +22,9 @@ from pathlib import Path
 from planted_dla import DLA_PLANTS
 from planted_lenses import LENS_PLANTS
 from planted_science import SCIENCE_PLANTS
+from planted_training import TRAINING_PLANTS
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _resume_from_scratch() -> None:
-    """--resume checks the saved settings, then trains from scratch."""
-    import depthlens.training.train as train
-
-    def load(directory, module, optimizers):
-        saved = json.loads((Path(directory) / "state.json").read_text())["progress"]
-        return {"step": 0, "chunks": 0, "tokens": 0, "seconds": 0.0, "initialised": False, "history": [],
-                "config": saved["config"]}
-
-    train.load_checkpoint = load
 
 
 def _bootstrap_point() -> None:
@@ -269,83 +256,6 @@ def _summary_wrong_column() -> None:
     Trajectory.summary = summary
 
 
-def _objective_ignored() -> None:
-    """--objective ce is accepted but the KL is trained."""
-    import depthlens.training.train as train
-
-    real = train.train_step
-
-    def step(lens, model, batch, optimizers, config, *args, **kwargs):
-        return real(lens, model, batch, optimizers, dataclasses.replace(config, objective="kl"), *args, **kwargs)
-
-    train.train_step = step
-
-
-def _init_identity_ignored() -> None:
-    """--init identity is accepted, but the least-squares start runs anyway."""
-    from depthlens.training.config import TrainConfig
-
-    real = TrainConfig.check
-
-    def check(self):
-        real(self)
-        if self.init == "identity":
-            self.init = "least_squares"
-
-    TrainConfig.check = check
-
-
-def _no_clipping() -> None:
-    """Gradients are never clipped."""
-    import torch
-
-    torch.nn.utils.clip_grad_norm_ = lambda parameters, max_norm, *args, **kwargs: torch.tensor(0.0)
-
-
-def _data_does_not_repeat() -> None:
-    """Training stops (with an error) when the training split runs out under a time budget."""
-    import itertools
-
-    import depthlens.training.train as train
-    from depthlens.text.data import token_chunks
-
-    def batches(source, tokenizer, config, skip):
-        return itertools.islice(token_chunks(source, tokenizer, config.chunk_len, split="train"), skip, None)
-
-    train._batches = batches
-
-
-def _minutes_half() -> None:
-    """A time budget stops at half the minutes."""
-    import depthlens.training.train as train
-
-    real = train._budget_used
-
-    def used(config, progress, step_tokens):
-        value = real(config, progress, step_tokens)
-        return value if config.tokens is not None else 2 * value
-
-    train._budget_used = used
-
-
-def _muon_gets_everything() -> None:
-    """--optimizer muon runs Adam on every parameter."""
-    import torch
-
-    import depthlens.training.optim as optim
-
-    real = optim.make_optimizers
-
-    def make(lens, config):
-        if config.optimizer != "muon":
-            return real(lens, config)
-        return [torch.optim.Adam(lens.parameters(), lr=config.learning_rate)]
-
-    optim.make_optimizers = make
-    import depthlens.training.train as train
-    train.make_optimizers = make
-
-
 def _queue_unbounded() -> None:
     """The app's queue has no maximum size."""
     import gradio as gr
@@ -372,21 +282,7 @@ def _table_every_ignored() -> None:
     cli._table = table
 
 
-def _no_final_eval() -> None:
-    """depthlens train skips the evaluation at the end."""
-    import depthlens.apps.cli as cli
-
-    real = cli._train
-
-    def train(args):
-        args.no_eval = True
-        return real(args)
-
-    cli._train = train
-
-
 PLANTS: dict[str, tuple[Callable[[], None], list[str]]] = {
-    "resume_from_scratch": (_resume_from_scratch, ["tests/test_mutations_training.py"]),
     "bootstrap_point_pm_1e-3": (_bootstrap_point, ["tests/test_mutations_bootstrap.py"]),
     "bootstrap_min_max": (_bootstrap_min_max, ["tests/test_mutations_bootstrap.py"]),
     "bootstrap_unweighted": (_bootstrap_unweighted, ["tests/test_mutations_bootstrap.py"]),
@@ -402,20 +298,14 @@ PLANTS: dict[str, tuple[Callable[[], None], list[str]]] = {
     "error_drops_lens_model_name": (_one_model_named, ["tests/test_mutations_lens.py"]),
     "evaluation_tab_crashes_on_paths": (_evaluation_tab_crashes, ["tests/test_mutations_app.py"]),
     "summary_prints_wrong_numbers": (_summary_wrong_column, ["tests/test_mutations_lens.py"]),
-    "objective_ce_ignored": (_objective_ignored, ["tests/test_mutations_training.py"]),
-    "init_identity_ignored": (_init_identity_ignored, ["tests/test_mutations_training.py"]),
-    "no_gradient_clipping": (_no_clipping, ["tests/test_mutations_training.py"]),
-    "data_does_not_repeat": (_data_does_not_repeat, ["tests/test_mutations_training.py"]),
-    "minutes_budget_halved": (_minutes_half, ["tests/test_mutations_training.py"]),
-    "muon_not_used": (_muon_gets_everything, ["tests/test_mutations_training.py"]),
     "app_queue_unbounded": (_queue_unbounded, ["tests/test_mutations_app.py"]),
     "table_ignores_every_and_width": (_table_every_ignored, ["tests/test_mutations_lens.py"]),
-    "train_skips_final_eval": (_no_final_eval, ["tests/test_mutations_training.py"]),
 }
 
 PLANTS.update(SCIENCE_PLANTS)
 PLANTS.update(DLA_PLANTS)
 PLANTS.update(LENS_PLANTS)
+PLANTS.update(TRAINING_PLANTS)
 
 
 def pytest_configure(config) -> None:  # noqa: ARG001 - pytest's hook signature

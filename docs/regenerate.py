@@ -150,6 +150,7 @@ STEPS: tuple[Step, ...] = (
          "benchmarks/results/causal_basis.json"),
     Step("causal-basis-refine100", "science", ("benchmarks/causal_basis.py", "--refine-steps", "100", "--out", "{out}"),
          "benchmarks/results/causal_basis_refine100.json"),
+    Step("causal-kl", "science", ("benchmarks/causal_kl.py", "--out", "{out}"), "benchmarks/results/causal_kl.json"),
     *(_inject(task, "smollm2") for task in ("sst2", "rte", "mrpc", "arc_easy", "sciq", "piqa")),
     _inject("boolq", "smollm2", shots=1, batch=8),
     *(_inject(task, "gemma3") for task in ("sst2", "arc_easy")),

@@ -241,3 +241,70 @@ def test_cli_writes_results_pictures_and_bases(tiny_model_dir, tmp_path):
     with pytest.raises(CausalError, match="width"):
         bad = parser.parse_args(["causal", *common, "--k", "99", "--out", str(tmp_path / "f")])
         bad.run(bad)
+
+
+def test_cli_resumes_an_interrupted_run_from_its_finished_layers(tiny_model_dir, tmp_path, monkeypatch):
+    """A run stopped during its second layer keeps the first in ``partial/``; ``--resume`` then
+    extracts only the second and writes what an uninterrupted run writes, and clears
+    ``partial/``. Finished layers of other settings (another seed) are not reused. Planted bugs:
+    layers kept whatever the settings, the kept layer's fidelity not the one computed."""
+    import argparse
+    import json
+
+    import depthlens.analysis.causal as causal
+    from depthlens.apps.cli_causal import add_parsers
+
+    parser = argparse.ArgumentParser()
+    add_parsers(parser.add_subparsers())
+    common = ["causal", "--model", str(tiny_model_dir), "--tokens", "256", "--chunk-len", "64", "--layers", "1,3",
+              "--k", "3", "--plotlyjs", "cdn"]
+
+    def run(out: str, *extra: str) -> None:
+        args = parser.parse_args([*common, *extra, "--out", str(tmp_path / out)])
+        args.run(args)
+
+    run("full")
+    real_fidelity, real_extract = causal.causal_fidelity, causal.extract_basis
+
+    def stop_at_layer_3(model, readout, ids, data, basis, **kwargs):
+        if data.layer == 3:
+            raise KeyboardInterrupt
+        return real_fidelity(model, readout, ids, data, basis, **kwargs)
+
+    extracted = []
+
+    def counted(readout, data, layer, k, **kwargs):
+        extracted.append(layer)
+        return real_extract(readout, data, layer, k, **kwargs)
+
+    full = json.loads((tmp_path / "full" / "results.json").read_text())["readouts"]["logit"]
+    for seed, expected in (("0", [3]), ("1", [1, 3])):  # the interrupted run's seed; the resumed one's is 0
+        out = tmp_path / f"interrupted-{seed}"
+        monkeypatch.setattr(causal, "causal_fidelity", stop_at_layer_3)
+        with pytest.raises(KeyboardInterrupt):
+            run(out.name, "--seed", seed)
+        assert (out / "partial" / "logit" / "layer_1" / "fidelity.json").is_file()
+        assert not (out / "results.json").exists()
+        monkeypatch.setattr(causal, "causal_fidelity", real_fidelity)
+        monkeypatch.setattr(causal, "extract_basis", counted)
+        extracted.clear()
+        run(out.name, "--resume", "--seed", "0")
+        monkeypatch.setattr(causal, "extract_basis", real_extract)
+        assert extracted == expected
+        assert not (out / "partial").exists()
+        resumed = json.loads((out / "results.json").read_text())["readouts"]["logit"]
+        assert resumed["fidelity"] == full["fidelity"]
+        assert [b["energies_nats"] for b in resumed["bases"]] == [b["energies_nats"] for b in full["bases"]]
+
+
+def test_readout_digest_tells_lenses_apart_by_their_weights(model):
+    """Finished layers are kept only for the very same readout: the digest changes with any
+    translator weight and the readout's kind, not with a copy of the same weights."""
+    from depthlens.analysis.causal.layer_file import readout_digest
+
+    first, same = random_tuned_lens(model, seed=1, std=0.1), random_tuned_lens(model, seed=1, std=0.1)
+    assert readout_digest(first) == readout_digest(same)
+    with torch.no_grad():
+        same.translators[2].bias[0] += 1e-6
+    assert readout_digest(first) != readout_digest(same)
+    assert readout_digest(LogitLens(model)) != readout_digest(first)

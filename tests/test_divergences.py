@@ -226,3 +226,32 @@ def test_floored_logsumexp_and_exp_equal_torchs_on_a_near_one_hot_distribution()
     floored = divergences.floored_exp(log_p)
     assert torch.equal(floored[log_p > divergences.EXP_FLOOR], log_p.exp()[log_p > divergences.EXP_FLOOR])
     assert float(floored.max()) <= 1 and float((floored - log_p.exp()).abs().max()) < 2e-35
+
+
+def test_kl_to_logits_equals_float64_kl_of_the_normalised_softmax():
+    """``KL(p ‖ softmax z)`` from raw logits, broadcast over directions ``[K, n, V]`` against
+    ``p [n, V]``, on moderate logits and on a near one-hot spread of hundreds of nats, with zero-
+    probability tokens in ``p`` whose log-probabilities are shifted by ``1e-4`` (a float32
+    ``log_softmax``'s normaliser is off by up to a tenth of that): equal to the float64 KL of the
+    renormalised ``p`` to float32 rounding of terms as large as the biggest logit (a few ulp of it,
+    times the pairwise sum's depth). Logits with ``-inf`` take the exact path (``+inf`` where
+    ``p > 0 = q``, finite where both are 0). Planted bugs: the shift left out of the result, the
+    cross term taken with ``log p``, the floor applied before the shift, ``Σ p`` taken as 1 (the
+    shift times ``logsumexp z``)."""
+    generator = torch.Generator().manual_seed(5)
+    for scale, offset in ((5.0, 0.0), (80.0, -500.0)):
+        log_p = (torch.randn(4, 300, generator=generator) * 3).log_softmax(-1)
+        log_p[:, :7] = -math.inf
+        log_p = log_p.log_softmax(-1) + 1e-4
+        logits = torch.randn(3, 4, 300, generator=generator) * scale + offset
+        exact = kl(log_p.double().log_softmax(-1), logits.double().log_softmax(-1))
+        largest = float(logits.abs().max())
+        got = divergences.kl_to_logits_(divergences.KLReference.of(log_p), logits.clone())
+        ulps = 4 * math.log2(300) * largest * torch.finfo(torch.float32).eps
+        torch.testing.assert_close(got.double(), exact, rtol=0, atol=ulps)
+    masked = torch.randn(2, 300, generator=generator)
+    masked[0, 10] = -math.inf  # p > 0 there: KL is +inf
+    masked[1, :7] = -math.inf  # only where p = 0: finite
+    result = divergences.kl_to_logits_(divergences.KLReference.of(log_p[:2]), masked.clone())
+    expected = kl(log_p[1].double().log_softmax(-1), masked[1].double().log_softmax(-1))
+    assert math.isinf(float(result[0])) and float(result[1]) == pytest.approx(float(expected), abs=1e-5)

@@ -2,6 +2,8 @@
 reference computed another way, on a readout built so that one direction provably does not
 matter to it, at a layer that is not the last (where ``ρ = 1`` whatever the statistic)."""
 
+import math
+
 import numpy as np
 import pytest
 import scipy.stats
@@ -9,7 +11,7 @@ import torch
 from tiny_models import tiny_model
 
 from depthlens import TunedLens, capture
-from depthlens.analysis.causal import causal_fidelity, prepare, spearman, stimulus_response
+from depthlens.analysis.causal import causal_fidelity, model_kl, prepare, spearman, stimulus_response
 from depthlens.analysis.causal.alignment import random_directions
 from depthlens.model.edits import derangement
 from depthlens.model.hooks import Edit, ablate, run_with_hooks
@@ -87,6 +89,26 @@ def test_fidelity_in_the_middle_against_direct_ablations_and_scipy(model, blind)
 
 
 @torch.no_grad()
+@torch.no_grad()
+def test_model_kl_per_position_in_batches_against_direct_ablations(model, blind):
+    """The model side per direction and position, computed one sequence at a time (4 batches,
+    each with its own clean distribution), equals the KL of direct ablations position by position.
+    Planted bug: every batch compared with the first batch's clean distribution."""
+    _, frame = blind
+    states = capture(model, IDS, layers=[LAYER])[LAYER]
+    data = prepare(blind[0], states, LAYER, "mean", group_tokens=8)
+    got = model_kl(model, IDS, data, frame[:2], batch_size=1)
+    h = states.reshape(-1, states.shape[-1]).float()
+    clean = run_with_hooks(model, IDS).logits.reshape(h.shape[0], -1)
+    for index, v in enumerate(frame[:2]):
+        ablated = run_with_hooks(model, IDS, edits=[ablate(f"resid.{LAYER}", v[None], "mean", mean=h.mean(0))]).logits
+        expected = _kl(clean, ablated.reshape(h.shape[0], -1))
+        # KL = Σ p log p − Σ p z + logsumexp z in float32: a few ulp of the largest logit per term,
+        # times the depth of a pairwise sum over the vocabulary
+        ulps = 4 * math.log2(clean.shape[-1]) * float(clean.abs().max()) * torch.finfo(torch.float32).eps
+        torch.testing.assert_close(got[index].double(), expected, rtol=0, atol=ulps)
+
+
 def _reference_alignment(model, lens, layer, directions, seed, weights):
     """Mean Aitchison similarity, written out: the same derangements, the erasure through
     :func:`run_with_hooks`, the centred log-ratios and the weighted cosine in float64."""
@@ -147,3 +169,25 @@ def test_fidelity_counts_the_bootstrap_groups_the_data_really_has():
         causal_fidelity(model, lens, ids[:, :10], data, frame)
     data = prepare(lens, capture(model, ids, layers=[1])[1], 1, "mean", group_tokens=3)
     assert causal_fidelity(model, lens, ids, data, frame, resamples=20).readout_kl.shape == (3,)
+
+
+def test_directions_a_readout_cannot_see_tie_whatever_the_rounding():
+    """Three directions the readout sees and three it is blind to, whose mean KLs are rounding noise
+    (below 10⁻⁶ nats) in two different orders: ρ and its interval are the same for both, and equal to
+    scipy's Spearman ρ with the three blind directions tied. Planted bug: means ranked unrounded
+    (the noise decides the order and ρ moves)."""
+    from depthlens.analysis.causal.fidelity import rank_correlation
+
+    generator = torch.Generator().manual_seed(3)
+    seen = torch.rand(3, 64, generator=generator) + torch.tensor([[2.0], [1.0], [0.5]])
+    model_side = torch.rand(6, 64, generator=generator) * 4 + torch.tensor([[0.9], [0.3], [0.6], [0.2], [0.8], [0.1]])
+    groups = torch.arange(64) // 8
+    results = []
+    for order in ([0, 1, 2], [2, 0, 1]):
+        noise = torch.rand(3, 64, generator=generator) * 1e-8 + torch.tensor([[1e-8], [2e-8], [3e-8]])[order]
+        results.append(rank_correlation(torch.cat([seen, noise]), model_side, groups, resamples=200))
+    assert results[0] == results[1]
+    means = torch.cat([seen.mean(-1), torch.zeros(3)])
+    expected = scipy.stats.spearmanr(means.numpy(), model_side.mean(-1).numpy()).statistic
+    assert results[0][0] == pytest.approx(expected, abs=1e-9)
+    assert results[0][1] < results[0][0] < results[0][2]  # resamples reorder the directions the model sees

@@ -170,14 +170,8 @@ def evaluate(
     """
     model = unwrap_model(model)
     parts = find_parts(model)
-    for name, lens in lenses.items():
-        if lens.parts.unembedding is not parts.unembedding:
-            raise EvaluationError(f"lens {name!r} is bound to another model object; build or load it onto this model")
     chunk_list, bytes_list = list(chunks), list(byte_counts)
-    if not chunk_list:
-        raise EvaluationError("there are no chunks to evaluate on; pass some text")
-    if groups < 1:
-        raise EvaluationError(f"groups must be at least 1, got {groups}")
+    _check_inputs(parts, lenses, chunk_list, groups)
     groups = min(groups, len(chunk_list))
     device = next(model.parameters()).device
     products = resolve_dtype(dtype, device)
@@ -207,6 +201,17 @@ def evaluate(
     meta["dtype"] = str(products).removeprefix("torch.")
     return EvalReport(table=table, tokens=tokens, bytes=totals.bytes, meta=meta,
                       differences=_differences(totals, depths, tokens, resamples if with_intervals else 0, seed))
+
+
+def _check_inputs(parts: ModelParts, lenses: Mapping[str, Readout], chunks: list[torch.Tensor], groups: int) -> None:
+    """Raise :class:`EvaluationError` for a readout bound to another model, no chunks, or ``groups < 1``."""
+    for name, lens in lenses.items():
+        if lens.parts.unembedding is not parts.unembedding:
+            raise EvaluationError(f"lens {name!r} is bound to another model object; build or load it onto this model")
+    if not chunks:
+        raise EvaluationError("there are no chunks to evaluate on; pass some text")
+    if groups < 1:
+        raise EvaluationError(f"groups must be at least 1, got {groups}")
 
 
 def _add_batch(

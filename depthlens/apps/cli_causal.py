@@ -3,12 +3,14 @@ Belrose et al. (2023, §4; drift is introduced in §1) on the command line. Regi
 
 Both write into ``--out``: ``results.json`` (every number), ``results.csv`` (one row per layer),
 and pictures as HTML + PNG through the grid layer (:mod:`depthlens.viz.pictures`). ``causal``
-also saves the bases (``bases/``: safetensors + JSON with the model fingerprint).
+also saves the bases (``bases/``: safetensors + JSON with the model fingerprint), and keeps each
+finished layer in ``partial/`` until the run ends, so that ``--resume`` continues an interrupted run.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 from depthlens.apps.options import (
@@ -57,6 +59,19 @@ def _tokens(args: argparse.Namespace, tokenizer):
     from depthlens.text.data import load_chunks
 
     return load_chunks(args.data, tokenizer, args.chunk_len, max(1, args.tokens // args.chunk_len), split="validation")
+
+
+PARTIAL = "partial"
+"""The folder in ``--out`` that keeps each finished layer until the run ends (``--resume`` reuses it)."""
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    """Everything besides the readout that a finished layer's numbers depend on, JSON-ready."""
+    from depthlens import __version__
+
+    return {"version": __version__, "model": str(args.model), "data": str(args.data), "tokens": args.tokens,
+            "chunk_len": args.chunk_len, "k": args.k, "mode": args.mode, "method": args.method, "seed": args.seed,
+            "group_tokens": args.group_tokens, "bases": args.bases and str(args.bases)}
 
 
 PLOTLYJS = "directory"
@@ -118,6 +133,7 @@ def _causal(args: argparse.Namespace) -> None:
     write_json(out / "results.json", results)
     if rows:
         write_csv(out / "results.csv", rows)
+    shutil.rmtree(out / PARTIAL, ignore_errors=True)
     extra = "" if args.alignment_only else ", results.csv, the energy and fidelity pictures and bases/"
     print(f"wrote {out}/results.json{extra}" + (" and the alignment picture" if "alignment" in results else ""))
 
@@ -129,14 +145,23 @@ def _one_readout(args: argparse.Namespace, model, name: str, readout, ids, state
     made safe for a file name by :func:`~depthlens.apps.options.file_stem`), append the CSV rows;
     returns the readout's part of results.json."""
     from depthlens.analysis.causal import causal_fidelity, extract_basis, prepare, save_bases
+    from depthlens.analysis.causal.layer_file import load_layer, readout_digest, save_layer
 
     out = Path(args.out)
+    settings = {**_settings(args), "readout": readout_digest(readout)}
     bases, fidelities = [], []
     for layer in layers:
-        data = prepare(readout, states[layer], layer, args.mode, group_tokens=args.group_tokens, seed=args.seed)
-        basis = given[layer] if given else extract_basis(readout, data, layer, args.k, method=args.method,
-                                                         seed=args.seed, progress=True)
-        fidelity = causal_fidelity(model, readout, ids, data, basis, progress=True)
+        partial = out / PARTIAL / file_stem(name) / f"layer_{layer}"
+        done = load_layer(partial, model, settings) if args.resume else None
+        if done is not None:
+            basis, fidelity = done
+            print(f"{name} layer {layer}: kept from {partial}", flush=True)
+        else:
+            data = prepare(readout, states[layer], layer, args.mode, group_tokens=args.group_tokens, seed=args.seed)
+            basis = given[layer] if given else extract_basis(readout, data, layer, args.k, method=args.method,
+                                                             seed=args.seed, progress=True)
+            fidelity = causal_fidelity(model, readout, ids, data, basis, progress=True)
+            save_layer(partial, basis, fidelity, settings)
         bases.append(basis)
         fidelities.append(fidelity)
         rows.append({"readout": name, "layer": layer, "rho": fidelity.rho, "rho_low": fidelity.low,
@@ -348,6 +373,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     causal.add_argument("--bases", help="a bases folder saved by an earlier run (bases/<name>): measure fidelity of "
                         "those instead of extracting; refused if made for another model")
     causal.add_argument("--seed", type=int, default=0, help="seed of the searches and resampling (default: 0)")
+    causal.add_argument("--resume", action="store_true", help=f"keep the layers an interrupted run with the same "
+                        f"settings and readouts finished (kept in <out>/{PARTIAL} until a run ends)")
     causal.set_defaults(run=lambda args: _causal(_with_lens(args)))
     drift = commands.add_parser(
         "drift", help="covariance similarity (0 … 1) of the residual states of every pair of layers and, with a tuned "

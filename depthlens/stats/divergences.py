@@ -8,6 +8,9 @@ wherever the value is. KL is ``+inf`` where ``p > 0 = q``, as it should be. (The
 runs first; only if it meets a ``0 · log 0`` term, seen as a NaN, is the masked one computed, so
 finite inputs cost no extra pass over the vocabulary.)
 
+:func:`kl_to_logits_` takes raw logits and a :class:`KLReference` instead (the causal checks'
+many KLs against one clean distribution), overwriting the logits.
+
 :class:`LogitStatistics` computes entropy, ``KL(reference ‖ q)`` and cross-entropy of many
 layers' logits against one reference distribution in two shared scratch buffers, for the
 trajectory's speed; it uses the same definitions (``tests/test_divergences.py`` pins one to the
@@ -59,6 +62,60 @@ def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     if not fast.isnan().any():  # no 0 · log 0 term: the plain formula is exact
         return fast
     return (p * torch.where(p > 0, log_p - log_q, 0.0)).sum(-1)
+
+
+@dataclass(frozen=True)
+class KLReference:
+    """A distribution ``p`` made ready for many ``KL(p ‖ softmax z)`` by :func:`kl_to_logits_`:
+    :meth:`of` computes, once, its floored probabilities, their sum and ``Σ p log p`` (it keeps no
+    log-probabilities, so the caller may free them). Index it (``reference[rows]``) to take some
+    rows of the leading axes."""
+
+    probs: torch.Tensor
+    """``[..., vocab]`` :func:`floored_exp` of the log-probabilities: every entry positive."""
+    mass: torch.Tensor
+    """``[...]`` ``Σ_v p(v)``: 1 up to the rounding of the log-probabilities' normaliser (up to
+    about ``1e-5`` for a float32 ``log_softmax`` over 49 152 tokens)."""
+    neg_entropy: torch.Tensor
+    """``[...]`` ``Σ_v p(v) log p(v)``, nats."""
+
+    @classmethod
+    def of(cls, log_p: torch.Tensor) -> KLReference:
+        """From log-probabilities ``log_p [..., vocab]`` (nats, normalised)."""
+        probs = floored_exp(log_p)
+        return cls(probs, probs.sum(-1), -entropy(log_p))
+
+    def __getitem__(self, rows: slice | torch.Tensor) -> KLReference:
+        return KLReference(self.probs[rows], self.mass[rows], self.neg_entropy[rows])
+
+    def log_probs(self) -> torch.Tensor:
+        """``log p [..., vocab]``, with the entries at the floor (below ``e^EXP_FLOOR``) as ``-inf``."""
+        floor = torch.tensor(EXP_FLOOR, dtype=self.probs.dtype).exp()  # what floored_exp gives there
+        return torch.where(self.probs > floor, self.probs.log(), -math.inf)
+
+
+@torch.no_grad()
+def kl_to_logits_(reference: KLReference, logits: torch.Tensor) -> torch.Tensor:
+    """``KL(p̂ ‖ softmax z)`` over the last axis, in nats, straight from raw logits ``z``, **which it
+    overwrites**: ``p̂`` is ``reference``'s distribution normalised exactly, ``logits [..., vocab]``
+    float32 (leading axes may broadcast the reference's) → ``[...]``. No autograd.
+
+    With ``S = Σ p``: ``KL = (Σ p log p − Σ p z) / S − log S + logsumexp z``, the shifted ``z``
+    floored at :data:`EXP_FLOOR` and exponentiated in place: two passes fewer than :func:`kl` of
+    ``log_softmax z`` and one ``[..., vocab]`` temporary (about 2× faster on 256 rows of the built-in
+    models' vocabularies, ``benchmarks/causal_kl.py``). Dividing by ``S`` matters: a float32
+    ``log_softmax`` leaves ``S − 1`` up to about ``1e-5``, which the plain formula would multiply
+    by ``logsumexp z`` (tens of nats). Logits with a non-finite entry go to :func:`kl` (exact
+    ``0 · log 0`` handling, ``p`` below ``e^EXP_FLOOR`` taken as 0); every floored ``p`` is
+    positive, so such an entry shows in ``Σ p z`` or the maximum, and finite logits cost no extra
+    pass."""
+    cross = (logits * reference.probs).sum(-1)
+    top = logits.amax(-1, keepdim=True)
+    if not (cross.isfinite().all() and top.isfinite().all()):
+        return kl(reference.log_probs().log_softmax(-1), logits.log_softmax(-1))
+    log_total = logits.sub_(top).clamp_(min=EXP_FLOOR).exp_().sum(-1).log()
+    mass = reference.mass
+    return (reference.neg_entropy - cross) / mass - mass.log() + top.squeeze(-1) + log_total
 
 
 def entropy(log_p: torch.Tensor) -> torch.Tensor:
@@ -293,6 +350,7 @@ class LogitStatistics:
 __all__ = [
     "BLOCK_FLOATS",
     "EXP_FLOOR",
+    "KLReference",
     "LogitStatistics",
     "Scores",
     "cross_entropy",
@@ -301,6 +359,7 @@ __all__ = [
     "floored_logsumexp",
     "js",
     "kl",
+    "kl_to_logits_",
     "log_probs",
     "top_k",
     "tv",

@@ -143,6 +143,17 @@ def causal_basis_table() -> str:
     return table(["", "batched, 30 steps (default)", "batched, 100 steps", "authors' sequential reference"], rows)
 
 
+def causal_kl_table() -> str:
+    """The three ways of turning a block of erased logits into KLs, timed in one run on each built-in
+    model's vocabulary (``benchmarks/causal_kl.py``), with each one's largest error against float64."""
+    result = load("benchmarks/results/causal_kl.json")
+    rows = [[model, f"`{name}`", f"{row['seconds']:.3f}", f"{row['speedup_wall']:.2f}×", f"{row['max_error_nats']:.1e}"]
+            for model, methods in result["models"].items() for name, row in methods.items()]
+    timing = f"seconds per block of {result['rows']} rows (best of {result['repeats']})"
+    return table(["model's shape", "method", timing, "speed-up over the first", "largest error against float64 (nats)"],
+                 rows)
+
+
 def _depth(model: str) -> int:
     return {"smollm2-135m": 30, "gemma3-270m": 18}[model]
 

@@ -152,15 +152,19 @@ def extract_basis(
     )
 
 
-def save_bases(directory: str | os.PathLike, bases: list[CausalBasis]) -> Path:
-    """Write ``bases`` (one per layer) atomically as ``bases.safetensors`` + ``bases.json``."""
+def bases_files(bases: list[CausalBasis]) -> dict[str, bytes]:
+    """The files of a bases folder (name → content): ``bases.safetensors`` and ``bases.json``."""
     tensors: dict[str, torch.Tensor] = {}
     for basis in bases:
         for name in ("basis", "energies", "mean"):
             tensors[f"layer.{basis.layer}.{name}"] = getattr(basis, name).detach().float().cpu().contiguous()
     config = {"format": BASES_FORMAT, "format_version": 1, "bases": [basis.summary() for basis in bases]}
-    files = {BASES_TENSORS: save(tensors), BASES_JSON: (json.dumps(config, indent=2) + "\n").encode()}
-    return write_dir(directory, files)
+    return {BASES_TENSORS: save(tensors), BASES_JSON: (json.dumps(config, indent=2) + "\n").encode()}
+
+
+def save_bases(directory: str | os.PathLike, bases: list[CausalBasis]) -> Path:
+    """Write ``bases`` (one per layer) atomically as ``bases.safetensors`` + ``bases.json``."""
+    return write_dir(directory, bases_files(bases))
 
 
 def load_bases(directory: str | os.PathLike, model: nn.Module | ModelParts) -> dict[int, CausalBasis]:
@@ -195,4 +199,7 @@ def load_bases(directory: str | os.PathLike, model: nn.Module | ModelParts) -> d
     return out
 
 
-__all__ = ["METHODS", "CausalBasis", "check_directions", "check_readout", "extract_basis", "load_bases", "save_bases"]
+__all__ = [
+    "METHODS", "CausalBasis", "bases_files", "check_directions", "check_readout", "extract_basis", "load_bases",
+    "save_bases",
+]

@@ -13,7 +13,9 @@ direction's erasure is the rank-one update ``h − (δ v) vᵀ`` and the model s
 
 KL is computed as ``KL(p ‖ q) = Σ p log p − Σ p z + logsumexp z`` from the erased logits ``z``
 (equal to :func:`depthlens.stats.divergences.kl` of ``log_softmax z``, without materialising it),
-with ``exp`` kept off its slow subnormal path (:func:`~depthlens.stats.divergences.floored_exp`).
+with ``exp`` kept off its slow subnormal path (:func:`~depthlens.stats.divergences.floored_exp`);
+the exact energies divide by ``Σ p`` as well and overwrite the logits in place
+(:func:`~depthlens.stats.divergences.kl_to_logits_`).
 Work is cut into blocks of at most ``max_rows`` (direction, position) pairs, so
 ``[positions, vocab]`` exists for one block at a time, never for all candidate directions.
 """
@@ -22,13 +24,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
 from depthlens.errors import CausalError
 from depthlens.lenses.readout import Lens, Readout, check_layer
 from depthlens.model.edits import ERASURES, derangement
-from depthlens.stats.divergences import entropy, floored_exp, floored_logsumexp
+from depthlens.stats.divergences import KLReference, entropy, floored_exp, floored_logsumexp, kl_to_logits_
 
 MAX_ROWS = 256
 """Default largest number of (direction, position) pairs decoded at once: 256 × vocab floats."""
@@ -71,6 +74,12 @@ class ErasureData:
     @property
     def num_positions(self) -> int:
         return self.states.shape[0]
+
+    @cached_property
+    def clean(self) -> KLReference:
+        """The clean distributions made ready, once, for the exact energies
+        (:func:`~depthlens.stats.divergences.kl_to_logits_`)."""
+        return KLReference.of(self.log_probs)
 
     @property
     def reference(self) -> torch.Tensor:
@@ -199,10 +208,10 @@ def per_position_energy(
     position, ``[K, N]`` nats, without gradients."""
     frame = frame.detach().float()
     out = torch.empty(frame.shape[0], data.num_positions)
-    index = torch.arange(data.num_positions)
     with torch.no_grad():
         for ks, ns in _blocks(frame.shape[0], data.num_positions, max_rows):
-            out[ks, ns] = block_kl(readout, data, frame[ks], index[ns])
+            logits = decode_layer(readout, erased_states(data, frame[ks], ns), data.layer).float()
+            out[ks, ns] = kl_to_logits_(data.clean[ns], logits)
     return out.clamp_min(0.0)
 
 

@@ -23,11 +23,15 @@ from depthlens.errors import CausalError
 from depthlens.lenses.readout import Readout
 from depthlens.model.hooks import Edit, run_with_hooks
 from depthlens.model.precision import without_subnormals
-from depthlens.stats.bootstrap import bootstrap_samples, interval
-from depthlens.stats.divergences import kl
+from depthlens.stats.bootstrap import bootstrap_samples, interval, weighted_means
+from depthlens.stats.divergences import KLReference, kl_to_logits_
 
 MIN_GROUPS = 4
 """Fewest bootstrap groups (blocks of consecutive positions) the interval is computed from."""
+RESOLUTION = 1e-6
+"""Mean KLs (nats) are ranked at the 6 decimals the results report: two closer than this tie. Below
+it a direction's energy is float32 rounding (a readout blind to the direction), and the order of
+such directions would be decided by rounding, moving ρ between two runs."""
 
 
 def ranks(values: torch.Tensor) -> torch.Tensor:
@@ -104,15 +108,15 @@ def model_kl(
         raise CausalError(f"the tokens ({rows}×{seq}) are not the {data.num_positions} positions the data were "
                           "captured from: pass the same input_ids")
     reference = data.reference.reshape(rows, seq, -1)
-    clean = [run_with_hooks(model, input_ids[i : i + batch_size]).logits.float().log_softmax(-1)
+    clean = [KLReference.of(run_with_hooks(model, input_ids[i : i + batch_size]).logits.float().log_softmax(-1))
              for i in range(0, rows, batch_size)]
     out = torch.empty(basis.shape[0], data.num_positions)
     point = f"resid.{data.layer}"
     for index in tqdm(range(basis.shape[0]), desc=f"model ablations, layer {data.layer}", disable=not progress, unit="dir"):
         for batch, i in enumerate(range(0, rows, batch_size)):
             edit = _erasure(point, basis[index], reference[i : i + batch_size])
-            ablated = run_with_hooks(model, input_ids[i : i + batch_size], edits=[edit]).logits.float().log_softmax(-1)
-            out[index, i * seq : (i + batch_size) * seq] = kl(clean[batch], ablated).reshape(-1)
+            ablated = run_with_hooks(model, input_ids[i : i + batch_size], edits=[edit]).logits.float()
+            out[index, i * seq : (i + batch_size) * seq] = kl_to_logits_(clean[batch], ablated).reshape(-1)
     return out.clamp_min(0.0)
 
 
@@ -141,14 +145,33 @@ def causal_fidelity(
     with without_subnormals():
         lens_side = per_position_energy(readout, data, frame, max_rows=max_rows) if known is None else known
         model_side = model_kl(model, input_ids, data, frame, batch_size=batch_size, progress=progress)
-    sums = torch.zeros(groups, frame.shape[0], 2, dtype=torch.float64)
-    sums[..., 0].index_add_(0, data.groups, lens_side.T.double())
-    sums[..., 1].index_add_(0, data.groups, model_side.T.double())
-    samples = bootstrap_samples(sums, resamples=resamples, seed=seed,
-                                statistic=lambda s, _t: spearman(s[..., 0], s[..., 1]))
-    low, high = interval(samples[torch.isfinite(samples)]) if torch.isfinite(samples).any() else (float("nan"),) * 2
-    rho = float(spearman(lens_side.mean(-1), model_side.mean(-1)))
+    rho, low, high = rank_correlation(lens_side, model_side, data.groups, resamples=resamples, seed=seed)
     return Fidelity(data.layer, lens_side.mean(-1), model_side.mean(-1), rho, low, high)
 
 
-__all__ = ["MIN_GROUPS", "Fidelity", "causal_fidelity", "check_statistics", "model_kl", "ranks", "spearman"]
+def rank_correlation(
+    lens_side: torch.Tensor, model_side: torch.Tensor, groups: torch.Tensor, *, resamples: int = 1000, seed: int = 0
+) -> tuple[float, float, float]:
+    """Spearman ``ρ`` over the directions between the mean KLs of ``lens_side`` and ``model_side``
+    (``[k, N]`` nats per direction and position), ranked at :data:`RESOLUTION`, and its 95%
+    bootstrap interval over the position ``groups [N]`` (long, ``0 … G−1``): ``(ρ, low, high)``."""
+    count = int(groups.max()) + 1
+    sums = torch.zeros(count, lens_side.shape[0], 2, dtype=torch.float64)
+    sums[..., 0].index_add_(0, groups, lens_side.T.double())
+    sums[..., 1].index_add_(0, groups, model_side.T.double())
+    sizes = torch.bincount(groups, minlength=count).double()
+
+    def resolved_rho(means: torch.Tensor) -> torch.Tensor:
+        steps = torch.round(means / RESOLUTION)
+        return spearman(steps[..., 0], steps[..., 1])
+
+    samples = bootstrap_samples(sums, sizes, resamples=resamples, seed=seed,
+                                statistic=lambda s, t: resolved_rho(weighted_means(s, t)))
+    low, high = interval(samples[torch.isfinite(samples)]) if torch.isfinite(samples).any() else (float("nan"),) * 2
+    return float(resolved_rho(sums.sum(0) / sizes.sum())), low, high
+
+
+__all__ = [
+    "MIN_GROUPS", "RESOLUTION", "Fidelity", "causal_fidelity", "check_statistics", "model_kl", "rank_correlation", "ranks",
+    "spearman",
+]

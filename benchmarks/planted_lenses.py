@@ -169,17 +169,29 @@ def _paired_difference_reversed() -> None:
 
 def _ties_count_as_agreement() -> None:
     """Top-1 agreement counts a tie at the lens's maximum as full agreement."""
-    from depthlens.stats import divergences
+    from depthlens.stats import logit_statistics
 
-    real = divergences.LogitStatistics._block
+    real = logit_statistics.LogitStatistics.__call__
 
-    def block(self, z, rows, shift, into, ranks):
-        scores = real(self, z, rows, shift, into, ranks)
+    def call(self, logits, k=0, into=None, ranks=True):
+        scores = real(self, logits, k, into, ranks)
         if scores.top1_share is not None:
             scores.top1_share = (scores.rank == 0).float()
         return scores
 
-    divergences.LogitStatistics._block = block
+    logit_statistics.LogitStatistics.__call__ = call
+
+
+def _compiled_marginals_unnormalised() -> None:
+    """The compiled kernel adds ``exp(z − max z)`` to the group sums instead of ``q``."""
+    from depthlens.stats import fused
+
+    def scores_into(z, probs, top1, targets, floor, width, groups, totals):
+        shifted, _, sums = fused._sums(z, probs, top1, targets, floor, width)
+        totals.index_add_(0, groups, shifted.clamp_min(floor).exp())
+        return sums
+
+    fused._scores_into = scores_into
 
 
 LENS_PLANTS: dict[str, tuple[Callable[[], None], list[str]]] = {
@@ -187,7 +199,8 @@ LENS_PLANTS: dict[str, tuple[Callable[[], None], list[str]]] = {
     "translators_in_bfloat16": (_translators_in_bfloat16, ["tests/test_precision.py"]),
     "last_layer_like_the_others": (_last_layer_like_the_others, ["tests/test_precision.py"]),
     "limericks_in_fortunes": (_limericks_in_fortunes, ["tests/test_verse.py"]),
-    "ties_count_as_agreement": (_ties_count_as_agreement, ["tests/test_divergences.py"]),
+    "ties_count_as_agreement": (_ties_count_as_agreement, ["tests/test_logit_statistics.py"]),
+    "compiled_marginals_unnormalised": (_compiled_marginals_unnormalised, ["tests/test_logit_statistics.py"]),
     "paired_difference_reversed": (_paired_difference_reversed, ["tests/test_evaluate.py"]),
     "missing_cache_passed_on": (_missing_cache_passed_on, ["tests/test_generate.py"]),
     "mid_state_previous_attention": (_mid_state_previous_attention, ["tests/test_mid_block.py"]),

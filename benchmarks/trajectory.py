@@ -25,8 +25,12 @@ fast path. ``ATEN_CPU_CAPABILITY=avx2`` (or ``default``) caps PyTorch's kernels 
 kind of CPU on this one.
 
 Run: ``python benchmarks/trajectory.py [--models smollm2-135m gemma3-270m] [--tokens 512] [--repeats 3] [--dtype auto]``;
-writes the results into ``benchmarks/results/trajectory.json`` under ``"<model> · <kernel capability> ·
-<dtype>"``, with the CPU (other entries stay).
+writes the results into ``benchmarks/results/trajectory.json`` under ``"<model> · <CPU maker> · <kernel
+capability> · <dtype>"``, with the CPU (other entries stay).
+
+The statistics run twice in each repeat, by eager passes (``DEPTHLENS_FUSED=0``) and by the compiled
+kernel (``=1``, :mod:`depthlens.stats.fused`); ``compile_s`` is what compiling that kernel cost in
+this process, measured on a small warm-up (seconds when torch's on-disk cache already has it).
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +57,7 @@ from depthlens.model.architecture import find_parts
 from depthlens.model.hidden_states import capture
 from depthlens.model.load import DEFAULT_MODEL, load_model
 from depthlens.model.precision import DTYPE_NAMES, computing_in, resolve_dtype
+from depthlens.stats.fused import FUSED_ENV
 from depthlens.text.data import load_chunks
 
 MIB = 2**20
@@ -85,20 +92,52 @@ def interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str
 
 
 def summary(results: dict[str, list[tuple[float, float, object]]], bare: str, work: str) -> dict[str, float]:
-    """Median and minimum seconds and peak growth of each run, and the ratios of ``work`` to ``bare``."""
+    """Median and minimum seconds and peak growth of each run, and the ratios of ``work`` (eager
+    passes) and ``work_compiled`` (the compiled kernel) to ``bare``."""
     times = {name: [seconds for seconds, _, _ in runs] for name, runs in results.items()}
     facts: dict[str, float] = {}
     for name, runs in results.items():
         facts[f"{name}_median_s"] = round(statistics.median(times[name]), 2)
         facts[f"{name}_min_s"] = round(min(times[name]), 2)
         facts[f"{name}_peak_rss_growth_mib"] = round(max(peak for _, peak, _ in runs), 1)
-        print(f"  {name:<12} median {facts[f'{name}_median_s']:7.2f} s  (min {facts[f'{name}_min_s']:.2f})  "
+        print(f"  {name:<20} median {facts[f'{name}_median_s']:7.2f} s  (min {facts[f'{name}_min_s']:.2f})  "
               f"peak RSS growth {facts[f'{name}_peak_rss_growth_mib']:7.1f} MiB")
-    facts["ratio_of_medians"] = round(statistics.median(times[work]) / statistics.median(times[bare]), 3)
-    facts["ratio_of_minima"] = round(min(times[work]) / min(times[bare]), 3)
-    print(f"  time ratio {work} / {bare}: {facts['ratio_of_medians']:.2f}x of medians, "
-          f"{facts['ratio_of_minima']:.2f}x of minima (target <= 1.3x)")
+    for label, name in (("", work), ("compiled_", f"{work}_compiled")):
+        facts[f"{label}ratio_of_medians"] = round(statistics.median(times[name]) / statistics.median(times[bare]), 3)
+        facts[f"{label}ratio_of_minima"] = round(min(times[name]) / min(times[bare]), 3)
+        print(f"  time ratio {name} / {bare}: {facts[f'{label}ratio_of_medians']:.2f}x of medians, "
+              f"{facts[f'{label}ratio_of_minima']:.2f}x of minima (target <= 1.3x)")
     return facts
+
+
+@contextmanager
+def statistics_kernel(compiled: bool) -> Iterator[None]:
+    """Statistics by the compiled kernel or by eager passes, whatever the size of the work."""
+    before = os.environ.get(FUSED_ENV)
+    os.environ[FUSED_ENV] = "1" if compiled else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[FUSED_ENV]
+        else:
+            os.environ[FUSED_ENV] = before
+
+
+def both_kernels(work: Callable[[], object]) -> dict[str, Callable[[], object]]:
+    """``work`` with eager statistics and with the compiled kernel, as two runs."""
+    def run(compiled: bool) -> object:
+        with statistics_kernel(compiled):
+            return work()
+    return {"eager": lambda: run(False), "compiled": lambda: run(True)}
+
+
+def compile_seconds(warm_up: Callable[[], object]) -> float:
+    """Seconds of ``warm_up`` (a small run) with the compiled kernel minus with eager passes: the
+    cost of compiling it in this process (fast when torch's on-disk cache has it)."""
+    runs = both_kernels(warm_up)
+    eager = measure(runs["eager"])[0]
+    return round(measure(runs["compiled"])[0] - eager, 1)
 
 
 def trajectory_run(model: torch.nn.Module, tokenizer: Any, args: argparse.Namespace) -> dict[str, float]:
@@ -118,11 +157,14 @@ def trajectory_run(model: torch.nn.Module, tokenizer: Any, args: argparse.Namesp
         return Trajectory.from_ids(model, lens, input_ids, tokenizer=tokenizer, k=args.k, chunk_tokens=args.chunk_tokens,
                                    dtype=args.products)
 
-    Trajectory.from_ids(model, lens, input_ids[:, :16], k=args.k, dtype=args.products)
-    results = interleaved({"bare": bare, "trajectory": trajectory}, args.repeats)
+    first = compile_seconds(lambda: Trajectory.from_ids(model, lens, input_ids[:, :16], k=args.k, dtype=args.products))
+    kernels = both_kernels(trajectory)
+    results = interleaved({"bare": bare, "trajectory": kernels["eager"], "trajectory_compiled": kernels["compiled"]},
+                          args.repeats)
     rows, vocab = lens.num_layers + 1, lens.parts.vocab_size
-    print(f"  trajectory of {rows} rows x {args.tokens} tokens, k={args.k}")
+    print(f"  trajectory of {rows} rows x {args.tokens} tokens, k={args.k}; compiling the kernel took {first} s")
     facts = summary(results, "bare", "trajectory")
+    facts["compile_s"] = first
     facts["trajectory_mib"] = round(results["trajectory"][-1][2].nbytes / MIB, 2)
     facts["full_log_probabilities_mib"] = round(rows * args.tokens * vocab * 4 / MIB)
     print(f"  trajectory tensors: {facts['trajectory_mib']:.2f} MiB; full log-probabilities would be "
@@ -150,13 +192,22 @@ def evaluation_run(model: torch.nn.Module, tokenizer: Any, args: argparse.Namesp
     def evaluation() -> EvalReport:
         return evaluate(model, lenses, chunks, byte_counts, progress=False, dtype=args.products)
 
-    results = interleaved({"bare": bare, "evaluation": evaluation}, args.repeats)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # too few chunks for an interval: this is only the warm-up
+        first = compile_seconds(lambda: evaluate(model, lenses, chunks[:2], byte_counts[:2], progress=False,
+                                                 resamples=0, dtype=args.products))
+    kernels = both_kernels(evaluation)
+    results = interleaved({"bare": bare, "evaluation": kernels["eager"], "evaluation_compiled": kernels["compiled"]},
+                          args.repeats)
     print(f"  evaluation of 2 lenses on {len(chunks)} chunks of {args.eval_chunk_len} tokens "
-          f"({results['evaluation'][-1][2].interval_label()})")
+          f"({results['evaluation'][-1][2].interval_label()}); compiling the kernel took {first} s")
     facts = summary(results, "bare", "evaluation")
-    facts["tokens_per_second"] = round(results["evaluation"][-1][2].tokens / statistics.median(
-        [seconds for seconds, _, _ in results["evaluation"]]), 1)
-    print(f"  evaluation speed: {facts['tokens_per_second']} tokens/s")
+    facts["compile_s"] = first
+    for label, name in (("", "evaluation"), ("compiled_", "evaluation_compiled")):
+        facts[f"{label}tokens_per_second"] = round(results[name][-1][2].tokens / statistics.median(
+            [seconds for seconds, _, _ in results[name]]), 1)
+    print(f"  evaluation speed: {facts['tokens_per_second']} tokens/s eager, "
+          f"{facts['compiled_tokens_per_second']} compiled")
     return facts
 
 
@@ -183,10 +234,11 @@ def main() -> None:
         print(f"{name}: vocab {find_parts(model).vocab_size}, {torch.get_num_threads()} torch threads, "
               f"{args.repeats} interleaved repeats, products in {dtype}")
         load_average = os.getloadavg()
-        key = f"{name} · {torch.backends.cpu.get_cpu_capability()} · {dtype}"
+        cpu = describe_cpu()
+        key = f"{name} · {cpu['model'].split()[0].replace('(R)', '')} · {cpu['capability']} · {dtype}"
         results[key] = {"trajectory": trajectory_run(model, tokenizer, args),
                         "evaluation": evaluation_run(model, tokenizer, args),
-                        "dtype": dtype, "cpu": describe_cpu(), "repeats": args.repeats,
+                        "dtype": dtype, "cpu": cpu, "repeats": args.repeats,
                         "load_average_start": load_average, "load_average_end": os.getloadavg()}
         del model
         args.out.parent.mkdir(parents=True, exist_ok=True)

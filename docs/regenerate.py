@@ -15,7 +15,8 @@ page, with a fixed seed and sizes; its results folder is replaced atomically whe
 
 Each finished step is recorded in ``docs/regenerate.json`` with its command and wall time, and is
 skipped on the next run while its command is unchanged (``--force`` reruns it), so an interrupted
-regeneration resumes where it stopped. Then the pages' tables are rewritten from the results
+regeneration resumes where it stopped; the longest steps (``causal --resume``) also keep the layers
+they finished. Then the pages' tables are rewritten from the results
 (``docs/tables/``, alone: ``--tables``), timings included.
 
 ``--check DIR`` reruns the chosen pages (lenses included) with every output under ``DIR`` and
@@ -146,6 +147,11 @@ STEPS: tuple[Step, ...] = (
            ("causal", "--model", "smollm2-135m", "--lens", lens, "--tokens", "2048", "--k", "64", "--layers", "0:30:3",
             "--plotlyjs", "cdn", "--out", "{out}"), f"docs/science/causal_k64/{name}", (*HTML, "bases/*/*.safetensors"))
       for name, lens in (("logit", "logit"), ("tuned", "{smollm2}"))),
+    *(Step(f"gemma3-causal-k64-{name}", "science",
+           ("causal", "--model", "gemma3-270m", "--lens", lens, "--tokens", "2048", "--k", "64", "--layers", "0:15:3",
+            "--resume", "--plotlyjs", "cdn", "--out", "{out}"), f"docs/science/gemma3/causal_k64/{name}",
+           (*HTML, "bases/*/*.safetensors"))
+      for name, lens in (("logit", "logit"), ("tuned", "{gemma3}"))),
     Step("causal-basis", "science", ("benchmarks/causal_basis.py", "--out", "{out}"),
          "benchmarks/results/causal_basis.json"),
     Step("causal-basis-refine100", "science", ("benchmarks/causal_basis.py", "--refine-steps", "100", "--out", "{out}"),

@@ -13,6 +13,7 @@ from depthlens import LogitLens, TunedLens, capture
 from depthlens.analysis import cells
 from depthlens.analysis import evaluate as evaluation
 from depthlens.analysis.evaluate import MIN_GROUPS, evaluate, evaluate_held_out
+from depthlens.stats import fused
 from depthlens.viz.report import comparison_table, write_report
 
 
@@ -63,6 +64,21 @@ def test_windows_that_cut_across_chunks_change_nothing(setup, monkeypatch):
     monkeypatch.setattr(cells, "CHUNK_ELEMENTS", 5 * VOCAB)
     windowed = evaluate(model, lenses, chunks, [30] * 10, batch_size=4, groups=20, resamples=200, progress=False)
     for row, other in zip(report.table, windowed.table, strict=True):
+        assert (row["lens"], row["layer"], row["metric"]) == (other["lens"], other["layer"], other["metric"])
+        for key in ("value", "ci_low", "ci_high"):
+            assert other[key] == pytest.approx(row[key], abs=1e-5), (row, other)
+
+
+def test_the_compiled_kernel_gives_the_eager_passes_numbers(setup, monkeypatch):
+    """With ``DEPTHLENS_FUSED=1`` every window goes through the compiled kernel, and every value
+    and interval equals the eager run's to float32 rounding."""
+    model, chunks, lenses, report = setup
+    monkeypatch.setenv(fused.FUSED_ENV, "1")
+    real, calls = fused.row_sums, []
+    monkeypatch.setattr(fused, "row_sums", lambda *args: calls.append(1) or real(*args))
+    compiled = evaluate(model, lenses, chunks, [30] * 10, batch_size=4, groups=20, resamples=200, progress=False)
+    assert len(calls) == 3 * 2 * (model.config.num_hidden_layers + 1)  # batches × lenses × layers
+    for row, other in zip(report.table, compiled.table, strict=True):
         assert (row["lens"], row["layer"], row["metric"]) == (other["lens"], other["layer"], other["metric"])
         for key in ("value", "ci_low", "ci_high"):
             assert other[key] == pytest.approx(row[key], abs=1e-5), (row, other)

@@ -103,7 +103,9 @@ def test_a_subject_outside_the_prompt_is_refused(llama, at):
 )
 def test_output_rows_are_batched_rows_per_pass_at_a_time(llama, rows_per_pass, batches):
     """After one prefix pass of three tokens, the three-token suffix runs once per block of
-    ``rows_per_pass`` output coordinates (32 = 13 + 13 + 6 …), and the blocks give the same Jacobian."""
+    ``rows_per_pass`` output coordinates (32 = 13 + 13 + 6 …), and the blocks give the same Jacobian.
+    The states agree to float32 rounding, not bit for bit: a CPU may pick another product kernel for
+    another batch size (on an AMD Zen 4, 31 rows against 32 moved states by 3e-8 of ~0.1)."""
     shapes: list[tuple[int, int]] = []
     handle = llama.register_forward_pre_hook(
         lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
@@ -116,7 +118,7 @@ def test_output_rows_are_batched_rows_per_pass_at_a_time(llama, rows_per_pass, b
     whole = subject_jacobians(llama, IDS, 3, rows_per_pass=D)
     scale = float(whole.jacobian.abs().max())
     torch.testing.assert_close(found.jacobian, whole.jacobian, atol=1e-5 * scale, rtol=0)
-    torch.testing.assert_close(found.states, whole.states, atol=0, rtol=0)
+    torch.testing.assert_close(found.states, whole.states, atol=1e-5 * float(whole.states.abs().max()), rtol=0)
     torch.testing.assert_close(found.z, whole.z, atol=1e-5 * float(whole.z.abs().max()), rtol=0)
 
 

@@ -35,7 +35,7 @@ from depthlens.model.precision import (
     resolve_dtype,
     without_subnormals,
 )
-from depthlens.stats.divergences import LogitStatistics
+from depthlens.stats.logit_statistics import LogitStatistics
 from depthlens.training.config import TrainConfig
 
 U = 2.0**-8

@@ -14,8 +14,10 @@ from depthlens.analysis.trajectory import (
     Trajectory,
     TrajectoryError,
 )
+from depthlens.stats import fused
 from depthlens.text.encode import encode
 
+ROW_SUMS = fused.row_sums
 TEXTS = ["Fair is foul, and foul is fair: hover through the fog", "When shall we three meet"]
 
 
@@ -71,8 +73,14 @@ def _direct(lens, states, mask):
 
 
 @pytest.mark.parametrize("lens_kind", ["logit", "tuned"])
-@pytest.mark.parametrize("chunk_tokens", [None, 6])
-def test_statistics_match_direct_computation(model, tuned, states, batch, lens_kind, chunk_tokens):
+@pytest.mark.parametrize(("chunk_tokens", "kernel"), [(None, "0"), (6, "0"), (None, "1"), (6, "1")])
+def test_statistics_match_direct_computation(model, tuned, states, batch, lens_kind, chunk_tokens, kernel,
+                                             monkeypatch):
+    """Eager passes and the compiled kernel (``DEPTHLENS_FUSED``), in one window or in windows of
+    6 positions, against float64 statistics of the whole distributions."""
+    monkeypatch.setenv(fused.FUSED_ENV, kernel)
+    calls = []
+    monkeypatch.setattr(fused, "row_sums", lambda *args: calls.append(1) or ROW_SUMS(*args))
     lens = LogitLens(model) if lens_kind == "logit" else tuned
     mask = batch[1]
     traj = Trajectory.from_states(lens, states, mask, k=4, chunk_tokens=chunk_tokens)
@@ -85,6 +93,7 @@ def test_statistics_match_direct_computation(model, tuned, states, batch, lens_k
     assert torch.equal(traj.top_ids[:, mask], direct["top"].indices[:, mask])
     assert torch.allclose(traj.top_probs[:, mask].double(), direct["top"].values[:, mask], atol=1e-6)
     assert torch.equal(traj.max_prob[:, mask], traj.top_probs[:, mask][..., 0])
+    assert bool(calls) == (kernel == "1")
 
 
 def test_output_row_is_the_model_and_ranks_are_meaningful(model, tuned, states, batch):

@@ -3,9 +3,10 @@
 A *cell* is one row (a layer ``0 … L``; the last row is always ``L``, read from the model's own
 logits), batch item and position. :meth:`Cells.compute` fills every cell's top-``k`` tokens and
 probabilities, entropy, ``KL(final ‖ readout)``, cross-entropy to the next token (nats, see
-:class:`~depthlens.stats.divergences.LogitStatistics`), the rank of the model's top-1 token and the
-top-1 probability. Positions are processed in windows of at most ``chunk_tokens`` tokens, and
-within a window one layer at a time, so ``[layers, tokens, vocab]`` never exists. The helpers here
+:class:`~depthlens.stats.logit_statistics.LogitStatistics`; in one compiled kernel where the
+work is large, :func:`~depthlens.stats.fused.fused_wanted`), the rank of the model's top-1 token
+and the top-1 probability. Positions are processed in windows of at most ``chunk_tokens`` tokens,
+and within a window one layer at a time, so ``[layers, tokens, vocab]`` never exists. The helpers here
 (layer selection, masks, windows) are shared by :mod:`~depthlens.analysis.trajectory` and
 :mod:`~depthlens.analysis.compare`.
 """
@@ -22,7 +23,8 @@ import torch
 from depthlens.errors import TrajectoryError
 from depthlens.lenses.readout import Readout
 from depthlens.model.hidden_states import HiddenStates
-from depthlens.stats.divergences import LogitStatistics
+from depthlens.stats.fused import fused_wanted
+from depthlens.stats.logit_statistics import LogitStatistics
 
 
 @dataclass(frozen=True)
@@ -93,10 +95,11 @@ class Cells:
     @classmethod
     def compute(
         cls, readout: Readout, states: HiddenStates, mask: torch.Tensor, rows: Sequence[int], k: int,
-        chunk_tokens: int | None = None,
+        chunk_tokens: int | None = None, kernel: bool | None = None,
     ) -> Cells:
         """Every cell of ``rows`` (from :func:`layer_rows`) for ``states``; ``mask [batch, seq]``
-        (bool, on the logits' device) marks real tokens, the others get ``-1`` or NaN. Raises
+        (bool, on the logits' device) marks real tokens, the others get ``-1`` or NaN. ``kernel``:
+        statistics by the compiled kernel (default: :func:`fused_wanted` for this work). Raises
         :class:`TrajectoryError` unless ``1 ≤ k ≤ vocab``."""
         input_ids = states.input_ids.to(states.logits.device)
         vocab = states.logits.shape[-1]
@@ -105,8 +108,10 @@ class Cells:
         targets = torch.full_like(input_ids, -1)
         targets[:, :-1] = torch.where(mask[:, 1:], input_ids[:, 1:], -1)
         cells = cls.empty(len(rows), *input_ids.shape, k)
+        if kernel is None:
+            kernel = kernel_wanted(states, rows)
         for window in chunk_windows(*input_ids.shape, vocab, chunk_tokens):
-            scorer = LogitStatistics(states.logits[:, window], targets[:, window])
+            scorer = LogitStatistics(states.logits[:, window], targets[:, window], fused=kernel)
             chunk_states = states.map_states(lambda state, window=window: state[:, window])
             decoded = (logits for _, logits in readout.iter_logits(chunk_states, rows[:-1]))
             for row, logits in enumerate(itertools.chain(decoded, [states.logits[:, window]])):
@@ -151,6 +156,12 @@ def position_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) 
     return attention_mask.to(input_ids.device).bool()
 
 
+def kernel_wanted(states: HiddenStates, rows: Sequence[int]) -> bool:
+    """Whether the statistics of ``rows`` over ``states`` are work enough for the compiled kernel
+    (:func:`~depthlens.stats.fused.fused_wanted`)."""
+    return fused_wanted(len(rows) * states.input_ids.numel() * states.logits.shape[-1], states.logits.device)
+
+
 def chunk_windows(batch: int, seq: int, vocab: int, chunk_tokens: int | None = None) -> list[slice]:
     """Position windows of near-equal width covering ``0 … seq``, each with at most
     ``chunk_tokens`` tokens (over the ``batch``; default :data:`CHUNK_ELEMENTS` ``// vocab``) and
@@ -162,4 +173,4 @@ def chunk_windows(batch: int, seq: int, vocab: int, chunk_tokens: int | None = N
     return [slice(start, stop) for start, stop in itertools.pairwise(bounds)]
 
 
-__all__ = ["CHUNK_ELEMENTS", "Cells", "chunk_windows", "layer_rows", "position_mask"]
+__all__ = ["CHUNK_ELEMENTS", "Cells", "chunk_windows", "kernel_wanted", "layer_rows", "position_mask"]

@@ -11,7 +11,7 @@ rows sit at half-layers: ``"layer"`` is ``l + 0.5`` for ``l < L``, see
 - ``entropy``: entropy of q_l;
 - ``top1``: whether q_l's top-1 is the model's top-1 (a fraction, not nats); where ``m`` tokens tie
   at q_l's largest logit, as bfloat16 logits often do, and the model's top-1 is one of them, it
-  counts ``1 / m`` (:attr:`~depthlens.stats.divergences.Scores.top1_share`);
+  counts ``1 / m`` (:attr:`~depthlens.stats.logit_statistics.Scores.top1_share`);
 - ``bias``: KL between the *marginal* (token-averaged) final distribution and the marginal lens
   distribution, as in the paper (its interval's spread is resampled over the
   :data:`BIAS_HEAD_TOKENS` likeliest tokens and one bucket for the rest).
@@ -45,7 +45,8 @@ from depthlens.model.hidden_states import capture_sites, depth
 from depthlens.model.precision import DtypeName, computing_in, float32_logits, resolve_dtype
 from depthlens.model.unwrap import unwrap_model
 from depthlens.stats.bootstrap import bootstrap_samples, centred_interval
-from depthlens.stats.divergences import LogitStatistics
+from depthlens.stats.fused import fused_wanted
+from depthlens.stats.logit_statistics import LogitStatistics
 from depthlens.text.data import Split, TextSource, load_chunks
 
 SUMMED_METRICS = ("kl", "ce", "entropy", "top1")
@@ -176,11 +177,13 @@ def evaluate(
     device = next(model.parameters()).device
     products = resolve_dtype(dtype, device)
     totals = _Totals.zeros(lenses, groups, parts.num_layers + 1, parts.vocab_size, device)
+    logits = sum(chunk.numel() - 1 for chunk in chunk_list) * (parts.num_layers + 1) * len(lenses) * parts.vocab_size
+    kernel = fused_wanted(logits, device)
     bar = tqdm(total=len(chunk_list) * (chunk_list[0].numel() - 1) if chunk_list else 0,
                desc="evaluating", unit="tok", disable=not progress)
     for start in range(0, len(chunk_list), batch_size):
         batch = torch.stack(chunk_list[start : start + batch_size])
-        _add_batch(totals, model, parts, lenses, batch, start, products)
+        _add_batch(totals, model, parts, lenses, batch, start, products, kernel)
         totals.bytes += sum(bytes_list[start : start + batch_size])
         bar.update(batch[:, :-1].numel())
     bar.close()
@@ -216,12 +219,13 @@ def _check_inputs(parts: ModelParts, lenses: Mapping[str, Readout], chunks: list
 
 def _add_batch(
     totals: _Totals, model: torch.nn.Module, parts: ModelParts, lenses: Mapping[str, Readout],
-    batch: torch.Tensor, first: int, products: torch.dtype,
+    batch: torch.Tensor, first: int, products: torch.dtype, kernel: bool,
 ) -> None:
     """Add the statistics of the chunks ``batch [chunks, chunk_len]`` (chunk ``first`` onwards).
 
     Positions are scored in windows of :func:`~depthlens.analysis.cells.chunk_windows`, one layer
-    at a time, by :class:`~depthlens.stats.divergences.LogitStatistics`, and summed per group. The
+    at a time, by :class:`~depthlens.stats.logit_statistics.LogitStatistics` (its compiled kernel if
+    ``kernel``), and summed per group. The
     decoding runs with products in ``products`` (:func:`~depthlens.model.precision.computing_in`), and
     so does the forward pass unless the family keeps it in float32
     (:meth:`~depthlens.model.architecture.ModelParts.forward_dtype`); the statistics are float32. Each readout
@@ -240,13 +244,13 @@ def _add_batch(
     next_ids = batch[:, 1:].reshape(-1)
     totals.token_counts.index_add_(0, row_groups, row_groups.new_ones(len(row_groups), dtype=torch.float64))
     for window in chunk_windows(1, len(row_groups), parts.vocab_size):
-        scorer = LogitStatistics(final[window], next_ids[window])
+        scorer = LogitStatistics(final[window], next_ids[window], fused=kernel)
         window_groups = row_groups[window]
         totals.final_marginal.index_add_(0, window_groups, scorer.probs)
         for name, lens in lenses.items():
             sums = totals.sums[name]
             decoded = lens.iter_logits(flat[site_of(lens)].map_states(lambda state, window=window: state[:, window]))
-            for layer, logits in float32_logits(decoded, products, device):
+            for layer, logits in float32_logits(decoded, products, device, copy=not kernel):
                 scores = scorer(logits, into=(window_groups, sums.marginals[layer]), ranks=False)
                 per_token = torch.stack([scores.kl, scores.ce, scores.entropy, scores.top1_share])
                 sums.values[:, :, layer].index_add_(1, window_groups, per_token.double())

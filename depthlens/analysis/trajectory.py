@@ -16,7 +16,7 @@ distributions. They are computed one chunk of positions at a time, and within a 
 a time through :meth:`~depthlens.lenses.readout.Readout.iter_logits`, so ``[layers, tokens, vocab]``
 never exists: besides the hidden states and the model's logits, the working memory is about three
 float32 buffers ``[chunk_tokens, vocab]``, 256 MiB each by default, and two cache-sized scratch
-buffers (:class:`~depthlens.stats.divergences.LogitStatistics`).
+buffers (:class:`~depthlens.stats.logit_statistics.LogitStatistics`).
 
 Any :class:`~depthlens.lenses.readout.Readout` works, not only lenses. Divergences between two
 readouts are in :mod:`depthlens.analysis.compare`.
@@ -36,7 +36,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from depthlens.analysis.cells import CHUNK_ELEMENTS, STATISTICS, Cells, Statistic, layer_rows, position_mask, statistic
+from depthlens.analysis.cells import CHUNK_ELEMENTS, STATISTICS, Cells, Statistic, kernel_wanted, layer_rows
+from depthlens.analysis.cells import position_mask, statistic
 from depthlens.atomic import write_file
 from depthlens.errors import DataError, TrajectoryError
 from depthlens.lenses.mid import check_site, site_of
@@ -194,7 +195,7 @@ class Trajectory:
         (``"auto"``, ``"float32"`` or ``"bfloat16"``, see
         :func:`~depthlens.model.precision.resolve_dtype`) sets the precision of the decoding's
         products; statistics are computed in float32 either way, by
-        :class:`~depthlens.stats.divergences.LogitStatistics`. Without a ``tokenizer``, labels are
+        :class:`~depthlens.stats.logit_statistics.LogitStatistics`. Without a ``tokenizer``, labels are
         ``#id``. ``lens`` may be any :class:`Readout`.
         """
         check_site(states, lens)
@@ -202,8 +203,9 @@ class Trajectory:
         input_ids = states.input_ids.to(states.logits.device)
         mask = position_mask(attention_mask, input_ids)
         products = resolve_dtype(dtype, input_ids.device)
-        readout = lens if products == torch.float32 else _DecodingIn(lens, products, input_ids.device)
-        cells = Cells.compute(readout, states, mask, rows, k, chunk_tokens)
+        kernel = kernel_wanted(states, rows)
+        readout = lens if products == torch.float32 else _DecodingIn(lens, products, input_ids.device, not kernel)
+        cells = Cells.compute(readout, states, mask, rows, k, chunk_tokens, kernel)
         input_ids = input_ids.cpu()
         return cls(
             input_ids=input_ids,
@@ -339,11 +341,13 @@ class Trajectory:
 @dataclass
 class _DecodingIn:
     """``readout`` with its decoding's products in ``dtype`` and its logits handed on in float32
-    (:func:`~depthlens.model.precision.float32_logits`); a :class:`Readout` itself."""
+    (:func:`~depthlens.model.precision.float32_logits`; as decoded without ``copy``, for the
+    compiled statistics kernel); a :class:`Readout` itself."""
 
     readout: Readout
     dtype: torch.dtype
     device: torch.device
+    copy: bool = True
 
     @property
     def kind(self) -> str:
@@ -360,8 +364,9 @@ class _DecodingIn:
     def iter_logits(
         self, states: Sequence[torch.Tensor], layers: Iterable[int] | None = None
     ) -> Iterator[tuple[int, torch.Tensor]]:
-        """The readout's ``(layer, logits [batch, seq, vocab])`` in float32, each valid until the next."""
-        return float32_logits(self.readout.iter_logits(states, layers), self.dtype, self.device)
+        """The readout's ``(layer, logits [batch, seq, vocab])`` in float32 (with ``copy``), each
+        valid until the next."""
+        return float32_logits(self.readout.iter_logits(states, layers), self.dtype, self.device, self.copy)
 
 
 def _labels(tokenizer: PreTrainedTokenizerBase | None, ids: torch.Tensor) -> dict[int, str]:

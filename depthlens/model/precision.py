@@ -128,10 +128,13 @@ def computing_in(dtype: torch.dtype, device: torch.device | str = "cpu") -> Iter
 
 
 def float32_logits(
-    decoded: Iterable[tuple[int, torch.Tensor]], dtype: torch.dtype, device: torch.device | str = "cpu"
+    decoded: Iterable[tuple[int, torch.Tensor]], dtype: torch.dtype, device: torch.device | str = "cpu",
+    copy: bool = True,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """``(layer, logits)`` pairs of a readout's ``iter_logits`` (not yet started), each decoded
-    inside :func:`computing_in` ``(dtype, device)`` and handed on in float32 ``[..., vocab]``.
+    inside :func:`computing_in` ``(dtype, device)`` and handed on in float32 ``[..., vocab]``
+    (``copy=False``: as decoded, for a consumer that reads low precision itself, like the compiled
+    statistics kernel).
 
     Low-precision logits are copied into one float32 buffer reused for every layer: a fresh
     float32 tensor of a 49k-token unembedding's logits costs more in page faults than the copy
@@ -145,7 +148,7 @@ def float32_logits(
         if pair is None:
             return
         layer, logits = pair
-        if logits.dtype != torch.float32:
+        if copy and logits.dtype != torch.float32:
             if buffer is None or buffer.numel() < logits.numel() or buffer.device != logits.device:
                 buffer = torch.empty(logits.numel(), device=logits.device)
             logits = buffer[: logits.numel()].view(logits.shape).copy_(logits)

@@ -1,1 +1,2 @@
-"""Statistics: divergences in nats, bootstrap intervals, grids of per-layer values."""
+"""Statistics: divergences in nats, per-layer scores against a reference (eager or compiled),
+bootstrap intervals, grids of per-layer values."""

@@ -30,8 +30,8 @@ from depthlens.errors import UsageError
 FUSED_ENV = "DEPTHLENS_FUSED"
 """Set to ``1`` or ``0`` to use the compiled kernel always or never, whatever the size of the work."""
 MIN_FUSED_LOGITS = 2**32
-"""Work below this many logits (positions × layers × vocabulary: about 2800 tokens of smollm2-135m's
-31 rows, 860 of gemma3-270m's 19) keeps the eager passes. In ``benchmarks/trajectory.py`` the
+"""Work below this many logits (positions × layers × vocabulary: a trajectory of about 2800 tokens
+of smollm2-135m's 31 rows, 860 of gemma3-270m's 19) keeps the eager passes. In ``benchmarks/trajectory.py`` the
 kernel saved 1.6–3.5 ns per logit in float32 on an AMD EPYC, and setting it up in a process took
 about 8 s when torch's disk cache held it and 25 s when not (both cores busy), so it pays from
 about 4·10⁹ logits on."""

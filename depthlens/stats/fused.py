@@ -2,7 +2,7 @@
 
 Eager PyTorch pays one pass over ``[rows, vocab]`` per operation: the float32 copy, the maximum,
 the shift, ``exp``, the sum, two dot products, the rank's comparison. With bfloat16 products
-four times faster than float32 ones, those passes cost more than the unembedding itself (a
+four times faster than float32 ones (a Xeon with AMX), those passes cost more than the unembedding (a
 512-token trajectory of smollm2-135m: 2.8× its bare cost). :func:`row_sums` computes the same
 sums with ``torch.compile``, which fuses them into two reads of each row (its maximum, then the
 rest), and adds each row's distribution to its group's sum (evaluation's marginals) in the same

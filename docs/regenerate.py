@@ -22,7 +22,8 @@ they finished. Then the pages' tables are rewritten from the results
 ``--check DIR`` reruns the chosen pages (lenses included) with every output under ``DIR`` and
 compares each JSON result with the committed one (``--check DIR --step NAME`` reruns one step
 with the repository's lenses): a number must agree to 1e-4 (relative), or lie
-within the 95% interval the committed result states for it. Timings and paths are not compared.
+within the 95% interval the committed result states for it (``docs/agreement.py`` says how an
+interval is found). Timings and paths are not compared.
 What each rerun found is merged into ``docs/checks.json``, which the pages' checks tables show.
 """
 
@@ -30,16 +31,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agreement import judge
+from depthlens.apps.cli_causal import PARTIAL
 from depthlens.atomic import write_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,9 +51,6 @@ within their stated interval, and problems; the timings tables read :data:`RECOR
 tables this."""
 PAGES = ("science", "applications", "readouts")
 LENSES = {"smollm2": "runs/docs/smollm2-135m", "gemma3": "runs/docs/gemma3-270m"}
-UNCOMPARED = {"seconds", "wall_seconds", "tokens_per_second", "load_average", "speedup_wall", "speedup_cpu"}
-TOLERANCE = 1e-4
-POINTS = {"value", "mean", "auroc", "rho", "point", "accuracy"}
 
 
 @dataclass(frozen=True)
@@ -222,75 +220,9 @@ def plan(pages: list[str]) -> list[Step]:
     return [step for step in STEPS if step.name in needed] + chosen
 
 
-def numbers(value: Any, path: str = "") -> Iterator[tuple[str, float, Any]]:
-    """Every number in a JSON value: ``(path, number, the dict that holds it)``."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if key in UNCOMPARED or key.endswith("_seconds"):
-                continue
-            if isinstance(item, (int, float)) and not isinstance(item, bool):
-                yield f"{path}.{key}", float(item), value
-            else:
-                yield from numbers(item, f"{path}.{key}")
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            if isinstance(item, (int, float)) and not isinstance(item, bool):
-                yield f"{path}[{index}]", float(item), None
-            else:
-                yield from numbers(item, f"{path}[{index}]")
-
-
-def stated_interval(path: str, holder: dict | None) -> tuple[float, float] | None:
-    """The 95% interval a result states beside the number at ``path``: a sibling ``<key>_interval``
-    pair or ``<key>_low``/``<key>_high``, or, for a point estimate (:data:`POINTS`), ``low``/``high``
-    or ``ci_low``/``ci_high`` in the same record."""
-    if holder is None:
-        return None
-    key = path.rsplit(".", 1)[-1]
-    pair = holder.get(f"{key}_interval")
-    if isinstance(pair, list) and len(pair) == 2:
-        return float(pair[0]), float(pair[1])
-    bounds = [(f"{key}_low", f"{key}_high")]
-    if key in POINTS:
-        bounds += [("low", "high"), ("ci_low", "ci_high")]
-    for low, high in bounds:
-        if isinstance(holder.get(low), (int, float)) and isinstance(holder.get(high), (int, float)):
-            return float(holder[low]), float(holder[high])
-    return None
-
-
-def judge(committed: Any, fresh: Any) -> Iterator[tuple[str, str]]:
-    """Each number of ``fresh`` against ``committed`` as ``(verdict, line)``: ``"same"`` (to
-    :data:`TOLERANCE`), ``"interval"`` (inside the interval ``committed`` states for it) or
-    ``"problem"`` (neither, new, or missing from ``fresh``; ``line`` says which)."""
-    old = {path: (number, holder) for path, number, holder in numbers(committed)}
-    for path, number, _ in numbers(fresh):
-        if path not in old:
-            yield "problem", f"{path}: new number {number:g}, not in the committed result"
-            continue
-        reference, holder = old.pop(path)
-        if math.isclose(number, reference, rel_tol=TOLERANCE, abs_tol=TOLERANCE * 1e-2):
-            yield "same", path
-            continue
-        interval = stated_interval(path, holder)
-        if interval and interval[0] <= number <= interval[1]:
-            yield "interval", path
-            continue
-        where = f", outside [{interval[0]:g}, {interval[1]:g}]" if interval else ""
-        yield "problem", f"{path}: {number:g} against {reference:g}{where}"
-    for path in old:
-        yield "problem", f"{path}: missing from the new result"
-
-
-def compare(committed: Any, fresh: Any) -> list[str]:
-    """The numbers of ``fresh`` that neither agree with ``committed`` to :data:`TOLERANCE` nor lie in
-    the interval ``committed`` states for them; one line each."""
-    return [line for verdict, line in judge(committed, fresh) if verdict == "problem"]
-
-
 def check(step: Step, prefix: Path) -> dict[str, Any]:
     """Compare each JSON file the step wrote under ``prefix`` with the committed one: how many
-    numbers agreed to :data:`TOLERANCE`, how many only within their stated interval, and the problems."""
+    numbers agreed to ``agreement.TOLERANCE``, how many only within their stated interval, and the problems."""
     fresh_out = prefix / step.out
     found = [fresh_out] if fresh_out.is_file() else sorted(fresh_out.rglob("*.json"))
     counts: dict[str, Any] = {"command": list(step.command), "threads": os.environ.get("OMP_NUM_THREADS", "all"),
@@ -333,6 +265,7 @@ def run(step: Step, prefix: Path, record: dict[str, Any], record_path: Path, for
         return
     argv = step.argv(prefix, lenses_in)
     print(f"[run] {step.name}: {' '.join(argv[1:])}", flush=True)
+    resumed = (prefix / step.out / PARTIAL).is_dir()
     began = time.monotonic()
     if subprocess.run(argv, cwd=ROOT, check=False).returncode:
         raise SystemExit(f"regenerate: step {step.name} failed (its error is above); fix it and rerun "
@@ -344,7 +277,7 @@ def run(step: Step, prefix: Path, record: dict[str, Any], record_path: Path, for
             path.unlink()
     record[step.name] = {"page": step.page, "command": command, "out": step.out,
                          "seconds": round(time.monotonic() - began, 1),
-                         "threads": os.environ.get("OMP_NUM_THREADS", "all")}
+                         "threads": os.environ.get("OMP_NUM_THREADS", "all"), **({"resumed": True} if resumed else {})}
     write_json(record_path, record)
 
 

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _load_regenerate():
+    sys.path.insert(0, str(ROOT / "docs"))
     spec = importlib.util.spec_from_file_location("regenerate", ROOT / "docs" / "regenerate.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["regenerate"] = module
@@ -26,6 +27,7 @@ def _load_regenerate():
 
 
 regenerate = _load_regenerate()
+import agreement  # noqa: E402  (docs/, on the path now)
 
 
 @pytest.mark.parametrize("step", regenerate.STEPS, ids=lambda step: step.name)
@@ -87,7 +89,7 @@ def test_compare_passes_float_noise_and_numbers_inside_the_stated_interval():
     fresh = {"rho": -0.812, "rho_interval": [-0.8160000001, -0.80], "seconds": 99.0,
              "rows": [{"value": 0.59, "low": 0.4, "high": 0.6}, {"kl": [1.00000001, 2.0]}],
              "table": [{"value": 1.25, "ci_low": 1.2, "ci_high": 1.4}]}
-    assert regenerate.compare(committed, fresh) == []
+    assert agreement.compare(committed, fresh) == []
 
 
 def test_compare_reports_numbers_outside_the_interval_and_missing_ones():
@@ -96,12 +98,35 @@ def test_compare_reports_numbers_outside_the_interval_and_missing_ones():
                  "gone": 3.0, "plain": 1.0}
     fresh = {"rho": -0.79, "rho_interval": [-0.816, -0.800], "rows": [{"value": 0.61, "low": 0.4, "high": 0.6}],
              "plain": 1.01}
-    problems = regenerate.compare(committed, fresh)
+    problems = agreement.compare(committed, fresh)
     assert any(line.startswith(".rho: -0.79") and "outside" in line for line in problems)
     assert any(line.startswith(".rows[0].value: 0.61") for line in problems)
     assert any(line.startswith(".plain: 1.01") for line in problems)
     assert ".gone: missing from the new result" in problems
     assert len(problems) == 4
+
+
+def test_list_elements_and_interval_ends_are_judged_by_the_interval_they_belong_to():
+    """Per-layer lists (``kl_nats`` beside ``kl_low``/``kl_high``), the ends of intervals and ``[low, high]``
+    pairs: inside the committed interval passes, outside is a problem. Planted bugs: element ``i`` judged
+    by another element's interval, or an end judged against nothing."""
+    committed = {"kl_nats": [0.25, 0.012], "kl_low": [0.23, 0.011], "kl_high": [0.27, 0.014],
+                 "rho": 0.44, "rho_low": 0.38, "rho_high": 0.50, "interval_per_seed": {"tuned": [[0.32, 0.45], [0.38, 0.50]]},
+                 "rho_interval": [0.38, 0.5]}
+    fresh = {"kl_nats": [0.26, 0.0124], "kl_low": [0.231, 0.0112], "kl_high": [0.268, 0.0139],
+             "rho": 0.45, "rho_low": 0.385, "rho_high": 0.49, "interval_per_seed": {"tuned": [[0.321, 0.449], [0.38, 0.50]]},
+             "rho_interval": [0.381, 0.5]}
+    verdicts = dict((line, verdict) for verdict, line in agreement.judge(committed, fresh))
+    assert verdicts[".kl_nats[1]"] == verdicts[".kl_low[0]"] == verdicts[".rho_high"] == "interval"
+    assert verdicts[".interval_per_seed.tuned[0][1]"] == verdicts[".rho_interval[0]"] == "interval"
+    fresh["kl_nats"][1] = 0.25  # inside element 0's interval, outside its own
+    fresh["interval_per_seed"]["tuned"][0][1] = 0.46
+    fresh["kl_high"][1] = 0.0105
+    assert sorted(agreement.compare(committed, fresh)) == [
+        ".interval_per_seed.tuned[0][1]: 0.46 against 0.45, outside [0.32, 0.45]",
+        ".kl_high[1]: 0.0105 against 0.014, outside [0.011, 0.014]",
+        ".kl_nats[1]: 0.25 against 0.012, outside [0.011, 0.014]"]
+    assert agreement.compare({"counts": [3, 4]}, {"counts": [3, 5]}) == [".counts[1]: 5 against 4"]
 
 
 def test_a_check_counts_equal_and_interval_numbers_and_records_them_beside_earlier_checks(tmp_path, monkeypatch):
@@ -147,6 +172,24 @@ def test_a_finished_step_is_skipped_until_its_command_changes(tmp_path):
     assert (tmp_path / "docs/toy/runs.txt").read_text() == "xx"
     regenerate.run(changed, tmp_path, record, record_path, force=True)
     assert (tmp_path / "docs/toy/runs.txt").read_text() == "xxx"
+
+
+def test_a_step_that_resumed_kept_layers_says_its_time_is_the_last_part_only(tmp_path, monkeypatch):
+    """``causal --resume`` across sessions: the recorded wall time covers only the last part, and the
+    timings table says so. Planted bug: a resumed run's minutes shown as the whole run's."""
+    step = _script_step(tmp_path)
+    (tmp_path / step.out / regenerate.PARTIAL).mkdir(parents=True)
+    record_path = tmp_path / regenerate.RECORD
+    regenerate.run(step, tmp_path, {}, record_path, force=False)
+    saved = json.loads(record_path.read_text())
+    assert saved["toy"]["resumed"] is True
+    from tables import readouts
+    monkeypatch.setattr(readouts, "load", lambda path: saved)
+    monkeypatch.setattr(regenerate, "plan", lambda pages: [step])
+    assert "| toy | 0.0 (the last part: it resumed layers kept from an earlier run) | " in readouts.timings_table("science")
+    fresh = tmp_path / "fresh"
+    regenerate.run(step, fresh, {}, fresh / regenerate.RECORD, force=False)
+    assert "resumed" not in json.loads((fresh / regenerate.RECORD).read_text())["toy"]
 
 
 def test_pictures_no_page_shows_are_dropped_and_the_rest_kept(tmp_path):
@@ -253,12 +296,54 @@ def test_the_fidelity_claim_is_judged_on_each_models_largest_run(monkeypatch):
     large["alignment"] = small["alignment"] = {"layers": [0], "low": {"logit": [0.1], "tuned": [0.5]},
                                                "high": {"logit": [0.2], "tuned": [0.6]}}
     monkeypatch.setattr(science, "load", lambda path: large if "causal_k64" in path else small)
+    monkeypatch.setattr(science, "_finished", lambda path: "gemma3" not in path)
+    monkeypatch.setattr(science, "ROOT", Path("/nonexistent"))  # no unfinished run either
     assert [run["k"] for run in science.fidelity_runs("smollm2-135m")] == [12, 64]
     assert [run["k"] for run in science.fidelity_runs("gemma3-270m")] == [12]
     row = science.claim_causal_rows()[0]
     assert row[2] == "tuned ρ -0.50–-0.50 at layers 0, 9 (k = 64, 2048 tokens)"
     assert row[3] == "tuned ρ 0.90–0.90 at layers 0, 9 (k = 12, 384 tokens)"
     assert row[-1] == "smollm2-135m: refuted; gemma3-270m: reproduced"
+
+
+def _partial_layer(folder, layer, rho):
+    """One layer as ``causal --resume`` keeps it in ``folder/partial/<readout>/layer_<layer>``."""
+    where = folder / "partial" / "lens" / f"layer_{layer}"
+    where.mkdir(parents=True)
+    settings = {"k": 64, "tokens": 2048}
+    fidelity = {"layer": layer, "rho": rho, "low": rho - 0.1, "high": rho + 0.05, "readout_kl": [], "model_kl": []}
+    (where / "fidelity.json").write_text(json.dumps({"settings": settings, "fidelity": fidelity}))
+    (where / "bases.json").write_text(json.dumps({"bases": [{"layer": layer, "energies_nats": [3.0, 1.0]}]}))
+
+
+def test_an_unfinished_k64_run_shows_its_finished_layers_and_decides_no_claim(monkeypatch, tmp_path):
+    """Planted bugs: the layers a resumable run has finished left off the fidelity table, a lens without
+    any layer shown as if measured, or the claims table judging gemma3 on an unfinished run."""
+    from tables import science
+
+    small = _causal_run(12, 384, 0.9, 0.8, 0.95)
+    small["alignment"] = {"layers": [0], "low": {"logit": [0.1], "tuned": [0.5]}, "high": {"logit": [0.2], "tuned": [0.6]}}
+    monkeypatch.setattr(science, "load", lambda path: small)
+    monkeypatch.setattr(science, "_finished", lambda path: False)
+    monkeypatch.setattr(science, "ROOT", tmp_path)
+    monkeypatch.setattr(science, "K64", {"smollm2-135m": "none", "gemma3-270m": "gemma3/causal_k64"})
+    for layer, rho in ((3, 0.5), (0, 0.25)):
+        _partial_layer(tmp_path / "gemma3/causal_k64/logit", layer, rho)
+    runs = science.fidelity_runs("gemma3-270m", partial=True)
+    assert [(run["k"], run["layers"], run["partial"]) for run in runs] == [(12, [0, 9], False), (64, [0, 3], True)]
+    rows = [line for line in science.fidelity_table().splitlines() if "(unfinished)" in line]
+    assert rows == ["| gemma3-270m | 0 of 18 | 64 (unfinished) | 2048 | 0.25 [0.15, 0.30] | not run yet |",
+                    "| gemma3-270m | 3 of 18 | 64 (unfinished) | 2048 | 0.50 [0.40, 0.55] | not run yet |"]
+    assert "| gemma3-270m | logit | 3 | 3.0, 1.0 | 1.000 | 4.0 | 1.00 |" in science.energy_k64_table()
+    assert [run["k"] for run in science.fidelity_runs("gemma3-270m")] == [12]
+    assert science.claim_causal_rows()[0][3] == "tuned ρ 0.90–0.90 at layers 0, 9 (k = 12, 384 tokens)"
+    finished = {"k": 64, "tokens": 2048, "layers": [0, 9], "readouts": {"tuned": {"fidelity": [
+        {"layer": layer, "rho": 0.7, "rho_low": 0.6, "rho_high": 0.8} for layer in (0, 9)], "bases": []}}}
+    monkeypatch.setattr(science, "load", lambda path: finished if "causal_k64" in path else small)
+    monkeypatch.setattr(science, "_finished", lambda path: path.endswith("gemma3/causal_k64/tuned/results.json"))
+    fidelity, ahead = science.claim_causal_rows()[:2]
+    assert fidelity[3] == "tuned ρ 0.70–0.70 at layers 0, 9 (k = 64, 2048 tokens)"  # the tuned lens alone decides
+    assert ahead[3].endswith("of layers 0, 9 (k = 12, 384 tokens)")  # both lenses needed: the logit lens is unfinished
 
 
 def _injection(model, task, best, benign):

@@ -8,13 +8,17 @@ choice is made at run time:
 
 - :func:`resolve_dtype` turns ``"auto" | "float32" | "bfloat16"`` into a ``torch.dtype``; ``"auto"``
   is bfloat16 where :func:`bfloat16_is_fast` says so and float32 elsewhere.
-- :func:`bfloat16_is_fast` times small bfloat16 and float32 products once per process (about 0.1 s
-  with AMX; up to about 0.4 s where bfloat16 is emulated), the best of five each, alternating, so
-  that other processes' load hits both alike. On CUDA it is whether the GPU supports bfloat16. It
-  times the kernels PyTorch would really use, so caps such as ``ATEN_CPU_CAPABILITY`` or
+- :func:`bfloat16_is_fast` times small bfloat16 and float32 products (about 0.1 s with AMX; up to
+  about 0.4 s where bfloat16 is emulated), the best of five each, alternating, so that other
+  processes' load hits both alike. On CUDA it is whether the GPU supports bfloat16. It times the
+  kernels PyTorch would really use, so caps such as ``ATEN_CPU_CAPABILITY`` or
   ``ONEDNN_MAX_CPU_ISA`` count as they should (on one AMX machine, one thread: bfloat16 ran 4–10×
-  faster than float32; capped with ``ONEDNN_MAX_CPU_ISA=AVX2``, 8× slower). The environment
-  variable :data:`FAST_BFLOAT16_ENV` (``1`` or ``0``) replaces the measurement, to force either path.
+  faster than float32; capped with ``ONEDNN_MAX_CPU_ISA=AVX2``, 8× slower). The first answer on a
+  machine is kept in the user's cache (:data:`DECISIONS`, keyed by :func:`machine_key`), and later
+  processes read it: on an AMD EPYC without AMX the ratio measured 2.15 on a quiet core and below
+  :data:`FAST_RATIO` with the other core busy, so deciding afresh each run would flip the numbers a
+  user gets between runs. Delete the file to measure again. The environment variable
+  :data:`FAST_BFLOAT16_ENV` (``1`` or ``0``) replaces both, to force either path.
 - :func:`computing_in` is the context in which forward passes and decoding run (the forward pass
   stays float32 for families whose rule says so: gemma3's per-layer KLs moved by over 1% with a
   bfloat16 forward, :meth:`~depthlens.model.architecture.ModelParts.forward_dtype`): for bfloat16,
@@ -34,7 +38,9 @@ is the model's own output head.
 from __future__ import annotations
 
 import functools
+import json
 import os
+import platform
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -45,7 +51,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from depthlens.errors import UsageError
+from depthlens.atomic import write_file
+from depthlens.errors import OutputError, UsageError
+from depthlens.model.cache import user_cache
 
 DtypeName = Literal["auto", "float32", "bfloat16"]
 DTYPE_NAMES: tuple[str, ...] = ("auto", "float32", "bfloat16")
@@ -57,6 +65,9 @@ PROBE_SHAPE = (128, 512, 2048)
 FAST_RATIO = 2.0
 """bfloat16 counts as fast when its products run at least this many times faster than float32:
 below that, the rounding of inputs and outputs eats most of the gain."""
+DECISIONS = ("precision", "bfloat16.json")
+"""Where, under :func:`~depthlens.model.cache.user_cache`, each machine's measured rates and answer are
+kept: ``{machine_key: {"float32": GFLOP/s, "bfloat16": GFLOP/s, "fast": bool}}``."""
 
 
 def resolve_dtype(dtype: DtypeName | str | torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
@@ -77,7 +88,7 @@ def resolve_dtype(dtype: DtypeName | str | torch.dtype, device: torch.device | s
 def bfloat16_is_fast(device: torch.device | str = "cpu") -> bool:
     """Whether bfloat16 matrix products beat float32 ones by :data:`FAST_RATIO` on ``device``'s
     type: the :data:`FAST_BFLOAT16_ENV` variable if set, else GPU support on CUDA, else a timing
-    made once per process (:func:`product_rates`); other devices: no."""
+    made once per machine (:func:`product_rates`, kept under :data:`DECISIONS`); other devices: no."""
     forced = os.environ.get(FAST_BFLOAT16_ENV, "").strip()
     if forced in ("0", "1"):
         return forced == "1"
@@ -88,8 +99,47 @@ def bfloat16_is_fast(device: torch.device | str = "cpu") -> bool:
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if kind != "cpu":
         return False
+    return _cpu_decision(machine_key())
+
+
+def machine_key() -> str:
+    """What the CPU timing depends on: the CPU's model name, the kernels PyTorch dispatches to (its
+    CPU capability and ``ONEDNN_MAX_CPU_ISA``), PyTorch's version and the thread count."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                name = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "any")
+    return (f"{name} · {torch.backends.cpu.get_cpu_capability()} · oneDNN {onednn} · torch {torch.__version__} · "
+            f"{torch.get_num_threads()} threads")
+
+
+@functools.cache
+def _cpu_decision(key: str) -> bool:
+    """The kept answer for ``key`` (:data:`DECISIONS`), else :func:`product_rates` measured now and kept;
+    an unreadable record is measured again, and an unwritable cache leaves the answer to this process."""
+    path = user_cache(*DECISIONS)
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    entry = known.get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("fast"), bool):
+        return entry["fast"]
     rates = product_rates()
-    return rates["bfloat16"] >= FAST_RATIO * rates["float32"]
+    fast = rates["bfloat16"] >= FAST_RATIO * rates["float32"]
+    known[key] = {**{name: round(rate, 1) for name, rate in rates.items()}, "fast": fast}
+    try:
+        write_file(path, (json.dumps(known, indent=1, sort_keys=True) + "\n").encode())
+    except OutputError:
+        pass
+    return fast
 
 
 @functools.cache
@@ -220,6 +270,7 @@ def without_subnormals() -> Iterator[None]:
 
 
 __all__ = [
+    "DECISIONS",
     "DTYPE_NAMES",
     "FAST_BFLOAT16_ENV",
     "FAST_RATIO",
@@ -230,6 +281,7 @@ __all__ = [
     "float32_logits",
     "full_precision",
     "lowered",
+    "machine_key",
     "product_rates",
     "resolve_dtype",
     "without_subnormals",

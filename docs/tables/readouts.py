@@ -47,7 +47,9 @@ def timings_table(page: str) -> str:
         done = record.get(step.name)
         if done and done["command"] == list(step.command):
             total += done["seconds"]
-            rows.append([step.name, f"{done['seconds'] / 60:.1f}", str(done["threads"])])
+            minutes = f"{done['seconds'] / 60:.1f}" + (" (the last part: it resumed layers kept from an earlier run)"
+                                                       if done.get("resumed") else "")
+            rows.append([step.name, minutes, str(done["threads"])])
         else:
             rows.append([step.name, "not run in the last regeneration", ""])
     rows.append(["**all**", f"**{total / 60:.1f}**", ""])

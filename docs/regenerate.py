@@ -43,6 +43,7 @@ from typing import Any
 from agreement import judge
 from depthlens.apps.cli_causal import PARTIAL
 from depthlens.atomic import write_file
+from depthlens.model.precision import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORD = "docs/regenerate.json"
@@ -227,7 +228,7 @@ def check(step: Step, prefix: Path) -> dict[str, Any]:
     fresh_out = prefix / step.out
     found = [fresh_out] if fresh_out.is_file() else sorted(fresh_out.rglob("*.json"))
     counts: dict[str, Any] = {"command": list(step.command), "threads": os.environ.get("OMP_NUM_THREADS", "all"),
-                              "same": 0, "interval": 0, "problems": []}
+                              "cpu": cpu_name(), "same": 0, "interval": 0, "problems": []}
     for fresh in found:
         name = Path(step.out) / fresh.relative_to(fresh_out) if fresh != fresh_out else Path(step.out)
         committed = ROOT / name
@@ -249,11 +250,12 @@ def write_json(path: Path, value: dict[str, Any]) -> None:
 
 def record_checks(results: dict[str, dict[str, Any]]) -> None:
     """Merge the checks of this run into :data:`CHECKS` (committed: the evidence that reruns agree),
-    one record per step and thread count: a rerun replaces only the one with its own thread count."""
+    one record per step, thread count and CPU: a rerun replaces only the one made like it (records
+    older than the CPU's name are keyed by the thread count alone)."""
     path = ROOT / CHECKS
     checks = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     for name, result in results.items():
-        checks.setdefault(name, {})[f"threads={result['threads']}"] = result
+        checks.setdefault(name, {})[f"threads={result['threads']} · {result['cpu']}"] = result
     write_json(path, checks)
 
 

@@ -131,7 +131,7 @@ def test_list_elements_and_interval_ends_are_judged_by_the_interval_they_belong_
 
 def test_a_check_counts_equal_and_interval_numbers_and_records_them_beside_earlier_checks(tmp_path, monkeypatch):
     """Planted bugs: a number inside its interval counted as equal, or a new check erasing the record
-    of an earlier one (another step's, or the same step's with another thread count)."""
+    of an earlier one (another step's, or the same step's with another thread count or on another CPU)."""
     monkeypatch.setattr(regenerate, "ROOT", tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     step = regenerate.Step("toy", "science", ("toy", "{out}"), "docs/toy")
@@ -142,11 +142,14 @@ def test_a_check_counts_equal_and_interval_numbers_and_records_them_beside_earli
     found = regenerate.check(step, tmp_path / "check")
     assert (found["same"], found["interval"]) == (3, 1)
     assert found["problems"] == ["docs/toy/result.json.far: 2 against 1"]
-    earlier = {"earlier": {"threads=1": {"same": 1}}, "toy": {"threads=2": {"same": 5}}}
+    assert found["cpu"] == regenerate.cpu_name()
+    earlier = {"earlier": {"threads=1": {"same": 1}},
+               "toy": {"threads=2": {"same": 5}, "threads=1": {"same": 6}, "threads=1 · Other CPU": {"same": 7}}}
     (tmp_path / "docs/checks.json").write_text(json.dumps(earlier))
     regenerate.record_checks({"toy": found})
+    regenerate.record_checks({"toy": found})  # the same rerun again replaces its own record
     assert json.loads((tmp_path / "docs/checks.json").read_text()) == {
-        "earlier": {"threads=1": {"same": 1}}, "toy": {"threads=2": {"same": 5}, f"threads={found['threads']}": found}}
+        "earlier": {"threads=1": {"same": 1}}, "toy": {**earlier["toy"], f"threads=1 · {found['cpu']}": found}}
 
 
 def _script_step(tmp_path: Path, name: str = "toy") -> object:

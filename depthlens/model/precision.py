@@ -102,19 +102,23 @@ def bfloat16_is_fast(device: torch.device | str = "cpu") -> bool:
     return _cpu_decision(machine_key())
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``'s, as ``lscpu`` shows it; elsewhere what ``platform`` says)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as lines:
+            for line in lines:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_key() -> str:
     """What the CPU timing depends on: the CPU's model name, the kernels PyTorch dispatches to (its
     CPU capability and ``ONEDNN_MAX_CPU_ISA``), PyTorch's version and the thread count."""
-    name = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                name = line.partition(":")[2].strip()
-                break
-    except OSError:
-        pass
     onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "any")
-    return (f"{name} · {torch.backends.cpu.get_cpu_capability()} · oneDNN {onednn} · torch {torch.__version__} · "
+    return (f"{cpu_name()} · {torch.backends.cpu.get_cpu_capability()} · oneDNN {onednn} · torch {torch.__version__} · "
             f"{torch.get_num_threads()} threads")
 
 
@@ -278,6 +282,7 @@ __all__ = [
     "DtypeName",
     "bfloat16_is_fast",
     "computing_in",
+    "cpu_name",
     "float32_logits",
     "full_precision",
     "lowered",

@@ -58,7 +58,7 @@ def timings_table(page: str) -> str:
 
 def checks_table(page: str) -> str:
     """What ``docs/regenerate.py --check`` found when it reran each step of ``page``
-    (``docs/checks.json``), a row per thread count of the rerun: numbers equal to 1e-4, numbers only
+    (``docs/checks.json``), a row per thread count and CPU of the rerun: numbers equal to 1e-4, numbers only
     within their stated 95% interval, and numbers outside both. A step rerun with an older command,
     or never, says so."""
     from regenerate import CHECKS, plan
@@ -66,7 +66,7 @@ def checks_table(page: str) -> str:
     rows = []
     for step in (step for step in plan([page]) if step.page != "lenses"):
         found = [run for _, run in sorted(checks.get(step.name, {}).items()) if run["command"] == list(step.command)]
-        rows += [[step.name, str(run["same"]), str(run["interval"]), str(len(run["problems"])), str(run["threads"])]
-                 for run in found] or [[step.name, "not rerun with --check", "", "", ""]]
+        rows += [[step.name, str(run["same"]), str(run["interval"]), str(len(run["problems"])), str(run["threads"]),
+                  run.get("cpu", "not recorded")] for run in found] or [[step.name, "not rerun with --check", "", "", "", ""]]
     return table(["step", "numbers equal to 10⁻⁴", "others inside their stated 95% interval", "outside both",
-                  "threads of the rerun"], rows)
+                  "threads of the rerun", "CPU of the rerun"], rows)

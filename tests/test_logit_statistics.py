@@ -113,6 +113,27 @@ def test_ties_at_the_maximum_share_the_top1_agreement(compiled):
     assert itself.top1_share.tolist() == [1.0] * 7  # the reference agrees with itself, ties and all
 
 
+@PATHS
+def test_a_maximum_in_the_short_last_run_is_the_rows_maximum(compiled):
+    """The kernel takes a row's maximum from its runs' maxima and the short last run's (vocabulary
+    128 · 2 + 5): a maximum tied twice in that last run gives a layer tie count of 2, so a reference
+    whose top-1 is one of them shares half the top-1 agreement, and a maximum 120 above every run's
+    keeps the entropy finite (``exp`` of the unshifted 120 overflows). Planted bug: the last run
+    left out of the maximum."""
+    generator = torch.Generator().manual_seed(12)
+    layer = torch.randn(2, 261, generator=generator)
+    layer[0, 257] = layer[0, 259] = 6.0
+    layer[1, 260] = 120.0
+    reference = torch.zeros(2, 261)
+    reference[0, 259] = reference[1, 260] = 5.0
+    scores = LogitStatistics(reference, torch.tensor([257, 3]), fused=compiled)(layer, ranks=False)
+    log_q = log_probs(layer)
+    assert scores.top1_share.tolist() == pytest.approx([0.5, 1.0], abs=1e-7)
+    assert torch.allclose(scores.entropy, entropy(log_q), atol=1e-5)
+    assert torch.allclose(scores.kl, kl(log_probs(reference), log_q), atol=1e-4)
+    assert torch.allclose(scores.log_normaliser, torch.logsumexp(layer - layer.amax(-1, keepdim=True), -1), atol=1e-6)
+
+
 def test_the_compiled_kernel_reads_bfloat16_logits_as_the_eager_passes_read_their_float32_copy():
     """bfloat16 logits (the decoding's output where products run in bfloat16) go into the kernel
     without a float32 copy; every float32 score agrees with the eager path's to float32 rounding

@@ -4,8 +4,8 @@ Eager PyTorch pays one pass over ``[rows, vocab]`` per operation: the float32 co
 the shift, ``exp``, the sum, two dot products, the rank's comparison. With bfloat16 products
 four times faster than float32 ones (a Xeon with AMX), those passes cost more than the unembedding (a
 512-token trajectory of smollm2-135m: 2.8× its bare cost). :func:`row_sums` computes the same
-sums with ``torch.compile``, which fuses them into two reads of each row (its maximum, then the
-rest), and adds each row's distribution to its group's sum (evaluation's marginals) in the same
+sums with ``torch.compile``, which fuses them into two reads of each row (the maxima of its runs,
+whose maximum is the row's, then the rest), and adds each row's distribution to its group's sum (evaluation's marginals) in the same
 kernel. ``benchmarks/trajectory.py`` times both against the bare cost (results in
 ``docs/trajectory/README.md``).
 
@@ -65,7 +65,9 @@ def _sums(z: torch.Tensor, probs: torch.Tensor, top1: torch.Tensor, targets: tor
     z = z.float()
     whole = z.shape[-1] // width * width
     runs = z[:, :whole].unflatten(-1, (whole // width, width)).amax(-1)
-    shift = z.amax(-1, keepdim=True)
+    shift = runs.amax(-1, keepdim=True) if whole else z.amax(-1, keepdim=True)
+    if 0 < whole < z.shape[-1]:
+        shift = torch.maximum(shift, z[:, whole:].amax(-1, keepdim=True))
     shifted = z - shift
     weights = shifted.clamp_min(floor).exp()
     total = weights.sum(-1)
@@ -76,8 +78,8 @@ def _sums(z: torch.Tensor, probs: torch.Tensor, top1: torch.Tensor, targets: tor
         "lens_dot": (weights * shifted).sum(-1) / total,
         "reference_dot": (probs * shifted).sum(-1),
         "target_shifted": shifted.gather(-1, targets.clamp_min(0)).squeeze(-1),
-        "above_top1": (z > z.gather(-1, top1)).sum(-1),
-        "ties": (z == shift).sum(-1),
+        "above_top1": (z > z.gather(-1, top1)).sum(-1, dtype=torch.float32),
+        "ties": (z == shift).sum(-1, dtype=torch.float32),
     }
 
 
@@ -117,7 +119,8 @@ def row_sums(z: torch.Tensor, probs: torch.Tensor, top1: torch.Tensor, targets: 
     - ``runs [n, vocab // width]``: the maximum of each run of ``width`` logits (for top-k);
     - ``log_total``: ``log Σ exp t``; ``lens_dot``: ``Σ q t``; ``reference_dot``: ``Σ p t``;
     - ``target_shifted``: ``t`` at the target; ``above_top1``: how many ``z`` exceed the
-      reference top-1's; ``ties``: how many equal ``max z``.
+      reference top-1's; ``ties``: how many equal ``max z`` (both counted in float32, exact below
+      2²⁴ entries, because the vectorised loop sums floats faster than 64-bit integers).
 
     With ``into = (groups [n], totals [m, vocab])`` each row's ``q`` is also added to
     ``totals[groups[i]]``, in the same kernel. The number of rows may change from call to call;

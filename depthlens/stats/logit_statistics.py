@@ -193,7 +193,7 @@ class LogitStatistics:
             self.work = torch.empty_like(self.shifted)
             return None
         sums = _RowSums(found["log_total"], found["lens_dot"], found["reference_dot"], found["target_shifted"],
-                        found["above_top1"], found["ties"])
+                        found["above_top1"].long(), found["ties"].long())
         return sums, [top_k(z, k, found["runs"])] if k else []
 
     def _eager_sums(self, z: torch.Tensor, k: int, into: tuple[torch.Tensor, torch.Tensor] | None, ranks: bool,

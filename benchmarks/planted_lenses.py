@@ -194,6 +194,21 @@ def _compiled_marginals_unnormalised() -> None:
     fused._scores_into = scores_into
 
 
+def _compiled_maximum_without_last_run() -> None:
+    """The compiled kernel takes a row's maximum from its full runs only, leaving out the short last run."""
+    import torch
+
+    from depthlens.stats import fused
+
+    class TorchWithoutMaximum:
+        maximum = staticmethod(lambda first, second: first)
+
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+    fused.torch = TorchWithoutMaximum()
+
+
 LENS_PLANTS: dict[str, tuple[Callable[[], None], list[str]]] = {
     "forward_rule_ignored": (_forward_rule_ignored, ["tests/test_precision.py"]),
     "translators_in_bfloat16": (_translators_in_bfloat16, ["tests/test_precision.py"]),
@@ -201,6 +216,7 @@ LENS_PLANTS: dict[str, tuple[Callable[[], None], list[str]]] = {
     "limericks_in_fortunes": (_limericks_in_fortunes, ["tests/test_verse.py"]),
     "ties_count_as_agreement": (_ties_count_as_agreement, ["tests/test_logit_statistics.py"]),
     "compiled_marginals_unnormalised": (_compiled_marginals_unnormalised, ["tests/test_logit_statistics.py"]),
+    "compiled_maximum_without_last_run": (_compiled_maximum_without_last_run, ["tests/test_logit_statistics.py"]),
     "paired_difference_reversed": (_paired_difference_reversed, ["tests/test_evaluate.py"]),
     "missing_cache_passed_on": (_missing_cache_passed_on, ["tests/test_generate.py"]),
     "mid_state_previous_attention": (_mid_state_previous_attention, ["tests/test_mid_block.py"]),

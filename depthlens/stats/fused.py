@@ -5,8 +5,8 @@ the shift, ``exp``, the sum, two dot products, the rank's comparison. With bfloa
 four times faster than float32 ones (a Xeon with AMX), those passes cost more than the unembedding (a
 512-token trajectory of smollm2-135m: 2.8× its bare cost). :func:`row_sums` computes the same
 sums with ``torch.compile``, which fuses them into two reads of each row (the maxima of its runs,
-whose maximum is the row's, then the rest), and adds each row's distribution to its group's sum (evaluation's marginals) in the same
-kernel. ``benchmarks/trajectory.py`` times both against the bare cost (results in
+whose maximum is the row's, then the rest), and adds each row's distribution to its group's sum
+(evaluation's marginals) in the same kernel. ``benchmarks/trajectory.py`` times both against the bare cost (results in
 ``docs/trajectory/README.md``).
 
 Compiling costs time once per process (see :data:`MIN_FUSED_LOGITS`), so :func:`fused_wanted`

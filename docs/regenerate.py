@@ -58,8 +58,9 @@ LENSES = {"smollm2": "runs/docs/smollm2-135m", "gemma3": "runs/docs/gemma3-270m"
 @dataclass(frozen=True)
 class Step:
     """One command: ``command`` runs ``depthlens`` (or, when it starts with a ``.py`` path, that
-    script) and writes the folder ``out``; ``{smollm2}``/``{gemma3}`` stand for the docs lenses and
-    ``{out}`` for ``out``."""
+    script) and writes the folder ``out``; ``{smollm2}``/``{gemma3}`` stand for the docs lenses,
+    ``{out}`` for ``out`` and ``{root}`` for the folder every output goes under (the repository, or
+    ``--check``'s folder)."""
 
     name: str
     page: str
@@ -76,7 +77,7 @@ class Step:
         """The command line, every output moved under ``prefix`` (the repository, or ``--check``'s
         folder); the lenses are read from under ``lenses_in`` (default: ``prefix``)."""
         lenses = {model: _relative((lenses_in or prefix) / folder / "lens") for model, folder in LENSES.items()}
-        words = [word.format(out=_relative(prefix / self.out), **lenses) for word in self.command]
+        words = [word.format(out=_relative(prefix / self.out), root=_relative(prefix), **lenses) for word in self.command]
         if words[0].endswith(".py"):
             return [sys.executable, *words]
         return [sys.executable, "-m", "depthlens", *words]
@@ -165,7 +166,8 @@ STEPS: tuple[Step, ...] = (
     _overthink("rte", "smollm2", 2),
     _overthink("sst2", "gemma3", 3),
     _overthink("rte", "gemma3", 2),
-    Step("prediction-depth", "applications", ("benchmarks/prediction_depth.py", "--steps", "500", "--out", "{out}"),
+    Step("prediction-depth", "applications", ("benchmarks/prediction_depth.py", "--steps", "500", "--out", "{out}",
+                                              "--figures", "{root}/docs/applications"),
          "benchmarks/results/prediction_depth.json"),
     Step("depth", "applications",
          ("depth", ("Romeo and Juliet is a tragedy written by William Shakespeare early in his career about the "

@@ -82,6 +82,16 @@ def test_lens_placeholders_become_the_docs_lens_folders_under_the_prefix(tmp_pat
     assert (ROOT / reused[reused.index("--out") + 1]).resolve() == (tmp_path / "docs/science/drift").resolve()
 
 
+def test_a_check_writes_the_prediction_depth_pictures_under_its_folder_not_into_the_pages(tmp_path):
+    """Planted bug: the script's default ``--figures`` (docs/applications): a ``--check`` rerun
+    overwrote the pages' committed depth pictures."""
+    step = next(step for step in regenerate.STEPS if step.name == "prediction-depth")
+    argv = step.argv(tmp_path)
+    assert (ROOT / argv[argv.index("--figures") + 1]).resolve() == (tmp_path / "docs/applications").resolve()
+    at_home = step.argv(ROOT)
+    assert (ROOT / at_home[at_home.index("--figures") + 1]).resolve() == (ROOT / "docs/applications").resolve()
+
+
 def test_compare_passes_float_noise_and_numbers_inside_the_stated_interval():
     committed = {"rho": -0.808, "rho_interval": [-0.816, -0.800], "seconds": 10.0,
                  "rows": [{"value": 0.5, "low": 0.4, "high": 0.6}, {"kl": [1.0, 2.0]}],

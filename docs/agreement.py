@@ -9,7 +9,11 @@ the 95% interval the committed result states for it (:func:`stated_interval`):
   ``key`` with a unit suffix such as ``_nats`` removed): elements ``i`` of those;
 - an end of an interval (a ``…_low``/``…_high``/``low``/``high`` value, or an element of a
   ``[low, high]`` pair on a path naming an interval): the committed interval it bounds. Two
-  reruns' intervals then overlap at least up to that end.
+  reruns' intervals then overlap at least up to that end;
+- a value ``key`` (or element ``i`` of a list ``key``) of a dict named after a point estimate,
+  ``<point>`` or ``<point>_<rest>`` (:data:`POINTS`, e.g. ``rho`` or ``rho_per_seed``), whose
+  holder has a dict ``interval`` or ``interval_<rest>`` giving ``key`` a ``[low, high]`` pair (or
+  a list of them): that pair (or its element ``i``).
 
 Timings and the other keys of :data:`UNCOMPARED` are not compared.
 """
@@ -92,23 +96,40 @@ def _element_interval(container: list, parent: dict | None, key: str, index: int
     return None
 
 
-def stated_interval(where: Where, parents: dict[int, dict]) -> tuple[float, float] | None:
+def _point_interval(values: dict | None, key: str, index: int | None, owners: dict[int, tuple[dict, str]]
+                    ) -> tuple[float, float] | None:
+    """The pair a point estimate's sibling ``interval``/``interval_<rest>`` dict gives ``values[key]``
+    (element ``index`` of it for a list), where ``values`` is named ``<point>`` or ``<point>_<rest>``."""
+    holder, name = owners.get(id(values), (None, ""))
+    point, _, rest = name.partition("_")
+    if holder is None or point not in POINTS:
+        return None
+    pairs = holder.get(f"interval_{rest}" if rest else "interval")
+    pair = pairs.get(key) if isinstance(pairs, dict) else None
+    if index is not None:
+        pair = pair[index] if isinstance(pair, list) and len(pair) == len(values[key]) else None
+    return _pair(*pair) if isinstance(pair, list) and len(pair) == 2 else None
+
+
+def stated_interval(where: Where, owners: dict[int, tuple[dict, str]]) -> tuple[float, float] | None:
     """The 95% interval the committed result states for the number at ``where`` (see the module
-    docstring); ``parents`` maps a list's ``id`` to the dict that holds it."""
+    docstring); ``owners`` maps a list's or dict's ``id`` to the dict that holds it and its key there."""
     container, key, index, path = where
     if index is None:
-        return _scalar_interval(container, key)
-    return _element_interval(container, parents.get(id(container)), key, index, path)
+        return _scalar_interval(container, key) or _point_interval(container, key, None, owners)
+    values = owners.get(id(container), (None, ""))[0]
+    return (_element_interval(container, values, key, index, path)
+            or _point_interval(values, key, index, owners))
 
 
-def _parents(value: Any, into: dict[int, dict] | None = None) -> dict[int, dict]:
-    """``id(list) → the dict holding it`` for every list directly under a dict in ``value``."""
+def _owners(value: Any, into: dict[int, tuple[dict, str]] | None = None) -> dict[int, tuple[dict, str]]:
+    """``id(item) → (the dict holding it, its key)`` for every list or dict directly under a dict in ``value``."""
     into = {} if into is None else into
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
-    for item in items:
-        if isinstance(item, list) and isinstance(value, dict):
-            into[id(item)] = value
-        _parents(item, into)
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else []
+    for name, item in items:
+        if isinstance(item, (list, dict)) and isinstance(value, dict):
+            into[id(item)] = (value, name)
+        _owners(item, into)
     return into
 
 
@@ -117,7 +138,7 @@ def judge(committed: Any, fresh: Any) -> Iterator[tuple[str, str]]:
     :data:`TOLERANCE`), ``"interval"`` (inside the interval ``committed`` states for it) or
     ``"problem"`` (neither, new, or missing from ``fresh``; ``line`` says which)."""
     old = {path: (number, where) for path, number, where in numbers(committed)}
-    parents = _parents(committed)
+    owners = _owners(committed)
     for path, number, _ in numbers(fresh):
         if path not in old:
             yield "problem", f"{path}: new number {number:g}, not in the committed result"
@@ -126,7 +147,7 @@ def judge(committed: Any, fresh: Any) -> Iterator[tuple[str, str]]:
         if math.isclose(number, reference, rel_tol=TOLERANCE, abs_tol=TOLERANCE * 1e-2):
             yield "same", path
             continue
-        interval = stated_interval(where, parents)
+        interval = stated_interval(where, owners)
         if interval and interval[0] <= number <= interval[1]:
             yield "interval", path
             continue

@@ -139,6 +139,28 @@ def test_list_elements_and_interval_ends_are_judged_by_the_interval_they_belong_
     assert agreement.compare({"counts": [3, 4]}, {"counts": [3, 5]}) == [".counts[1]: 5 against 4"]
 
 
+def test_a_point_estimate_is_judged_by_its_holders_interval_dict():
+    """``rho_per_seed.logit[i]`` by ``interval_per_seed.logit[i]`` and ``rho.logit`` by
+    ``interval.logit`` (the layout of ``benchmarks/results/prediction_depth.json``); a dict not
+    named after a point estimate (``depth_per_seed``) gets no interval. Planted bugs: element ``i``
+    judged by another seed's pair, or any sibling ``interval`` dict taken for any value."""
+    committed = {"rho_per_seed": {"logit": [0.39, 0.44]}, "interval_per_seed": {"logit": [[0.32, 0.45], [0.38, 0.50]]},
+                 "depth_per_seed": {"logit": [1.3, 1.4]},
+                 "runs": [{"rho": {"tuned": 0.42}, "interval": {"tuned": [0.36, 0.48]}, "depth": {"tuned": 0.5}}]}
+    fresh = {"rho_per_seed": {"logit": [0.40, 0.41]}, "interval_per_seed": {"logit": [[0.32, 0.45], [0.38, 0.50]]},
+             "depth_per_seed": {"logit": [1.3, 1.45]},
+             "runs": [{"rho": {"tuned": 0.45}, "interval": {"tuned": [0.36, 0.48]}, "depth": {"tuned": 0.55}}]}
+    verdicts = dict((line, verdict) for verdict, line in agreement.judge(committed, fresh))
+    assert verdicts[".rho_per_seed.logit[0]"] == verdicts[".rho_per_seed.logit[1]"] == "interval"
+    assert verdicts[".runs[0].rho.tuned"] == "interval"
+    assert sorted(agreement.compare(committed, fresh)) == [".depth_per_seed.logit[1]: 1.45 against 1.4",
+                                                          ".runs[0].depth.tuned: 0.55 against 0.5"]
+    fresh["rho_per_seed"]["logit"][1] = 0.455  # inside seed 1's pair, outside seed 0's
+    fresh["rho_per_seed"]["logit"][0] = 0.455
+    assert ".rho_per_seed.logit[0]: 0.455 against 0.39, outside [0.32, 0.45]" in agreement.compare(committed, fresh)
+    assert not any(line.startswith(".rho_per_seed.logit[1]") for line in agreement.compare(committed, fresh))
+
+
 def test_a_check_counts_equal_and_interval_numbers_and_records_them_beside_earlier_checks(tmp_path, monkeypatch):
     """Planted bugs: a number inside its interval counted as equal, or a new check erasing the record
     of an earlier one (another step's, or the same step's with another thread count or on another CPU)."""

@@ -16,8 +16,8 @@ answered "yes" on a set when the ratio of the means is at most 1.1.
 Both runs train in ``--runs`` (``default/`` and ``longer/``, each a run folder with its
 checkpoint): stopped at any point, the same command resumes each where its checkpoint left it, and
 a finished run is loaded, not retrained. On this project's 2-core CPU the longer run of
-smollm2-135m (20 × 960 steps) takes about four hours of one core in bfloat16, so it may span
-several sittings; on a GPU, minutes.
+smollm2-135m (20 × 960 steps) takes about five hours of one core in bfloat16 (1.0 step/s with the
+other core busy), so it may span several sittings; on a GPU, minutes.
 
 Run: ``OMP_NUM_THREADS=1 python benchmarks/longer_run.py [--tokens 245760] [--factor 20]
 [--dtype bfloat16] [--device cuda] [--out benchmarks/results/longer_run.json]``.

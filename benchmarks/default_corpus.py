@@ -126,8 +126,9 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--extra-tokens", type=int, default=1024)
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--only", choices=("mixed", "shakespeare"), help=argparse.SUPPRESS)
-    parser.add_argument("--part", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=("mixed", "shakespeare"),
+                        help="train and score this one lens in this process (the workers' mode; with --part)")
+    parser.add_argument("--part", type=Path, help="with --only: where that lens's scores go (JSON)")
     args = parser.parse_args()
     if args.only:
         score_one(args.only, args, args.part)

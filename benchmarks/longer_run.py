@@ -3,7 +3,10 @@
 Two lenses for one model, trained with the default recipe (``TrainConfig`` defaults: the ``mixed``
 corpus, the least-squares start, Adam on shortlist-KL steps), the same seed and the same
 precision, one on ``--tokens`` KL-step tokens (the default run) and one on ``--factor`` times as
-many (the longer run; its learning rate decays over its own, longer schedule). Both are then
+many (the longer run; its learning rate decays over its own, longer schedule; it reads the
+corpus's training split more than once where the split is shorter than its budget, and the record
+says how many passes that was: the mixed corpus's split holds about 576k tokens, so 20 × 960 steps
+read it about 8.5 times, while the default run reads under half of it). Both are then
 evaluated on the same held-out tokens with :func:`~depthlens.analysis.evaluate.evaluate_held_out`
 (exact KL over the whole vocabulary, nats, bootstrap groups of chunks): the corpus's validation
 split and each of its unseen kinds.
@@ -38,7 +41,9 @@ from depthlens import load_model
 from depthlens.analysis.evaluate import EvalReport, evaluate_held_out
 from depthlens.atomic import write_file
 from depthlens.lenses.tuned import TunedLens
+from depthlens.errors import DepthlensError
 from depthlens.text import corpus
+from depthlens.text.data import TextSource, token_chunks
 from depthlens.training.runs import checkpoint_dir
 from depthlens.training.train import TrainConfig, train
 
@@ -46,14 +51,18 @@ WITHIN = 1.1
 """The question's bound: the default run's mean KL at most this many times the longer run's."""
 
 
-def train_or_resume(loaded: tuple[Any, Any], tokens: int, args: argparse.Namespace, run: Path) -> dict[str, Any]:
-    """Train (or resume, or finish at once if done) the default recipe on ``tokens`` KL tokens in ``run``."""
+def train_or_resume(loaded: tuple[Any, Any], tokens: int, args: argparse.Namespace, run: Path,
+                    split_tokens: int) -> dict[str, Any]:
+    """Train (or resume, or finish at once if done) the default recipe on ``tokens`` KL tokens in
+    ``run``, reading the ``split_tokens``-token training split again where the budget needs it."""
     began = time.monotonic()
     resume = checkpoint_dir(run).is_dir() and any(checkpoint_dir(run).iterdir())
-    result = train(TrainConfig(model=args.model, tokens=tokens, minutes=None, seed=args.seed, dtype=args.dtype,
-                               out=str(run), checkpoint_minutes=args.checkpoint_minutes),
-                   loaded=loaded, resume=resume)
+    config = TrainConfig(model=args.model, tokens=tokens, minutes=None, seed=args.seed, dtype=args.dtype,
+                         out=str(run), checkpoint_minutes=args.checkpoint_minutes)
+    config.repeat_data = config.init_tokens + tokens > split_tokens
+    result = train(config, loaded=loaded, resume=resume)
     return {"lens": result.lens, "steps": result.steps, "kl_tokens": tokens, "resumed": resume,
+            "passes_over_split": round((config.init_tokens + tokens) / split_tokens, 2),
             "seconds_this_sitting": round(time.monotonic() - began, 1)}
 
 
@@ -90,7 +99,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, device=args.device)
-    runs = {name: train_or_resume((model, tokenizer), tokens, args, args.runs / name)
+    recipe = TrainConfig()
+    split_tokens = sum(chunk.numel() for chunk in token_chunks(TextSource(recipe.data), tokenizer, recipe.chunk_len,
+                                                               split="train"))
+    runs = {name: train_or_resume((model, tokenizer), tokens, args, args.runs / name, split_tokens)
             for name, tokens in (("default", args.tokens), ("longer", args.tokens * args.factor))}
     lenses: dict[str, TunedLens] = {name: run.pop("lens") for name, run in runs.items()}
     layers = lenses["default"].num_layers
@@ -108,9 +120,12 @@ def main() -> None:
               "eval_tokens": args.eval_tokens, "device": args.device,
               "machine": platform.processor() or platform.machine(),
               "kernel_capability": torch.backends.cpu.get_cpu_capability(),
-              "threads": torch.get_num_threads(), "runs": runs, "sets": results}
+              "threads": torch.get_num_threads(), "train_split_tokens": split_tokens, "runs": runs, "sets": results}
     write_file(args.out, (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DepthlensError as error:
+        raise SystemExit(f"longer_run: {error}") from None

@@ -7,6 +7,7 @@ shortlist estimate at mid states and against the per-layer learning rates.
 from __future__ import annotations
 
 import json
+from collections import Counter
 import random
 import re
 from dataclasses import asdict, fields
@@ -120,7 +121,59 @@ def test_the_data_check_counts_the_start_and_accepts_exactly_enough(short_text, 
         train(**_config("m", short_text, tmp_path / "fitted", tokens=tokens, batch_tokens=16), loaded=loaded)
     assert str(refused.value) == (
         f"the budget needs {tokens + 64} training tokens ({n + 4} chunks of 16) but {TextSource(str(short_text))} "
-        f"has only {tokens} in its train split; lower --tokens or use more text")
+        f"has only {tokens} in its train split; lower --tokens, use more text, or pass --repeat-data to read it "
+        "more than once")
+
+
+def test_repeat_data_reads_the_split_again_in_a_new_order(short_text, loaded, tmp_path):
+    """With ``repeat_data`` a budget of ``2n + 3`` chunks over an ``n``-chunk split is accepted and
+    spent in full, one chunk per step; the second pass holds the first's tokens (but for the short
+    tail that packing drops) in another order."""
+    n = _train_chunks(short_text, loaded[1])
+    seen: list[list[int]] = []
+    real = training.capture
+
+    def recording(model: Any, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        seen.extend(chunk.tolist() for chunk in input_ids)
+        return real(model, input_ids, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training, "capture", recording)
+        result = train(**_config("m", short_text, tmp_path / "run", tokens=16 * (2 * n + 3), batch_tokens=16,
+                                 init="identity", repeat_data=True), loaded=loaded)
+    assert result.steps == 2 * n + 3 and len(seen) == 2 * n + 3
+    first, second = (Counter(token for chunk in seen[start:start + n] for token in chunk) for start in (0, n))
+    assert sum(((first - second) + (second - first)).values()) < 2 * 16 and seen[:n] != seen[n:2 * n]
+
+
+def test_the_command_refuses_a_budget_past_the_data_and_repeats_it_when_told(model_dir, short_text, tiny_tokenizer,
+                                                                              tmp_path, capsys):
+    """``train --tokens`` one chunk past the split: one line naming ``--repeat-data``, exit 2, no run
+    folder; with the flag it trains, and the lens's config records it."""
+    from depthlens.apps.cli import main
+
+    n, out = _train_chunks(short_text, tiny_tokenizer), tmp_path / "run"
+    options = ["train", "--model", str(model_dir), "--data", str(short_text), "--tokens", str(16 * (n + 1)),
+               "--chunk-len", "16", "--batch-tokens", "16", "--init", "identity", "--no-eval", "--out", str(out)]
+    assert main(options) == 2
+    assert "pass --repeat-data to read it more than once" in capsys.readouterr().err and not out.exists()
+    assert main([*options, "--repeat-data"]) == 0
+    config = json.loads((out / "lens" / "config.json").read_text())["training"]["config"]
+    assert config["repeat_data"] is True and config["tokens"] == 16 * (n + 1)
+
+
+def test_a_checkpoint_from_before_repeat_data_resumes(short_text, loaded, tmp_path):
+    """A checkpoint whose config predates ``repeat_data`` is a run without it: resumed, not refused."""
+    run = tmp_path / "run"
+    first = train(**_config("m", short_text, run, tokens=32), loaded=loaded)
+    state = run / "checkpoint" / "state.json"
+    document = json.loads(state.read_text())
+    del document["progress"]["config"]["repeat_data"]
+    state.write_text(json.dumps(document))
+    again = train(**_config("m", short_text, run, tokens=32), loaded=loaded, resume=True)
+    assert again.steps == first.steps == 1
+    with pytest.raises(TrainingError, match="other settings"):
+        train(**_config("m", short_text, run, tokens=32, repeat_data=True), loaded=loaded, resume=True)
 
 
 def test_one_token_past_the_data_is_refused_with_the_counts(short_text, loaded, tmp_path):

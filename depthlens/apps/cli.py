@@ -231,6 +231,9 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
                           help="with --minutes, the closed-form start stops after this share of the budget (default: 0.5)")
     training.add_argument("--ridge", type=float,
                           help="ridge penalty of the closed-form start, times the mean diagonal of XᵀX (default: 1e-4)")
+    training.add_argument("--repeat-data", action="store_true",
+                          help="let --tokens read the training split more than once, reshuffled each pass "
+                               "(default: a budget larger than the split is refused)")
     training.add_argument("--chunk-len", type=int, help="tokens per chunk (default: 256)")
     training.add_argument("--batch-tokens", type=int, help="tokens per step and process (default: 256)")
     training.add_argument("--shortlist", type=int, metavar="K",

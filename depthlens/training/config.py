@@ -66,6 +66,9 @@ class TrainConfig:
     negatives: int = 512
     tokens: int | None = None
     """Budget of KL-step tokens (all processes together); exclusive with ``minutes``."""
+    repeat_data: bool = False
+    """Let a token budget read the training split more than once (each pass in a new shuffled
+    order); without it, a budget larger than the split is refused before any work."""
     minutes: float | None = 6.5
     """Budget of wall-clock minutes for initialisation plus KL steps."""
     lr: float | None = None

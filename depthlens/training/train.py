@@ -90,14 +90,17 @@ def _batches(source: TextSource, tokenizer: Any, config: TrainConfig, skip: int)
 
 def _check_data(source: TextSource, tokenizer: Any, config: TrainConfig) -> None:
     """Fail before any work if the budget needs more chunks than the training split has (a time
-    budget needs the initialisation and one batch; later batches repeat the data)."""
-    needed = (config.init_tokens if config.init == "least_squares" else 0) + (config.tokens or config.batch_tokens)
+    budget, or ``repeat_data``, needs the initialisation and one batch; later batches repeat the data)."""
+    repeats = config.tokens is None or config.repeat_data
+    needed = (config.init_tokens if config.init == "least_squares" else 0) + (
+        config.batch_tokens if repeats else config.tokens)
     needed_chunks = math.ceil(needed / config.chunk_len)
     available = sum(1 for _ in token_chunks(source, tokenizer, config.chunk_len, split="train", max_chunks=needed_chunks))
     if available < needed_chunks:
         raise TrainingError(
             f"the budget needs {needed} training tokens ({needed_chunks} chunks of {config.chunk_len}) but "
-            f"{source} has only {available * config.chunk_len} in its train split; lower --tokens or use more text"
+            f"{source} has only {available * config.chunk_len} in its train split; lower --tokens, use more text, "
+            "or pass --repeat-data to read it more than once"
         )
 
 
@@ -216,6 +219,10 @@ class _Job:
         return self.config.run_path
 
 
+_ADDED_LATER = {"site": "block", "repeat_data": False}
+"""Settings younger than some checkpoints, with the value those checkpoints' runs had."""
+
+
 def _start(
     config: TrainConfig,
     loaded: tuple[Any, Any] | None,
@@ -235,7 +242,7 @@ def _start(
     if resume:
         checkpoint = checkpoint_dir(config.run_path)
         progress = load_checkpoint(checkpoint, lens, optimizers)
-        saved = {"site": "block", **progress.get("config", {})}  # checkpoints older than sites are block runs
+        saved = {**_ADDED_LATER, **progress.get("config", {})}
         if saved != asdict(config):
             raise TrainingError(f"the checkpoint in {checkpoint} belongs to a run with other settings; start without --resume")
     progress["config"] = asdict(config)

@@ -137,12 +137,12 @@ class LogitStatistics:
         ``fused``: use the compiled kernel (see :func:`~depthlens.stats.fused.fused_wanted`)."""
         self.reference = reference_logits.reshape(-1, reference_logits.shape[-1])
         reference = self.reference.float()
-        log_reference = reference.log_softmax(-1)
+        maximum, self.top1 = reference.max(-1, keepdim=True)
+        self.reference_ties = torch.count_nonzero(torch.eq(reference, maximum), dim=-1)
+        log_reference = reference.log_softmax(-1).clamp_min_(EXP_FLOOR)
         self.probs = log_reference.exp()
         self.mass = self.probs.sum(-1)
-        self.neg_entropy = -entropy(log_reference)
-        self.top1 = reference.argmax(-1, keepdim=True)
-        self.reference_ties = torch.eq(reference, reference.amax(-1, keepdim=True)).sum(-1)
+        self.neg_entropy = _row_dots(self.probs, log_reference)
         self.targets = targets.reshape(-1, 1).to(reference.device)
         self.fused = fused
         rows = min(len(reference), max(MIN_BLOCK_ROWS, BLOCK_FLOATS // reference.shape[-1]))
@@ -226,7 +226,8 @@ class LogitStatistics:
         if ranks:
             above, ties = torch.gt(z, z.gather(-1, self.top1[rows]), out=work).sum(-1), None
         else:
-            above, ties = shifted.gather(-1, self.top1[rows]).squeeze(-1) < 0, torch.eq(shifted, 0.0).sum(-1)
+            above = shifted.gather(-1, self.top1[rows]).squeeze(-1) < 0
+            ties = torch.count_nonzero(torch.eq(shifted, 0.0), dim=-1)
         return _RowSums(log_total, lens_dot, _row_dots(self.probs[rows], shifted), target_shifted, above, ties)
 
     def _top1_share(self, z: torch.Tensor, below: torch.Tensor, lens_ties: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ BLOCK_FLOATS = 2**19
 cache on the machines it was tuned on), so that a block's shifted logits and its scratch buffer
 stay in cache through the passes over them; only the first pass reads main memory. On smollm2's
 and gemma3's vocabularies this made the statistics 2–3× faster than whole-chunk passes."""
+LOG2_E = 1 / math.log(2)
 MIN_BLOCK_ROWS = 4
 """Blocks hold at least this many rows, so that on large vocabularies (262k tokens: 2 rows per
 :data:`BLOCK_FLOATS`) the cost of issuing each operation stays small next to its work."""
@@ -109,6 +110,14 @@ class _RowSums:
                      for name in cls.__dataclass_fields__))
 
 
+def _exp(t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``exp t`` (into ``out``, which may be ``t``), as ``2^(t · log₂ e)``: eager ATen's ``exp2``
+    ran 2.5× faster than its ``exp`` on float32 (AVX-512, AMD EPYC), the multiplication included,
+    for a relative error of at most about ``|t| · 2⁻²⁴``, 5·10⁻⁶ at :data:`EXP_FLOOR`: float32
+    rounding of the exponent."""
+    return torch.mul(t, LOG2_E, out=out).exp2_()
+
+
 def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``Σ_v a[i, v] · b[i, v]`` for each row ``i`` of ``a, b [rows, vocab]``, as ``[rows]``: one
     ``torch.dot`` per row reads both rows once and writes nothing, where ``(a * b).sum(-1)`` writes
@@ -140,7 +149,7 @@ class LogitStatistics:
         maximum, self.top1 = reference.max(-1, keepdim=True)
         self.reference_ties = torch.count_nonzero(torch.eq(reference, maximum), dim=-1)
         log_reference = reference.log_softmax(-1).clamp_min_(EXP_FLOOR)
-        self.probs = log_reference.exp()
+        self.probs = _exp(log_reference)
         self.mass = self.probs.sum(-1)
         self.neg_entropy = _row_dots(self.probs, log_reference)
         self.targets = targets.reshape(-1, 1).to(reference.device)
@@ -214,7 +223,7 @@ class LogitStatistics:
         maximum ``shift [b, 1]``; ``into`` and ``ranks`` as in :meth:`__call__`."""
         shifted, work = self.shifted[: len(z)], self.work[: len(z)]
         torch.sub(z, shift, out=shifted)
-        torch.clamp(shifted, min=EXP_FLOOR, out=work).exp_()
+        _exp(torch.clamp(shifted, min=EXP_FLOOR, out=work), out=work)
         log_total = work.sum(-1).log()
         if into is None:
             lens_dot = _row_dots(work, shifted) * torch.exp(-log_total)

@@ -134,7 +134,8 @@ def both_kernels(work: Callable[[], object]) -> dict[str, Callable[[], object]]:
 
 def compile_seconds(warm_up: Callable[[], object]) -> float:
     """Seconds of ``warm_up`` (a small run) with the compiled kernel minus with eager passes: the
-    cost of compiling it in this process (fast when torch's on-disk cache has it)."""
+    cost of compiling it in this process (fast when torch's on-disk cache has it; below 0 where the
+    kernel's own speed on the warm-up outweighs a compile served from that cache)."""
     runs = both_kernels(warm_up)
     eager = measure(runs["eager"])[0]
     return round(measure(runs["compiled"])[0] - eager, 1)

@@ -118,6 +118,13 @@ def _exp(t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     return torch.mul(t, LOG2_E, out=out).exp2_()
 
 
+def _count(hits: torch.Tensor) -> torch.Tensor:
+    """How many entries of each row of ``hits [rows, vocab]`` are 1, as ``torch.long [rows]``, from
+    a comparison written into a float32 buffer (``torch.eq(a, b, out=buffer)``): written that way it
+    ran about 5× faster than into a new bool tensor here. Exact below 2²⁴ entries a row."""
+    return hits.sum(-1).long()
+
+
 def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``Σ_v a[i, v] · b[i, v]`` for each row ``i`` of ``a, b [rows, vocab]``, as ``[rows]``: one
     ``torch.dot`` per row reads both rows once and writes nothing, where ``(a * b).sum(-1)`` writes
@@ -147,8 +154,9 @@ class LogitStatistics:
         self.reference = reference_logits.reshape(-1, reference_logits.shape[-1])
         reference = self.reference.float()
         maximum, self.top1 = reference.max(-1, keepdim=True)
-        self.reference_ties = torch.count_nonzero(torch.eq(reference, maximum), dim=-1)
-        log_reference = reference.log_softmax(-1).clamp_min_(EXP_FLOOR)
+        log_reference = torch.empty_like(reference)
+        self.reference_ties = _count(torch.eq(reference, maximum, out=log_reference))
+        torch.log_softmax(reference, -1, out=log_reference).clamp_min_(EXP_FLOOR)
         self.probs = _exp(log_reference)
         self.mass = self.probs.sum(-1)
         self.neg_entropy = _row_dots(self.probs, log_reference)
@@ -233,10 +241,10 @@ class LogitStatistics:
             lens_dot = _row_dots(work, shifted)
         target_shifted = shifted.gather(-1, self.targets[rows].clamp_min(0)).squeeze(-1)
         if ranks:
-            above, ties = torch.gt(z, z.gather(-1, self.top1[rows]), out=work).sum(-1), None
+            above, ties = _count(torch.gt(z, z.gather(-1, self.top1[rows]), out=work)), None
         else:
             above = shifted.gather(-1, self.top1[rows]).squeeze(-1) < 0
-            ties = torch.count_nonzero(torch.eq(shifted, 0.0), dim=-1)
+            ties = _count(torch.eq(shifted, 0.0, out=work))
         return _RowSums(log_total, lens_dot, _row_dots(self.probs[rows], shifted), target_shifted, above, ties)
 
     def _top1_share(self, z: torch.Tensor, below: torch.Tensor, lens_ties: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ FUSED_ENV = "DEPTHLENS_FUSED"
 MIN_FUSED_LOGITS = 2**32
 """Work below this many logits (positions × layers × vocabulary: a trajectory of about 2800 tokens
 of smollm2-135m's 31 rows, 860 of gemma3-270m's 19) keeps the eager passes. In ``benchmarks/trajectory.py`` the
-kernel saved 0.5–1.9 ns per logit in float32 on an AMD EPYC (1.6–3.5 before the eager passes took
+kernel saved 0–1.9 ns per logit in float32 on an AMD EPYC (1.6–3.5 before the eager passes took
 their exponentials by ``exp2``), and setting it up in a process took 3–8 s when torch's disk cache
 held it and 25 s when not (both cores busy): at this size it about breaks even with a warm cache,
 and the default evaluations (10¹⁰ logits and more) gain."""

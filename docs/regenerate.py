@@ -22,9 +22,11 @@ they finished. Then the pages' tables are rewritten from the results
 
 ``--check DIR`` reruns the chosen pages (lenses included) with every output under ``DIR`` and
 compares each JSON result with the committed one (``--check DIR --step NAME`` reruns one step
-with the repository's lenses): a number must agree to 1e-4 (relative), or lie
+with the repository's lenses; naming ``--step lens-MODEL`` too makes the other steps read the lens
+the rerun trains): a number must agree to 1e-4 (relative), or lie
 within the 95% interval the committed result states for it (``docs/agreement.py`` says how an
-interval is found). Timings and paths are not compared.
+interval is found). Timings and paths are not compared. A retrained lens is compared with the
+repository's tensor by tensor (:func:`check_lens`), and judged by the steps that read it.
 What each rerun found is merged into ``docs/checks.json``, which the pages' checks tables show.
 """
 
@@ -40,7 +42,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agreement import judge
+import torch
+from safetensors.torch import load_file
+
+from agreement import TOLERANCE, judge
 from depthlens.apps.cli_causal import PARTIAL
 from depthlens.atomic import write_file
 from depthlens.model.precision import cpu_name
@@ -245,6 +250,27 @@ def check(step: Step, prefix: Path) -> dict[str, Any]:
     return counts
 
 
+def check_lens(step: Step, prefix: Path) -> dict[str, Any] | None:
+    """Compare the lens a ``--check`` rerun trained with the repository's (None where the repository
+    has none, as in a fresh clone), tensor by tensor: how many equal the repository's to
+    ``agreement.TOLERANCE`` relative to the tensor's largest entry, and the largest difference in
+    those units. A lens is judged by the steps that read it; its differences are not problems."""
+    weights = Path(step.out) / "lens" / "model.safetensors"
+    if not (ROOT / weights).is_file() or not (prefix / weights).is_file():
+        return None
+    ours, fresh = load_file(ROOT / weights), load_file(prefix / weights)
+    differences = [_relative_difference(fresh[name], tensor) for name, tensor in ours.items()]
+    return {"command": list(step.command), "threads": os.environ.get("OMP_NUM_THREADS", "all"), "cpu": cpu_name(),
+            "same": sum(difference <= TOLERANCE for difference in differences), "interval": 0, "problems": [],
+            "tensors": len(differences), "largest_difference": max(differences)}
+
+
+def _relative_difference(fresh: torch.Tensor, ours: torch.Tensor) -> float:
+    """The largest entry of ``|fresh - ours|`` over the largest of ``|ours|`` (0 for equal tensors)."""
+    scale = ours.double().abs().max().item()
+    return (fresh.double() - ours.double()).abs().max().item() / scale if scale else float(not torch.equal(fresh, ours))
+
+
 def write_json(path: Path, value: dict[str, Any]) -> None:
     """Write ``value`` as indented JSON to ``path``, atomically (a reader sees the old file or the new)."""
     write_file(path, (json.dumps(value, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
@@ -341,7 +367,8 @@ def main(argv: list[str] | None = None) -> None:
         from tables import main as rewrite_tables
         rewrite_tables()
         return
-    results = {step.name: check(step, prefix) for step in steps if step.page != "lenses"}
+    found = {step.name: check_lens(step, prefix) if step.page == "lenses" else check(step, prefix) for step in steps}
+    results = {name: result for name, result in found.items() if result is not None}
     record_checks(results)
     problems = [line for result in results.values() for line in result["problems"]]
     print("\n".join(problems) or "every number agrees with the committed results")

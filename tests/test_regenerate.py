@@ -184,6 +184,28 @@ def test_a_check_counts_equal_and_interval_numbers_and_records_them_beside_earli
         "earlier": {"threads=1": {"same": 1}}, "toy": {**earlier["toy"], f"threads=1 · {found['cpu']}": found}}
 
 
+def test_a_retrained_lens_is_compared_tensor_by_tensor_relative_to_each_tensors_scale(tmp_path, monkeypatch):
+    """Planted bugs: an absolute tolerance (a tensor of scale 100 moved by 10⁻³ would pass, one of
+    scale 10⁻³ moved by 10⁻⁵ would fail), or a fresh clone, which has no lens of its own, failing."""
+    from safetensors.torch import save_file
+    import torch
+    monkeypatch.setattr(regenerate, "ROOT", tmp_path)
+    step = regenerate.Step("lens-toy", "lenses", ("train",), "runs/docs/toy")
+    committed = {"big": torch.full((3,), 100.0), "wide": torch.linspace(-50, 50, 4), "small": torch.full((2,), 1e-3),
+                 "exact": torch.tensor([1.0, -2.0]), "zero": torch.zeros(2)}
+    moved = {"big": 1e-3, "wide": 1e-3, "small": 1e-6}
+    for prefix, tensors in ((tmp_path, committed),
+                            (tmp_path / "check", {name: tensor + moved.get(name, 0.0) for name, tensor in committed.items()})):
+        (prefix / step.out / "lens").mkdir(parents=True)
+        save_file(tensors, prefix / step.out / "lens" / "model.safetensors")
+    found = regenerate.check_lens(step, tmp_path / "check")
+    assert (found["same"], found["tensors"], found["problems"]) == (4, 5, [])
+    assert found["largest_difference"] == pytest.approx(1e-3, rel=1e-3)
+    assert regenerate.check_lens(step, tmp_path / "elsewhere") is None
+    (tmp_path / step.out / "lens" / "model.safetensors").unlink()
+    assert regenerate.check_lens(step, tmp_path / "check") is None
+
+
 def _script_step(tmp_path: Path, name: str = "toy") -> object:
     script = tmp_path / "write.py"
     script.write_text("import sys, pathlib\nout = pathlib.Path(sys.argv[1])\nout.mkdir(parents=True, exist_ok=True)\n"

@@ -23,6 +23,7 @@ cache on the machines it was tuned on), so that a block's shifted logits and its
 stay in cache through the passes over them; only the first pass reads main memory. On smollm2's
 and gemma3's vocabularies this made the statistics 2–3× faster than whole-chunk passes."""
 LOG2_E = 1 / math.log(2)
+"""log₂ e, the factor that turns a natural exponent into a base-2 one (:func:`_exp`)."""
 MIN_BLOCK_ROWS = 4
 """Blocks hold at least this many rows, so that on large vocabularies (262k tokens: 2 rows per
 :data:`BLOCK_FLOATS`) the cost of issuing each operation stays small next to its work."""

@@ -59,14 +59,24 @@ def timings_table(page: str) -> str:
 def checks_table(page: str) -> str:
     """What ``docs/regenerate.py --check`` found when it reran each step of ``page``
     (``docs/checks.json``), a row per thread count and CPU of the rerun: numbers equal to 1e-4, numbers only
-    within their stated 95% interval, and numbers outside both. A step rerun with an older command,
-    or never, says so."""
+    within their stated 95% interval, and numbers outside both; the lenses the page reads first, by
+    their tensors. A step rerun with an older command, or never, says so."""
     from regenerate import CHECKS, plan
     checks = load(CHECKS)
     rows = []
-    for step in (step for step in plan([page]) if step.page != "lenses"):
+    for step in plan([page]):
         found = [run for _, run in sorted(checks.get(step.name, {}).items()) if run["command"] == list(step.command)]
-        rows += [[step.name, str(run["same"]), str(run["interval"]), str(len(run["problems"])), str(run["threads"]),
-                  run.get("cpu", "not recorded")] for run in found] or [[step.name, "not rerun with --check", "", "", "", ""]]
+        rows += [[step.name, *_check_cells(run), str(run["threads"]), run.get("cpu", "not recorded")]
+                 for run in found] or [[step.name, "not rerun with --check", "", "", "", ""]]
     return table(["step", "numbers equal to 10⁻⁴", "others inside their stated 95% interval", "outside both",
                   "threads of the rerun", "CPU of the rerun"], rows)
+
+
+def _check_cells(run: dict) -> list[str]:
+    """A check's counts; a retrained lens's in tensors, each equal to 10⁻⁴ of its largest entry or not
+    (a lens is judged by the steps that read it)."""
+    if "tensors" not in run:
+        return [str(run["same"]), str(run["interval"]), str(len(run["problems"]))]
+    return [f"{run['same']} of {run['tensors']} tensors", "(weights: no intervals)",
+            f"{run['tensors'] - run['same']} tensors (largest difference {run['largest_difference']:.1e} of the "
+            "tensor's largest entry)"]

@@ -229,13 +229,20 @@ def plan(pages: list[str]) -> list[Step]:
     return [step for step in STEPS if step.name in needed] + chosen
 
 
+def machine() -> str:
+    """The CPU a check ran on, with the kernels it was capped to where ``ATEN_CPU_CAPABILITY`` is set
+    (a capped rerun stands for a CPU without the faster ones, and is recorded apart)."""
+    capability = os.environ.get("ATEN_CPU_CAPABILITY")
+    return f"{cpu_name()} (ATEN_CPU_CAPABILITY={capability})" if capability else cpu_name()
+
+
 def check(step: Step, prefix: Path) -> dict[str, Any]:
     """Compare each JSON file the step wrote under ``prefix`` with the committed one: how many
     numbers agreed to ``agreement.TOLERANCE``, how many only within their stated interval, and the problems."""
     fresh_out = prefix / step.out
     found = [fresh_out] if fresh_out.is_file() else sorted(fresh_out.rglob("*.json"))
     counts: dict[str, Any] = {"command": list(step.command), "threads": os.environ.get("OMP_NUM_THREADS", "all"),
-                              "cpu": cpu_name(), "same": 0, "interval": 0, "problems": []}
+                              "cpu": machine(), "same": 0, "interval": 0, "problems": []}
     for fresh in found:
         name = Path(step.out) / fresh.relative_to(fresh_out) if fresh != fresh_out else Path(step.out)
         committed = ROOT / name
@@ -260,7 +267,7 @@ def check_lens(step: Step, prefix: Path) -> dict[str, Any] | None:
         return None
     ours, fresh = load_file(ROOT / weights), load_file(prefix / weights)
     differences = [_relative_difference(fresh[name], tensor) for name, tensor in ours.items()]
-    return {"command": list(step.command), "threads": os.environ.get("OMP_NUM_THREADS", "all"), "cpu": cpu_name(),
+    return {"command": list(step.command), "threads": os.environ.get("OMP_NUM_THREADS", "all"), "cpu": machine(),
             "same": sum(difference <= TOLERANCE for difference in differences), "interval": 0, "problems": [],
             "tensors": len(differences), "largest_difference": max(differences)}
 

@@ -166,6 +166,7 @@ def test_a_check_counts_equal_and_interval_numbers_and_records_them_beside_earli
     of an earlier one (another step's, or the same step's with another thread count or on another CPU)."""
     monkeypatch.setattr(regenerate, "ROOT", tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
     step = regenerate.Step("toy", "science", ("toy", "{out}"), "docs/toy")
     for prefix, value in ((tmp_path, 0.5), (tmp_path / "check", 0.55)):
         (prefix / "docs/toy").mkdir(parents=True)
@@ -175,6 +176,8 @@ def test_a_check_counts_equal_and_interval_numbers_and_records_them_beside_earli
     assert (found["same"], found["interval"]) == (3, 1)
     assert found["problems"] == ["docs/toy/result.json.far: 2 against 1"]
     assert found["cpu"] == regenerate.cpu_name()
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert regenerate.check(step, tmp_path / "check")["cpu"] == f"{regenerate.cpu_name()} (ATEN_CPU_CAPABILITY=avx2)"
     earlier = {"earlier": {"threads=1": {"same": 1}},
                "toy": {"threads=2": {"same": 5}, "threads=1": {"same": 6}, "threads=1 · Other CPU": {"same": 7}}}
     (tmp_path / "docs/checks.json").write_text(json.dumps(earlier))

@@ -236,13 +236,17 @@ def machine() -> str:
     return f"{cpu_name()} (ATEN_CPU_CAPABILITY={capability})" if capability else cpu_name()
 
 
+def _made_how(step: Step) -> dict[str, Any]:
+    """What a check record says of how its rerun was made: the command, the thread count, the CPU."""
+    return {"command": list(step.command), "threads": os.environ.get("OMP_NUM_THREADS", "all"), "cpu": machine()}
+
+
 def check(step: Step, prefix: Path) -> dict[str, Any]:
     """Compare each JSON file the step wrote under ``prefix`` with the committed one: how many
     numbers agreed to ``agreement.TOLERANCE``, how many only within their stated interval, and the problems."""
     fresh_out = prefix / step.out
     found = [fresh_out] if fresh_out.is_file() else sorted(fresh_out.rglob("*.json"))
-    counts: dict[str, Any] = {"command": list(step.command), "threads": os.environ.get("OMP_NUM_THREADS", "all"),
-                              "cpu": machine(), "same": 0, "interval": 0, "problems": []}
+    counts: dict[str, Any] = {**_made_how(step), "same": 0, "interval": 0, "problems": []}
     for fresh in found:
         name = Path(step.out) / fresh.relative_to(fresh_out) if fresh != fresh_out else Path(step.out)
         committed = ROOT / name
@@ -267,9 +271,8 @@ def check_lens(step: Step, prefix: Path) -> dict[str, Any] | None:
         return None
     ours, fresh = load_file(ROOT / weights), load_file(prefix / weights)
     differences = [_relative_difference(fresh[name], tensor) for name, tensor in ours.items()]
-    return {"command": list(step.command), "threads": os.environ.get("OMP_NUM_THREADS", "all"), "cpu": machine(),
-            "same": sum(difference <= TOLERANCE for difference in differences), "interval": 0, "problems": [],
-            "tensors": len(differences), "largest_difference": max(differences)}
+    return {**_made_how(step), "same": sum(difference <= TOLERANCE for difference in differences), "interval": 0,
+            "problems": [], "tensors": len(differences), "largest_difference": max(differences)}
 
 
 def _relative_difference(fresh: torch.Tensor, ours: torch.Tensor) -> float:

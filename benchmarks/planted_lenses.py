@@ -3,7 +3,8 @@ half-layer rows, the tuned-lens import, the Jacobian lens, the training of a len
 the least-squares start of a tuned lens, the comparison of two lenses, the family rule that keeps a
 forward pass in float32, the translators and the last layer's decoding kept in float32 inside a
 bfloat16 block, the limericks kept out of the corpus's fortunes, the evaluation's paired
-differences and its top-1 agreement at tied maxima, and cached generation on a model without a key-value cache.
+differences, its top-1 agreement at tied maxima and its bias bootstrap's rest bucket, and cached
+generation on a model without a key-value cache.
 :mod:`planted_bugs` merges :data:`LENS_PLANTS` into its table; run one as::
 
     python benchmarks/planted_bugs.py mid_state_previous_attention
@@ -167,6 +168,21 @@ def _paired_difference_reversed() -> None:
     evaluate._differences = differences
 
 
+def _bias_rest_by_subtraction() -> None:
+    """The bias bootstrap's rest bucket is the total minus the head tokens' sum, float32 rounding and all."""
+    import torch
+
+    from depthlens.analysis import evaluate
+
+    def head_and_rest(sums):
+        if sums.shape[-1] <= evaluate.BIAS_HEAD_TOKENS + 1:
+            return sums
+        kept = sums[..., sums.sum((0, 1)).topk(evaluate.BIAS_HEAD_TOKENS).indices]
+        return torch.cat([kept, (sums.sum(-1) - kept.sum(-1)).clamp_min(0.0)[..., None]], -1)
+
+    evaluate._head_and_rest = head_and_rest
+
+
 def _ties_count_as_agreement() -> None:
     """Top-1 agreement counts a tie at the lens's maximum as full agreement."""
     from depthlens.stats import logit_statistics
@@ -218,6 +234,7 @@ LENS_PLANTS: dict[str, tuple[Callable[[], None], list[str]]] = {
     "compiled_marginals_unnormalised": (_compiled_marginals_unnormalised, ["tests/test_logit_statistics.py"]),
     "compiled_maximum_without_last_run": (_compiled_maximum_without_last_run, ["tests/test_logit_statistics.py"]),
     "paired_difference_reversed": (_paired_difference_reversed, ["tests/test_evaluate.py"]),
+    "bias_rest_by_subtraction": (_bias_rest_by_subtraction, ["tests/test_evaluate.py"]),
     "missing_cache_passed_on": (_missing_cache_passed_on, ["tests/test_generate.py"]),
     "mid_state_previous_attention": (_mid_state_previous_attention, ["tests/test_mid_block.py"]),
     "eval_mid_rows_at_whole_layers": (_eval_mid_rows_at_whole_layers, ["tests/test_mid_block.py"]),

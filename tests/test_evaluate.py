@@ -176,6 +176,20 @@ def test_bias_interval_from_the_head_tokens_is_close_to_the_full_one(setup, monk
     assert torch.allclose(head_and_rest.sum(-1), sums.sum(-1))
 
 
+def test_the_bias_rest_bucket_holds_a_near_one_hot_readouts_tail_not_the_rounding_of_its_total(monkeypatch):
+    """A readout whose probability sits on a few tokens has a tail far below the float32 rounding of
+    its summed total (1e-6 of 8, spread over 8128 tokens): the rest bucket is that tail, to float32
+    rounding of its own size. Planted bug: the rest taken as the total minus the head (it reads 0,
+    and the bias's resamples then see a probability of 1e-30 there)."""
+    monkeypatch.setattr(evaluation, "BIAS_HEAD_TOKENS", 64)
+    vocab, tail = 8192, 1e-6
+    readout = torch.full((3, vocab), tail / vocab)
+    readout[:, :64] = torch.rand(3, 64, generator=torch.Generator().manual_seed(0)) * 8 + 1
+    rest = evaluation._head_and_rest(torch.stack([torch.ones(3, vocab), readout], 1))[:, 1, -1]
+    expected = tail / vocab * (vocab - 64)
+    assert torch.allclose(rest.double(), torch.full((3,), expected, dtype=torch.float64), rtol=1e-4, atol=0)
+
+
 def test_paired_differences_are_the_differences_of_the_same_resamples(setup):
     """Each lens's difference from the first lens is the difference of their table values, and its
     interval is that of the two lenses' resampled means taken from the same groups (the ratio of

@@ -178,9 +178,9 @@ def test_bias_interval_from_the_head_tokens_is_close_to_the_full_one(setup, monk
 
 def test_the_bias_rest_bucket_holds_a_near_one_hot_readouts_tail_not_the_rounding_of_its_total(monkeypatch):
     """A readout whose probability sits on a few tokens has a tail far below the float32 rounding of
-    its summed total (1e-6 of 8, spread over 8128 tokens): the rest bucket is that tail, to float32
-    rounding of its own size. Planted bug: the rest taken as the total minus the head (it reads 0,
-    and the bias's resamples then see a probability of 1e-30 there)."""
+    its summed total (1e-6 over 8128 tokens, under a total of about 320): the rest bucket is that
+    tail, to float32 rounding of its own size. Planted bug: the rest taken as the total minus the
+    head (it reads 0, and the bias's resamples then see a probability of 1e-30 there)."""
     monkeypatch.setattr(evaluation, "BIAS_HEAD_TOKENS", 64)
     vocab, tail = 8192, 1e-6
     readout = torch.full((3, vocab), tail / vocab)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,7 @@ from depthlens.lenses.tuned import TunedLens
 from depthlens.model.architecture import find_parts
 from depthlens.model.hidden_states import capture
 from depthlens.model.load import load_model
-from depthlens.model.precision import bfloat16_is_fast, cpu_name, product_rates
+from depthlens.model.precision import bfloat16_is_fast, cpu_flags, cpu_name, product_rates
 from depthlens.text.data import load_chunks
 from depthlens.training.closed_form import LeastSquares
 from depthlens.training.config import TrainConfig
@@ -63,20 +62,10 @@ RESOLUTION = 1e-6
 """Differences up to this (nats, or a fraction for top-1) are below what the float32 statistics
 resolve: their sums over 49k–262k vocabulary terms round too, so that the KL between two identical
 gemma3-270m distributions comes out at 2.9·10⁻⁵ nats in float32."""
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
-
-
 def describe_cpu() -> dict[str, Any]:
-    """The CPU: ``lscpu``'s model name, the flags that matter for float32 and bfloat16 products,
-    PyTorch's kernel capability and thread count."""
-    try:
-        fields = dict(line.split(":", 1) for line in subprocess.run(
-            ["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines() if ":" in line)
-    except (OSError, subprocess.CalledProcessError):
-        fields = {}
-    flags = set(fields.get("Flags", "").split())
-    return {"model": cpu_name(),
-            "flags": [flag for flag in CPU_FLAGS if flag in flags],
+    """The CPU: its model name, the flags that matter for float32 and bfloat16 products, PyTorch's
+    kernel capability and thread count."""
+    return {"model": cpu_name(), "flags": cpu_flags(),
             "capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "bfloat16_is_fast": bfloat16_is_fast()}
 

@@ -48,7 +48,7 @@ from safetensors.torch import load_file
 from agreement import TOLERANCE, judge
 from depthlens.apps.cli_causal import PARTIAL
 from depthlens.atomic import write_file
-from depthlens.model.precision import cpu_name
+from depthlens.model.precision import cpu_description
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORD = "docs/regenerate.json"
@@ -233,7 +233,7 @@ def machine() -> str:
     """The CPU a check ran on, with the kernels it was capped to where ``ATEN_CPU_CAPABILITY`` is set
     (a capped rerun stands for a CPU without the faster ones, and is recorded apart)."""
     capability = os.environ.get("ATEN_CPU_CAPABILITY")
-    return f"{cpu_name()} (ATEN_CPU_CAPABILITY={capability})" if capability else cpu_name()
+    return f"{cpu_description()} with ATEN_CPU_CAPABILITY={capability}" if capability else cpu_description()
 
 
 def _made_how(step: Step) -> dict[str, Any]:

@@ -86,3 +86,26 @@ def test_a_forced_answer_wins_over_the_kept_one(fresh, monkeypatch):
     assert bfloat16_is_fast() is True
     monkeypatch.setenv(FAST_BFLOAT16_ENV, "0")
     assert bfloat16_is_fast() is False and measured == [4.0]
+
+
+ZEN1 = "fpu vme sse2 avx fma avx2 sha_ni"
+ZEN4 = "fpu avx2 fma avx512f avx512dq avx512_bf16 avx512vl"
+XEON = "avx2 fma avx512f avx512_bf16 avx512_fp16 amx_bf16 amx_tile amx_int8"
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (ZEN1, "AMD EPYC (avx2, fma)"),
+    (ZEN4, "AMD EPYC (avx2, fma, avx512f, avx512_bf16)"),
+    (XEON, "AMD EPYC (avx2, fma, avx512f, avx512_bf16, avx512_fp16, amx_bf16, amx_tile)"),
+])
+def test_one_model_name_on_two_cpu_generations_gives_two_machine_keys(monkeypatch, tmp_path, flags, expected):
+    """Planted bugs: the description without the flags (a virtual machine calls a Zen 1 and a Zen 4
+    "AMD EPYC" alike, so a Zen 4's kept bfloat16 answer or its check records would pass for a Zen 1's),
+    or flags found as substrings of others ("avx512f" inside "avx512fp16")."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    monkeypatch.setattr(precision, "CPUINFO", cpuinfo)
+    assert precision.cpu_description() == expected
+    assert machine_key().startswith(expected + " · ")
+    cpuinfo.write_text("model name\t: AMD EPYC\nflags\t\t: avx2 avx512fp16\n")
+    assert precision.cpu_flags() == ["avx2"]

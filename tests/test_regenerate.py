@@ -175,9 +175,9 @@ def test_a_check_counts_equal_and_interval_numbers_and_records_them_beside_earli
     found = regenerate.check(step, tmp_path / "check")
     assert (found["same"], found["interval"]) == (3, 1)
     assert found["problems"] == ["docs/toy/result.json.far: 2 against 1"]
-    assert found["cpu"] == regenerate.cpu_name()
+    assert found["cpu"] == regenerate.cpu_description()
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
-    assert regenerate.check(step, tmp_path / "check")["cpu"] == f"{regenerate.cpu_name()} (ATEN_CPU_CAPABILITY=avx2)"
+    assert regenerate.check(step, tmp_path / "check")["cpu"] == f"{regenerate.cpu_description()} with ATEN_CPU_CAPABILITY=avx2"
     earlier = {"earlier": {"threads=1": {"same": 1}},
                "toy": {"threads=2": {"same": 5}, "threads=1": {"same": 6}, "threads=1 · Other CPU": {"same": 7}}}
     (tmp_path / "docs/checks.json").write_text(json.dumps(earlier))

@@ -44,6 +44,7 @@ import platform
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -102,23 +103,48 @@ def bfloat16_is_fast(device: torch.device | str = "cpu") -> bool:
     return _cpu_decision(machine_key())
 
 
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``'s, as ``lscpu`` shows it; elsewhere what ``platform`` says)."""
+CPUINFO = Path("/proc/cpuinfo")
+"""Where Linux describes the CPU (:func:`cpu_name`, :func:`cpu_flags`)."""
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+"""The CPU flags that decide how fast float32 and bfloat16 products run."""
+
+
+def _cpuinfo(field: str) -> str | None:
+    """The first ``field`` line's value in :data:`CPUINFO` (None where there is none)."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as lines:
+        with CPUINFO.open(encoding="utf-8") as lines:
             for line in lines:
-                if line.startswith("model name"):
+                if line.partition(":")[0].strip() == field:
                     return line.partition(":")[2].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``'s, as ``lscpu`` shows it; elsewhere what ``platform`` says)."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """Which of :data:`CPU_FLAGS` the CPU has, in that order (empty where ``/proc/cpuinfo`` is missing).
+    Virtual machines may show one model name for CPUs of several generations ("AMD EPYC" for one
+    with AVX2 alone and one with AVX-512 and AVX-512-BF16), so records name the flags beside it."""
+    flags = set((_cpuinfo("flags") or "").split())
+    return [flag for flag in CPU_FLAGS if flag in flags]
+
+
+def cpu_description() -> str:
+    """The CPU's model name and its :func:`cpu_flags`, e.g. ``"AMD EPYC (avx2, fma)"``."""
+    flags = cpu_flags()
+    return f"{cpu_name()} ({', '.join(flags)})" if flags else cpu_name()
 
 
 def machine_key() -> str:
     """What the CPU timing depends on: the CPU's model name, the kernels PyTorch dispatches to (its
     CPU capability and ``ONEDNN_MAX_CPU_ISA``), PyTorch's version and the thread count."""
     onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "any")
-    return (f"{cpu_name()} · {torch.backends.cpu.get_cpu_capability()} · oneDNN {onednn} · torch {torch.__version__} · "
+    return (f"{cpu_description()} · {torch.backends.cpu.get_cpu_capability()} · oneDNN {onednn} · torch {torch.__version__} · "
             f"{torch.get_num_threads()} threads")
 
 
@@ -276,12 +302,16 @@ def without_subnormals() -> Iterator[None]:
 __all__ = [
     "DECISIONS",
     "DTYPE_NAMES",
+    "CPUINFO",
+    "CPU_FLAGS",
     "FAST_BFLOAT16_ENV",
     "FAST_RATIO",
     "PROBE_SHAPE",
     "DtypeName",
     "bfloat16_is_fast",
     "computing_in",
+    "cpu_description",
+    "cpu_flags",
     "cpu_name",
     "float32_logits",
     "full_precision",

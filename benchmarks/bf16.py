@@ -62,6 +62,8 @@ RESOLUTION = 1e-6
 """Differences up to this (nats, or a fraction for top-1) are below what the float32 statistics
 resolve: their sums over 49k–262k vocabulary terms round too, so that the KL between two identical
 gemma3-270m distributions comes out at 2.9·10⁻⁵ nats in float32."""
+
+
 def describe_cpu() -> dict[str, Any]:
     """The CPU: its model name, the flags that matter for float32 and bfloat16 products, PyTorch's
     kernel capability and thread count."""

@@ -141,8 +141,9 @@ def cpu_description() -> str:
 
 
 def machine_key() -> str:
-    """What the CPU timing depends on: the CPU's model name, the kernels PyTorch dispatches to (its
-    CPU capability and ``ONEDNN_MAX_CPU_ISA``), PyTorch's version and the thread count."""
+    """What the CPU timing depends on: the CPU's model name and flags (:func:`cpu_description`), the
+    kernels PyTorch dispatches to (its CPU capability and ``ONEDNN_MAX_CPU_ISA``), PyTorch's version
+    and the thread count."""
     onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "any")
     return (f"{cpu_description()} · {torch.backends.cpu.get_cpu_capability()} · oneDNN {onednn} · torch {torch.__version__} · "
             f"{torch.get_num_threads()} threads")
@@ -300,10 +301,10 @@ def without_subnormals() -> Iterator[None]:
 
 
 __all__ = [
-    "DECISIONS",
-    "DTYPE_NAMES",
     "CPUINFO",
     "CPU_FLAGS",
+    "DECISIONS",
+    "DTYPE_NAMES",
     "FAST_BFLOAT16_ENV",
     "FAST_RATIO",
     "PROBE_SHAPE",

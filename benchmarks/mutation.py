@@ -124,7 +124,7 @@ def _configure(folder: Path, files: list[str], selection: list[str]) -> None:
     settings = {
         "source_paths": files,
         "also_copy": ["depthlens", "tests", "docs"],
-        "pytest_add_cli_args": ["-p", "no:cacheprovider", "-q", "-x", "-W", "ignore"],
+        "pytest_add_cli_args": ["-p", "no:cacheprovider", "-n", "0", "-q", "-x", "-W", "ignore"],
         "pytest_add_cli_args_test_selection": selection,
         "use_git_change_detection": False,
         "timeout_multiplier": 5.0,

@@ -321,7 +321,7 @@ def main() -> int:
     caught = {}
     for name in names:
         tests = PLANTS[name][1]
-        command = [sys.executable, "-m", "pytest", "-p", "planted_bugs", "-p", "no:cacheprovider", "-q", "-x", *tests]
+        command = [sys.executable, "-m", "pytest", "-p", "planted_bugs", "-p", "no:cacheprovider", "-n", "0", "-q", "-x", *tests]
         began = time.monotonic()
         done = subprocess.run(command, cwd=ROOT, env={**env, "PLANT": name}, capture_output=True, text=True)
         summary = (done.stdout.strip().splitlines() or ["?"])[-1]

@@ -48,7 +48,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="session", autouse=True)
 def one_thread() -> Iterator[None]:
     """Tiny tensors gain nothing from threads, and on a busy machine thread barriers cost more
-    than the work."""
+    than the work: the cores go to pytest-xdist's workers instead (one per core, pyproject's addopts)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -118,7 +118,7 @@ def main() -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     caught = {}
     for name in names:
-        command = [sys.executable, "-m", "pytest", "-p", "tuned_lens_plants", "-p", "no:cacheprovider", "-q", TESTS]
+        command = [sys.executable, "-m", "pytest", "-p", "tuned_lens_plants", "-p", "no:cacheprovider", "-n", "0", "-q", TESTS]
         began = time.monotonic()
         done = subprocess.run(command, cwd=ROOT, env={**env, "PLANT": name}, capture_output=True, text=True, check=False)
         failed = [line.split(" - ")[0].split("::")[-1] for line in done.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]

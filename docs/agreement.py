@@ -10,6 +10,10 @@ the 95% interval the committed result states for it (:func:`stated_interval`):
 - an end of an interval (a ``…_low``/``…_high``/``low``/``high`` value, or an element of a
   ``[low, high]`` pair on a path naming an interval): the committed interval it bounds. Two
   reruns' intervals then overlap at least up to that end;
+- a scalar point ``key`` (or an end of its interval) whose record also states intervals over other
+  sources of variation, ``<key>_<source>_low``/``<key>_<source>_high`` for a source in
+  :data:`SOURCES` (a causal-fidelity ρ over positions and over directions): the smallest interval
+  holding all of them, since a rerun may differ by any of those sources;
 - a value ``key`` (or element ``i`` of a list ``key``) of a dict named after a point estimate,
   ``<point>`` or ``<point>_<rest>`` (:data:`POINTS`, e.g. ``rho`` or ``rho_per_seed``), whose
   holder has a dict ``interval`` or ``interval_<rest>`` giving ``key`` a ``[low, high]`` pair (or
@@ -28,6 +32,8 @@ UNCOMPARED = {"seconds", "wall_seconds", "tokens_per_second", "load_average", "s
 TOLERANCE = 1e-4
 POINTS = {"value", "mean", "auroc", "rho", "point", "accuracy"}
 UNITS = ("_nats", "_bits")
+SOURCES = ("directions",)
+"""Sources of variation a point may state an interval over beside its own (``rho_directions_low``)."""
 Where = tuple[Any, str, int | None, str]
 """Where a number sits: ``(its container, its key, its index in a list or None, the container's path)``;
 for an element of a nested list the container is the enclosing list and the key the nearest dict key
@@ -78,8 +84,22 @@ def _scalar_interval(holder: dict, key: str) -> tuple[float, float] | None:
         bounds += [("low", "high"), ("ci_low", "ci_high")]
     for low, high in bounds:
         if _pair(holder.get(low), holder.get(high)):
-            return _pair(holder[low], holder[high])
+            return _widest(holder, key, _pair(holder[low], holder[high]))
     return None
+
+
+def _widest(holder: dict, key: str, stated: tuple[float, float]) -> tuple[float, float]:
+    """``stated`` widened, where ``holder`` gives ``key``'s point intervals over any of :data:`SOURCES`, to
+    hold them and the point's own (``rho_low`` → ``rho``, ``rho_directions_high`` → ``rho``)."""
+    point = key.removesuffix("_low").removesuffix("_high")
+    for source in SOURCES:
+        point = point.removesuffix(f"_{source}")
+    if not any(f"{point}_{source}_low" in holder for source in SOURCES):
+        return stated
+    stems = [point, *(f"{point}_{source}" for source in SOURCES)]
+    pairs = [stated, *(pair for stem in stems if (pair := _pair(holder.get(f"{stem}_low"), holder.get(f"{stem}_high")))
+                       and not any(map(math.isnan, pair)))]
+    return min(low for low, _ in pairs), max(high for _, high in pairs)
 
 
 def _element_interval(container: list, parent: dict | None, key: str, index: int, path: str
@@ -163,4 +183,4 @@ def compare(committed: Any, fresh: Any) -> list[str]:
     return [line for verdict, line in judge(committed, fresh) if verdict == "problem"]
 
 
-__all__ = ["POINTS", "TOLERANCE", "UNCOMPARED", "compare", "judge", "numbers", "stated_interval"]
+__all__ = ["POINTS", "SOURCES", "TOLERANCE", "UNCOMPARED", "compare", "judge", "numbers", "stated_interval"]

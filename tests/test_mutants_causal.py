@@ -169,10 +169,13 @@ def test_check_statistics_boundaries_and_messages():
 
 
 def test_fidelity_summary_rounds_to_micronats():
-    """Every key, and KLs rounded to 6 decimals."""
+    """Every key, and KLs rounded to 6 decimals; the two directions are in opposite orders on the two
+    sides, so every resample over directions that draws both gives ρ = −1."""
     fidelity = Fidelity(2, torch.tensor([0.12345678, 1.0]), torch.tensor([2.5, 0.00000049]), 0.5, 0.1, 0.9)
     summary = fidelity.summary()
     assert summary == {"layer": 2, "rho": 0.5, "rho_low": 0.1, "rho_high": 0.9,
+                       "rho_directions_low": pytest.approx(-1.0, abs=1e-12),
+                       "rho_directions_high": pytest.approx(-1.0, abs=1e-12),
                        "readout_kl_nats": [0.123457, 1.0], "model_kl_nats": [2.5, 0.0]}
 
 

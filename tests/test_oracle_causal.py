@@ -3,6 +3,7 @@ reference computed another way, on a readout built so that one direction provabl
 matter to it, at a layer that is not the last (where ``ρ = 1`` whatever the statistic)."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -11,7 +12,14 @@ import torch
 from tiny_models import tiny_model
 
 from depthlens import TunedLens, capture
-from depthlens.analysis.causal import causal_fidelity, model_kl, prepare, spearman, stimulus_response
+from depthlens.analysis.causal import (
+    causal_fidelity,
+    direction_interval,
+    model_kl,
+    prepare,
+    spearman,
+    stimulus_response,
+)
 from depthlens.analysis.causal.alignment import random_directions
 from depthlens.model.edits import derangement
 from depthlens.model.hooks import Edit, ablate, run_with_hooks
@@ -191,3 +199,53 @@ def test_directions_a_readout_cannot_see_tie_whatever_the_rounding():
     expected = scipy.stats.spearmanr(means.numpy(), model_side.mean(-1).numpy()).statistic
     assert results[0][0] == pytest.approx(expected, abs=1e-9)
     assert results[0][1] < results[0][0] < results[0][2]  # resamples reorder the directions the model sees
+
+
+def test_the_interval_over_directions_is_the_bootstrap_of_scipys_spearman_over_the_same_draws():
+    """Each resample draws whole directions, a readout KL with its model KL: the interval is the 2.5%
+    and 97.5% quantiles of scipy's Spearman ρ of the pairs :func:`resample_indices` draws, the means
+    rounded to the 6 decimals results report (two blind directions, 10⁻⁸ nats apart, tie). Planted
+    bugs: the two sides drawn independently (pairs broken), or the means ranked unrounded."""
+    from depthlens.stats.bootstrap import resample_indices
+
+    generator = np.random.default_rng(5)
+    readout = generator.gamma(1.0, 2.0, 10)
+    model_side = readout * generator.uniform(0.3, 3.0, 10)
+    readout[[7, 8]] = [3e-8, 1e-8]
+    low, high = direction_interval(readout.tolist(), model_side.tolist(), resamples=400, seed=2)
+    rounded = np.round(readout, 6), np.round(model_side, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy warns on a resample with one side constant (ρ undefined)
+        samples = np.array([scipy.stats.spearmanr(rounded[0][row], rounded[1][row]).statistic
+                            for row in resample_indices(10, 400, 2).numpy()])
+    expected = np.quantile(samples[np.isfinite(samples)], [0.025, 0.975])
+    assert (low, high) == (pytest.approx(expected[0], abs=1e-9), pytest.approx(expected[1], abs=1e-9))
+    assert high - low > 0.2  # ten directions leave ρ uncertain
+
+
+def test_directions_in_one_order_on_both_sides_give_an_interval_of_exactly_one():
+    """A known answer: when the readout and the model rank the directions alike, every resample's ρ is
+    1 (−1 when they rank them in reverse), whatever the magnitudes; mismatched lengths are refused."""
+    from depthlens.errors import CausalError
+
+    readout = [0.001, 0.02, 0.3, 4.0, 50.0, 51.0]
+    model_side = [1e-5, 0.1, 0.11, 0.5, 0.9, 7.0]
+    assert direction_interval(readout, model_side, resamples=300) == pytest.approx((1.0, 1.0), abs=1e-12)
+    assert direction_interval(readout, model_side[::-1], resamples=300) == pytest.approx((-1.0, -1.0), abs=1e-12)
+    with pytest.raises(CausalError, match="6 readout KLs against 5 model KLs"):
+        direction_interval(readout, model_side[:5])
+
+
+def test_committed_fidelity_results_state_the_interval_their_reported_means_give():
+    """Every causal result under docs/ states, for each layer, the interval over directions that its own
+    reported per-direction means give: the number is reproducible from the file alone."""
+    import json
+    from pathlib import Path
+
+    files = [path for path in (Path(__file__).parents[1] / "docs").rglob("results.json") if "fidelity" in path.read_text()]
+    assert len(files) >= 6
+    for path in files:
+        for readout in json.loads(path.read_text())["readouts"].values():
+            for row in readout["fidelity"]:
+                low, high = direction_interval(row["readout_kl_nats"], row["model_kl_nats"])
+                assert (row["rho_directions_low"], row["rho_directions_high"]) == (low, high), (path, row["layer"])

@@ -228,6 +228,11 @@ def test_fidelity_axes_carry_numbers_however_narrow_the_data():
     assert len(_labelled_ticks(first.yaxis, first.get_ylim())) >= 2  # five decades: matplotlib's own ticks
     assert _labelled_ticks(second.xaxis, second.get_xlim()) == ["2"]
     assert len(_labelled_ticks(second.yaxis, second.get_ylim())) >= 2
+    renderer = figure.canvas.get_renderer()
+    assert all(0 <= panel.title.get_window_extent(renderer).x0 and panel.title.get_window_extent(renderer).x1
+               <= figure.bbox.width for panel in (first, second))
+    assert first.get_title() == "layer 0: ρ = 0.90\npositions [0.50, 1.00] · directions [1.00, 1.00]"  # one order
     interactive = fidelity_scatter(fidelities, "causal fidelity · logit lens")
     assert [np.allclose(trace.x, f.readout_kl) for trace, f in zip(interactive.data, fidelities)] == [True, True]
+    assert interactive.layout.annotations[1].text.endswith("<br>positions [0.50, 1.00] · directions [nan, nan]")  # a tie
     assert log_ticks([0.21, 0.4]) == [0.21, 0.29, 0.4] and log_ticks([1e-4, 5.0]) is None

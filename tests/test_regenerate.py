@@ -116,6 +116,22 @@ def test_compare_reports_numbers_outside_the_interval_and_missing_ones():
     assert len(problems) == 4
 
 
+def test_a_rho_moved_by_other_directions_is_judged_by_its_interval_over_directions_too():
+    """A causal ρ states an interval over positions and one over directions: a rerun whose basis holds
+    other directions (a lens retrained on another CPU) may move ρ and the ends of either interval
+    anywhere inside the smallest interval holding both. Planted bugs: the interval over directions
+    ignored (the swap counted outside), or lent to a number of the record that states none (``kl``)."""
+    committed = {"rho": 0.594, "rho_low": 0.455, "rho_high": 0.706, "rho_directions_low": -0.01,
+                 "rho_directions_high": 0.92, "kl": 1.0, "kl_low": 0.9, "kl_high": 1.1}
+    fresh = {"rho": 0.441, "rho_low": 0.308, "rho_high": 0.734, "rho_directions_low": -0.2,
+             "rho_directions_high": 0.9, "kl": 0.5, "kl_low": 0.45, "kl_high": 1.05}
+    verdicts = {line: verdict for verdict, line in agreement.judge(committed, fresh)}
+    assert verdicts[".rho"] == verdicts[".rho_low"] == verdicts[".rho_high"] == "interval"
+    assert verdicts[".rho_directions_high"] == "interval" and verdicts[".kl_high"] == "interval"
+    assert sorted(line.split(":")[0] for line in agreement.compare(committed, fresh)) == [
+        ".kl", ".kl_low", ".rho_directions_low"]
+
+
 def test_list_elements_and_interval_ends_are_judged_by_the_interval_they_belong_to():
     """Per-layer lists (``kl_nats`` beside ``kl_low``/``kl_high``), the ends of intervals and ``[low, high]``
     pairs: inside the committed interval passes, outside is a problem. Planted bugs: element ``i`` judged
@@ -361,11 +377,15 @@ def test_verdicts_follow_the_intervals_and_name_each_model_when_they_disagree():
     assert verdict({"a": "reproduced", "b": "differs"}) == "a: reproduced; b: differs"
 
 
-def _causal_run(k, tokens, rho, low, high):
-    """A causal results file of both lenses at layers 0 and 9, every ρ the same, and at the last layer of
-    smollm2 (30), where ρ = 1 by construction."""
-    fidelity = [{"layer": layer, "rho": rho, "rho_low": low, "rho_high": high} for layer in (0, 9)]
-    fidelity.append({"layer": 30, "rho": 1.0, "rho_low": 1.0, "rho_high": 1.0})  # the model's own decoding
+def _causal_run(k, tokens, rho, low, high, directions=None):
+    """A causal results file of both lenses at layers 0 and 9, every ρ the same (its interval over
+    directions ``directions``, else the one over positions), and at the last layer of smollm2 (30),
+    where ρ = 1 by construction."""
+    d_low, d_high = directions or (low, high)
+    fidelity = [{"layer": layer, "rho": rho, "rho_low": low, "rho_high": high, "rho_directions_low": d_low,
+                 "rho_directions_high": d_high} for layer in (0, 9)]
+    fidelity.append({"layer": 30, "rho": 1.0, "rho_low": 1.0, "rho_high": 1.0, "rho_directions_low": 1.0,
+                     "rho_directions_high": 1.0})  # the model's own decoding
     readout = {"fidelity": fidelity, "bases": [{"layer": layer, "energies_nats": [2.0, 1.0]} for layer in (0, 9)]}
     return {"k": k, "tokens": tokens, "layers": [0, 9], "readouts": {"logit": readout, "tuned": readout}}
 
@@ -389,12 +409,33 @@ def test_the_fidelity_claim_is_judged_on_each_models_largest_run(monkeypatch):
     assert row[-1] == "smollm2-135m: refuted; gemma3-270m: reproduced"
 
 
+def test_a_lens_is_ahead_in_fidelity_only_where_its_intervals_over_positions_and_directions_both_clear(monkeypatch):
+    """The tuned lens's ρ intervals over positions clear the logit lens's at both layers, but over
+    directions only at layer 0. Planted bug: the comparison reading the interval over positions alone
+    (it would call the tuned lens ahead at layer 9 too)."""
+    from tables import science
+
+    run = _causal_run(64, 2048, 0.9, 0.85, 0.95)
+    logit = _causal_run(64, 2048, 0.5, 0.4, 0.6)["readouts"]["logit"]
+    run["readouts"]["logit"] = logit
+    logit["fidelity"][1].update(rho_directions_low=0.2, rho_directions_high=0.88)
+    run["readouts"]["tuned"]["fidelity"][1]["rho_directions_low"] = 0.7
+    run["alignment"] = {"layers": [0], "low": {"logit": [0.1], "tuned": [0.5]}, "high": {"logit": [0.2], "tuned": [0.6]}}
+    monkeypatch.setattr(science, "load", lambda path: run)
+    monkeypatch.setattr(science, "_finished", lambda path: False)
+    monkeypatch.setattr(science, "ROOT", Path("/nonexistent"))
+    ahead = science.claim_causal_rows()[1]
+    assert ahead[2].startswith("tuned above the logit lens at 0, below at none of layers 0, 9")
+    assert science.rho_hull(run["readouts"]["tuned"]["fidelity"][1]) == (0.7, 0.95)
+
+
 def _partial_layer(folder, layer, rho):
     """One layer as ``causal --resume`` keeps it in ``folder/partial/<readout>/layer_<layer>``."""
     where = folder / "partial" / "lens" / f"layer_{layer}"
     where.mkdir(parents=True)
     settings = {"k": 64, "tokens": 2048}
-    fidelity = {"layer": layer, "rho": rho, "low": rho - 0.1, "high": rho + 0.05, "readout_kl": [], "model_kl": []}
+    fidelity = {"layer": layer, "rho": rho, "low": rho - 0.1, "high": rho + 0.05, "readout_kl": [0.5, 0.2, 0.1, 0.3],
+                "model_kl": [0.4, 0.3, 0.1, 0.2]}
     (where / "fidelity.json").write_text(json.dumps({"settings": settings, "fidelity": fidelity}))
     (where / "bases.json").write_text(json.dumps({"bases": [{"layer": layer, "energies_nats": [3.0, 1.0]}]}))
 
@@ -415,18 +456,19 @@ def test_an_unfinished_k64_run_shows_its_finished_layers_and_decides_no_claim(mo
     runs = science.fidelity_runs("gemma3-270m", partial=True)
     assert [(run["k"], run["layers"], run["partial"]) for run in runs] == [(12, [0, 9], False), (64, [0, 3], True)]
     rows = [line for line in science.fidelity_table().splitlines() if "(unfinished)" in line]
-    assert rows == ["| gemma3-270m | 0 of 18 | 64 (unfinished) | 2048 | 0.25 [0.15, 0.30] | not run yet |",
-                    "| gemma3-270m | 3 of 18 | 64 (unfinished) | 2048 | 0.50 [0.40, 0.55] | not run yet |"]
+    assert rows == ["| gemma3-270m | 0 of 18 | 64 (unfinished) | 2048 | 0.25 [0.15, 0.30] [-1.00, 1.00] | not run yet |",
+                    "| gemma3-270m | 3 of 18 | 64 (unfinished) | 2048 | 0.50 [0.40, 0.55] [-1.00, 1.00] | not run yet |"]
     assert "| gemma3-270m | logit | 3 | 3.0, 1.0 | 1.000 | 4.0 | 1.00 |" in science.energy_k64_table()
     assert [run["k"] for run in science.fidelity_runs("gemma3-270m")] == [12]
     assert science.claim_causal_rows()[0][3] == "tuned ρ 0.90–0.90 at layers 0, 9 (k = 12, 384 tokens)"
     finished = {"k": 64, "tokens": 2048, "layers": [0, 9], "readouts": {"tuned": {"fidelity": [
-        {"layer": layer, "rho": 0.7, "rho_low": 0.6, "rho_high": 0.8} for layer in (0, 9)], "bases": []}}}
+        {"layer": layer, "rho": 0.7, "rho_low": 0.6, "rho_high": 0.8, "rho_directions_low": 0.5,
+         "rho_directions_high": 0.9} for layer in (0, 9)], "bases": []}}}
     monkeypatch.setattr(science, "load", lambda path: finished if "causal_k64" in path else small)
     monkeypatch.setattr(science, "_finished", lambda path: path.endswith("gemma3/causal_k64/tuned/results.json"))
     fidelity, ahead = science.claim_causal_rows()[:2]
     assert fidelity[3] == "tuned ρ 0.70–0.70 at layers 0, 9 (k = 64, 2048 tokens)"  # the tuned lens alone decides
-    assert ahead[3].endswith("of layers 0, 9 (k = 12, 384 tokens)")  # both lenses needed: the logit lens is unfinished
+    assert ahead[3].endswith("of layers 0, 9 (k = 12, 384 tokens; both intervals apart)")  # both lenses needed: the logit lens is unfinished
 
 
 def _injection(model, task, best, benign):

@@ -165,10 +165,12 @@ def _one_readout(args: argparse.Namespace, model, name: str, readout, ids, state
         bases.append(basis)
         fidelities.append(fidelity)
         rows.append({"readout": name, "layer": layer, "rho": fidelity.rho, "rho_low": fidelity.low,
-                     "rho_high": fidelity.high, "energy_top1_nats": basis.captured(1),
+                     "rho_high": fidelity.high, "rho_directions_low": fidelity.directions[0],
+                     "rho_directions_high": fidelity.directions[1], "energy_top1_nats": basis.captured(1),
                      "energy_total_nats": basis.captured(args.k), "seconds": basis.seconds})
         print(f"{name} layer {layer}: energy {basis.captured(args.k):.3f} nats, fidelity ρ = {fidelity.rho:.3f} "
-              f"[{fidelity.low:.3f}, {fidelity.high:.3f}]", flush=True)
+              f"[{fidelity.low:.3f}, {fidelity.high:.3f}] over positions, [{fidelity.directions[0]:.3f}, "
+              f"{fidelity.directions[1]:.3f}] over directions", flush=True)
     save_bases(out / "bases" / file_stem(name), bases)
     _pictures(out, f"energy_{file_stem(name)}", _energy_grid(bases, name, args.model))
     _fidelity_figures(out, name, fidelities)

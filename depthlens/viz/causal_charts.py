@@ -1,6 +1,6 @@
 """The causal-fidelity scatter (paper §4): per layer, each direction's effect on the readout
-against its effect on the model's output, on log axes, with Spearman ρ and its interval in the
-panel's title. :func:`fidelity_scatter` draws it with plotly (HTML) or matplotlib (PNG, PDF, SVG),
+against its effect on the model's output, on log axes, with Spearman ρ and its two intervals (over
+positions and over directions) in the panel's title. :func:`fidelity_scatter` draws it with plotly (HTML) or matplotlib (PNG, PDF, SVG),
 to write with :func:`depthlens.viz.pictures.save_figure`.
 
 Every log axis carries numbers: where the points span less than two powers of ten (a narrow
@@ -27,8 +27,11 @@ COLUMNS = 4
 """Panels per row."""
 
 
-def _title(fidelity: Fidelity) -> str:
-    return f"layer {fidelity.layer}: ρ = {fidelity.rho:.2f} [{fidelity.low:.2f}, {fidelity.high:.2f}]"
+def _title(fidelity: Fidelity, newline: str = "\n") -> str:
+    """``layer ℓ: ρ = …`` over its two 95% intervals, over positions and over directions."""
+    low, high = fidelity.directions
+    return (f"layer {fidelity.layer}: ρ = {fidelity.rho:.2f}{newline}positions [{fidelity.low:.2f}, {fidelity.high:.2f}]"
+            f" · directions [{low:.2f}, {high:.2f}]")
 
 
 def log_ticks(values: Sequence[float]) -> list[float] | None:
@@ -60,7 +63,7 @@ def fidelity_scatter(fidelities: Sequence[Fidelity], title: str, backend: str = 
 
     columns = min(COLUMNS, len(fidelities))
     rows = math.ceil(len(fidelities) / columns)
-    titles = [_title(fidelity) for fidelity in fidelities]
+    titles = [_title(fidelity, "<br>" if backend == "plotly" else "\n") for fidelity in fidelities]
     points = [(f.readout_kl.clamp_min(FLOOR_NATS).tolist(), f.model_kl.clamp_min(FLOOR_NATS).tolist()) for f in fidelities]
     if backend == "plotly":
         figure = make_subplots(rows=rows, cols=columns, subplot_titles=titles, horizontal_spacing=0.06,

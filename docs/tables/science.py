@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from depthlens.analysis.causal.fidelity import direction_interval
+
 from .common import ROOT, interval, layers_text, load, outcome, table, verdict
 
 MODELS = {"smollm2-135m": "docs/science", "gemma3-270m": "docs/science/gemma3"}
@@ -86,7 +88,10 @@ def _k64_partial(folder: str) -> dict[str, Any] | None:
     settings = records[0][0]["settings"]
     records.sort(key=lambda record: record[0]["fidelity"]["layer"])
     fidelity = [{"layer": f["fidelity"]["layer"], "rho": f["fidelity"]["rho"], "rho_low": f["fidelity"]["low"],
-                 "rho_high": f["fidelity"]["high"]} for f, _ in records]
+                 "rho_high": f["fidelity"]["high"], **dict(zip(("rho_directions_low", "rho_directions_high"),
+                                                               direction_interval(f["fidelity"]["readout_kl"],
+                                                                                  f["fidelity"]["model_kl"])))}
+                for f, _ in records]
     return {"k": settings["k"], "tokens": settings["tokens"], "layers": [row["layer"] for row in fidelity],
             "partial": True, "readouts": {"run": {"fidelity": fidelity, "bases": [b["bases"][0] for _, b in records]}}}
 
@@ -123,7 +128,16 @@ def fidelity_runs(model: str, partial: bool = False) -> list[dict[str, Any]]:
 
 def _rho_cell(rows: list[dict[str, Any]], layer: int) -> str:
     row = next((row for row in rows if row["layer"] == layer), None)
-    return "not run yet" if row is None else interval(row["rho"], row["rho_low"], row["rho_high"], 2)
+    if row is None:
+        return "not run yet"
+    return (f"{interval(row['rho'], row['rho_low'], row['rho_high'], 2)} "
+            f"[{row['rho_directions_low']:.2f}, {row['rho_directions_high']:.2f}]")
+
+
+def rho_hull(row: dict[str, Any]) -> tuple[float, float]:
+    """The smallest interval holding a fidelity row's two 95% intervals of ρ, over positions and over
+    directions: a claim holds only where both agree."""
+    return min(row["rho_low"], row["rho_directions_low"]), max(row["rho_high"], row["rho_directions_high"])
 
 
 def fidelity_table() -> str:
@@ -135,7 +149,8 @@ def fidelity_table() -> str:
             for layer in run["layers"]:
                 cells = [_rho_cell(run["fidelity"].get(lens, []), layer) for lens in ("logit", "tuned")]
                 rows.append([model, f"{layer} of {_depth(model)}", k, str(run["tokens"]), *cells])
-    return table(["model", "layer", "k", "tokens", "logit lens ρ [95%]", "tuned lens ρ [95%]"], rows)
+    return table(["model", "layer", "k", "tokens", "logit lens ρ [95% over positions] [over directions]",
+                  "tuned lens ρ [over positions] [over directions]"], rows)
 
 
 def energy_k64_table() -> str:
@@ -182,7 +197,7 @@ def causal_basis_table() -> str:
             ["energy ratio, batched / reference: top direction / total",
              *(f"{c['captured_nats']['1'] / reference['captured_nats']['1']:.2f} / "
                f"{c['captured_nats'][str(k)] / reference['captured_nats'][str(k)]:.2f}" for c in columns[:2]), "1"],
-            ["causal fidelity ρ of the basis [95% CI]",
+            ["causal fidelity ρ of the basis [95% CI over positions]",
              *each(lambda c: interval(c["fidelity_rho"], *c["fidelity_interval"], 2))]]
     return table(["", "batched, 30 steps (default)", "batched, 100 steps", "authors' sequential reference"], rows)
 
@@ -270,7 +285,7 @@ def claim_causal_rows() -> list[list[str]]:
         runs = fidelity_runs(model)
         run = next(run for run in reversed(runs) if "tuned" in run["fidelity"])
         tuned = _below_output(run, "tuned", model)
-        faithful[model] = outcome(all(row["rho_low"] > 0 for row in tuned), any(row["rho_high"] < 0 for row in tuned))
+        faithful[model] = outcome(all(rho_hull(row)[0] > 0 for row in tuned), any(rho_hull(row)[1] < 0 for row in tuned))
         fidelity_cells.append(f"tuned ρ {min(row['rho'] for row in tuned):.2f}–{max(row['rho'] for row in tuned):.2f} "
                               f"at layers {', '.join(str(row['layer']) for row in tuned)} "
                               f"(k = {run['k']}, {run['tokens']} tokens)")
@@ -278,11 +293,12 @@ def claim_causal_rows() -> list[list[str]]:
         tuned = _below_output(run, "tuned", model)
         logit = {row["layer"]: row for row in run["fidelity"]["logit"]}
         layers = [row["layer"] for row in tuned]
-        above, below = _compare_layers(layers, [(row["rho_low"], row["rho_high"]) for row in tuned],
-                                       [(logit[layer]["rho_low"], logit[layer]["rho_high"]) for layer in layers])
+        above, below = _compare_layers(layers, [rho_hull(row) for row in tuned],
+                                       [rho_hull(logit[layer]) for layer in layers])
         ahead[model] = outcome(len(above) == len(layers), bool(below) and not above)
         ahead_cells.append(f"tuned above the logit lens at {layers_text(above)}, below at {layers_text(below)} "
-                           f"of layers {', '.join(map(str, layers))} (k = {run['k']}, {run['tokens']} tokens)")
+                           f"of layers {', '.join(map(str, layers))} (k = {run['k']}, {run['tokens']} tokens; both intervals "
+                           "apart)")
         a = _causal(model)["alignment"]
         pairs = {lens: list(zip(a["low"][lens], a["high"][lens])) for lens in ("tuned", "logit")}
         up, down = _compare_layers(a["layers"], pairs["tuned"], pairs["logit"])

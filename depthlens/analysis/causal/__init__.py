@@ -17,7 +17,14 @@ from depthlens.analysis.causal.basis import (
     save_bases,
 )
 from depthlens.analysis.causal.erasure import ErasureData, per_position_energy, prepare
-from depthlens.analysis.causal.fidelity import Fidelity, causal_fidelity, check_statistics, model_kl, spearman
+from depthlens.analysis.causal.fidelity import (
+    Fidelity,
+    causal_fidelity,
+    check_statistics,
+    direction_interval,
+    model_kl,
+    spearman,
+)
 from depthlens.analysis.causal.search import batched_search, sequential_search
 
 __all__ = [
@@ -32,6 +39,7 @@ __all__ = [
     "check_readout",
     "check_statistics",
     "clr",
+    "direction_interval",
     "extract_basis",
     "load_bases",
     "model_kl",

@@ -14,6 +14,9 @@ the 95% interval the committed result states for it (:func:`stated_interval`):
   sources of variation, ``<key>_<source>_low``/``<key>_<source>_high`` for a source in
   :data:`SOURCES` (a causal-fidelity ρ over positions and over directions): the smallest interval
   holding all of them, since a rerun may differ by any of those sources;
+- element ``i`` of a list ``key`` in a dict whose holder also has dicts ``low`` and ``high`` giving
+  ``key`` lists of the same length (alignment's ``similarity``, ``low`` and ``high``, each
+  ``{lens: [per layer]}``): elements ``i`` of those, for the point and for either end;
 - a value ``key`` (or element ``i`` of a list ``key``) of a dict named after a point estimate,
   ``<point>`` or ``<point>_<rest>`` (:data:`POINTS`, e.g. ``rho`` or ``rho_per_seed``), whose
   holder has a dict ``interval`` or ``interval_<rest>`` giving ``key`` a ``[low, high]`` pair (or
@@ -131,6 +134,21 @@ def _point_interval(values: dict | None, key: str, index: int | None, owners: di
     return _pair(*pair) if isinstance(pair, list) and len(pair) == 2 else None
 
 
+def _low_high_interval(values: dict | None, key: str, index: int, owners: dict[int, tuple[dict, str]]
+                       ) -> tuple[float, float] | None:
+    """Element ``index`` of the list ``values[key]`` where the dict holding ``values`` also holds dicts
+    ``low`` and ``high`` giving ``key`` lists of the same length (``similarity``/``low``/``high``, each
+    ``{lens: [per layer]}``): that element's pair, for the point and for either end."""
+    holder = owners.get(id(values), (None, ""))[0]
+    lows, highs = (holder.get("low"), holder.get("high")) if holder is not None else (None, None)
+    if not (isinstance(lows, dict) and isinstance(highs, dict)):
+        return None
+    low, high = lows.get(key), highs.get(key)
+    if isinstance(low, list) and isinstance(high, list) and len(low) == len(high) == len(values[key]):
+        return _pair(low[index], high[index])
+    return None
+
+
 def stated_interval(where: Where, owners: dict[int, tuple[dict, str]]) -> tuple[float, float] | None:
     """The 95% interval the committed result states for the number at ``where`` (see the module
     docstring); ``owners`` maps a list's or dict's ``id`` to the dict that holds it and its key there."""
@@ -139,7 +157,8 @@ def stated_interval(where: Where, owners: dict[int, tuple[dict, str]]) -> tuple[
         return _scalar_interval(container, key) or _point_interval(container, key, None, owners)
     values = owners.get(id(container), (None, ""))[0]
     return (_element_interval(container, values, key, index, path)
-            or _point_interval(values, key, index, owners))
+            or _point_interval(values, key, index, owners)
+            or _low_high_interval(values, key, index, owners))
 
 
 def _owners(value: Any, into: dict[int, tuple[dict, str]] | None = None) -> dict[int, tuple[dict, str]]:

@@ -132,6 +132,21 @@ def test_a_rho_moved_by_other_directions_is_judged_by_its_interval_over_directio
         ".kl", ".kl_low", ".rho_directions_low"]
 
 
+def test_alignment_values_are_judged_by_the_low_and_high_dicts_beside_them():
+    """Alignment states ``similarity``, ``low`` and ``high`` as ``{lens: [per layer]}``: a value and the
+    ends of its interval are judged by the pair at the same lens and layer. Planted bugs: those
+    dicts not read (every moved value counted outside), or another layer's pair used."""
+    committed = {"alignment": {"layers": [0, 9], "similarity": {"tuned": [0.0092, 0.44]},
+                               "low": {"tuned": [0.0056, 0.42]}, "high": {"tuned": [0.0127, 0.46]}}}
+    fresh = {"alignment": {"layers": [0, 9], "similarity": {"tuned": [0.0100, 0.43]},
+                           "low": {"tuned": [0.0060, 0.41]}, "high": {"tuned": [0.0130, 0.45]}}}
+    verdicts = {line: verdict for verdict, line in agreement.judge(committed, fresh)}
+    assert verdicts[".alignment.similarity.tuned[0]"] == verdicts[".alignment.similarity.tuned[1]"] == "interval"
+    assert verdicts[".alignment.low.tuned[0]"] == verdicts[".alignment.high.tuned[1]"] == "interval"
+    assert sorted(line.split(":")[0] for line in agreement.compare(committed, fresh)) == [
+        ".alignment.high.tuned[0]", ".alignment.low.tuned[1]"]
+
+
 def test_list_elements_and_interval_ends_are_judged_by_the_interval_they_belong_to():
     """Per-layer lists (``kl_nats`` beside ``kl_low``/``kl_high``), the ends of intervals and ``[low, high]``
     pairs: inside the committed interval passes, outside is a problem. Planted bugs: element ``i`` judged

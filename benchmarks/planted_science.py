@@ -336,7 +336,27 @@ def _log_odds_reversed() -> None:
     features.ChoiceScores.features = reversed_features
 
 
+def _direction_pairs_broken() -> None:
+    """Fidelity's interval over directions draws the model side's directions apart from the readout
+    side's, so a resample pairs one direction's readout KL with another's model KL."""
+    import torch
+
+    from depthlens.analysis import causal
+    from depthlens.analysis.causal import fidelity
+    from depthlens.stats.bootstrap import interval, resample_indices
+
+    def unpaired(readout_kl, model_kl, *, resamples=1000, seed=0):
+        r, m = (torch.tensor([round(round(float(v), 6) / fidelity.RESOLUTION) for v in side], dtype=torch.float64)
+                for side in (readout_kl, model_kl))
+        samples = fidelity.spearman(r[resample_indices(len(r), resamples, seed)],
+                                    m[resample_indices(len(m), resamples, seed + 1)])
+        return interval(samples[torch.isfinite(samples)])
+
+    fidelity.direction_interval = causal.direction_interval = unpaired
+
+
 SCIENCE_PLANTS: dict[str, tuple[Callable[[], None], list[str]]] = {
+    "direction_pairs_broken": (_direction_pairs_broken, ["tests/test_oracle_causal.py", "tests/test_mutants_causal.py"]),
     "benign_control_attacks": (_benign_control_attacks, ["tests/test_mutants_applications.py"]),
     "srm_ridge_always_relative": (_srm_ridge_always_relative, ["tests/test_injection_authors.py"]),
     "log_odds_reversed": (_log_odds_reversed, ["tests/test_injection_authors.py"]),

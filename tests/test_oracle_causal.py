@@ -242,7 +242,8 @@ def test_committed_fidelity_results_state_the_interval_their_reported_means_give
     import json
     from pathlib import Path
 
-    files = [path for path in (Path(__file__).parents[1] / "docs").rglob("results.json") if "fidelity" in path.read_text()]
+    docs = Path(__file__).parents[1] / "docs"
+    files = [path for path in docs.rglob("results.json") if "fidelity" in path.read_text()]
     assert len(files) >= 6
     for path in files:
         for readout in json.loads(path.read_text())["readouts"].values():

@@ -234,5 +234,6 @@ def test_fidelity_axes_carry_numbers_however_narrow_the_data():
     assert first.get_title() == "layer 0: ρ = 0.90\npositions [0.50, 1.00] · directions [1.00, 1.00]"  # one order
     interactive = fidelity_scatter(fidelities, "causal fidelity · logit lens")
     assert [np.allclose(trace.x, f.readout_kl) for trace, f in zip(interactive.data, fidelities)] == [True, True]
-    assert interactive.layout.annotations[1].text.endswith("<br>positions [0.50, 1.00] · directions [nan, nan]")  # a tie
+    second_title = interactive.layout.annotations[1].text
+    assert second_title.endswith("<br>positions [0.50, 1.00] · directions [nan, nan]")  # readout KLs tied
     assert log_ticks([0.21, 0.4]) == [0.21, 0.29, 0.4] and log_ticks([1e-4, 5.0]) is None

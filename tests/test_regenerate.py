@@ -483,7 +483,8 @@ def test_an_unfinished_k64_run_shows_its_finished_layers_and_decides_no_claim(mo
     monkeypatch.setattr(science, "_finished", lambda path: path.endswith("gemma3/causal_k64/tuned/results.json"))
     fidelity, ahead = science.claim_causal_rows()[:2]
     assert fidelity[3] == "tuned ρ 0.70–0.70 at layers 0, 9 (k = 64, 2048 tokens)"  # the tuned lens alone decides
-    assert ahead[3].endswith("of layers 0, 9 (k = 12, 384 tokens; both intervals apart)")  # both lenses needed: the logit lens is unfinished
+    # both lenses needed: the logit lens is unfinished
+    assert ahead[3].endswith("of layers 0, 9 (k = 12, 384 tokens; both intervals apart)")
 
 
 def _injection(model, task, best, benign):

@@ -1,7 +1,7 @@
 """The causal-fidelity scatter (paper §4): per layer, each direction's effect on the readout
 against its effect on the model's output, on log axes, with Spearman ρ and its two intervals (over
-positions and over directions) in the panel's title. :func:`fidelity_scatter` draws it with plotly (HTML) or matplotlib (PNG, PDF, SVG),
-to write with :func:`depthlens.viz.pictures.save_figure`.
+positions and over directions) in the panel's title. :func:`fidelity_scatter` draws it with plotly
+(HTML) or matplotlib (PNG, PDF, SVG), to write with :func:`depthlens.viz.pictures.save_figure`.
 
 Every log axis carries numbers: where the points span less than two powers of ten (a narrow
 cloud, common for the readout's KL), matplotlib would label no tick, so :func:`log_ticks` picks
@@ -30,8 +30,8 @@ COLUMNS = 4
 def _title(fidelity: Fidelity, newline: str = "\n") -> str:
     """``layer ℓ: ρ = …`` over its two 95% intervals, over positions and over directions."""
     low, high = fidelity.directions
-    return (f"layer {fidelity.layer}: ρ = {fidelity.rho:.2f}{newline}positions [{fidelity.low:.2f}, {fidelity.high:.2f}]"
-            f" · directions [{low:.2f}, {high:.2f}]")
+    return (f"layer {fidelity.layer}: ρ = {fidelity.rho:.2f}{newline}"
+            f"positions [{fidelity.low:.2f}, {fidelity.high:.2f}] · directions [{low:.2f}, {high:.2f}]")
 
 
 def log_ticks(values: Sequence[float]) -> list[float] | None:

@@ -297,8 +297,8 @@ def claim_causal_rows() -> list[list[str]]:
                                        [rho_hull(logit[layer]) for layer in layers])
         ahead[model] = outcome(len(above) == len(layers), bool(below) and not above)
         ahead_cells.append(f"tuned above the logit lens at {layers_text(above)}, below at {layers_text(below)} "
-                           f"of layers {', '.join(map(str, layers))} (k = {run['k']}, {run['tokens']} tokens; both intervals "
-                           "apart)")
+                           f"of layers {', '.join(map(str, layers))} "
+                           f"(k = {run['k']}, {run['tokens']} tokens; both intervals apart)")
         a = _causal(model)["alignment"]
         pairs = {lens: list(zip(a["low"][lens], a["high"][lens])) for lens in ("tuned", "logit")}
         up, down = _compare_layers(a["layers"], pairs["tuned"], pairs["logit"])

@@ -8,7 +8,8 @@ The readout's influence is ``mean_n KL(readout(h_n) ‖ readout(r(h_n)))``, the 
 over the ``k`` directions, with two 95% bootstrap intervals: over groups of consecutive positions
 for these directions, and over the directions themselves (:func:`direction_interval`), since a
 basis of ``k`` directions is a sample too: a readout a little different, such as a tuned lens
-retrained on another CPU, gets a basis with some directions swapped. At layer ``L`` the readout *is* the model's decoding, so the two agree exactly and ``ρ = 1``.
+retrained on another CPU, gets a basis with some directions swapped. At layer ``L`` the readout
+*is* the model's decoding, so the two agree exactly and ``ρ = 1``.
 """
 
 from __future__ import annotations

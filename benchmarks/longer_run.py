@@ -40,8 +40,8 @@ import torch
 from depthlens import load_model
 from depthlens.analysis.evaluate import EvalReport, evaluate_held_out
 from depthlens.atomic import write_file
-from depthlens.lenses.tuned import TunedLens
 from depthlens.errors import DepthlensError
+from depthlens.lenses.tuned import TunedLens
 from depthlens.text import corpus
 from depthlens.text.data import TextSource, token_chunks
 from depthlens.training.runs import checkpoint_dir

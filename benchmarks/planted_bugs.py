@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _bootstrap_point() -> None:
     """Intervals are the point estimate ± 1e-3."""
-    import depthlens.analysis.evaluate as evaluate
-    import depthlens.stats.bootstrap as bootstrap
+    from depthlens.analysis import evaluate
+    from depthlens.stats import bootstrap
 
     def group_bootstrap(values, weights=None, **_):
         point = float(values.sum() / (weights.sum() if weights is not None else len(values)))
@@ -47,8 +47,8 @@ def _bootstrap_point() -> None:
 
 def _bootstrap_min_max() -> None:
     """Intervals are the smallest and largest resample instead of the central 95%."""
-    import depthlens.analysis.evaluate as evaluate
-    import depthlens.stats.bootstrap as bootstrap
+    from depthlens.analysis import evaluate
+    from depthlens.stats import bootstrap
 
     def interval(samples, level=0.95):
         return float(samples.min()), float(samples.max())
@@ -61,8 +61,8 @@ def _bootstrap_unweighted() -> None:
     """Resamples average the groups' means, ignoring how many tokens each group has."""
     import torch
 
-    import depthlens.analysis.evaluate as evaluate
-    import depthlens.stats.bootstrap as bootstrap
+    from depthlens.analysis import evaluate
+    from depthlens.stats import bootstrap
 
     real = bootstrap.bootstrap_samples
 
@@ -89,8 +89,7 @@ def _fingerprint_without_constants() -> None:
 
     import torch
 
-    import depthlens.lenses.lens_file as lens_file
-    import depthlens.lenses.tuned as tuned
+    from depthlens.lenses import lens_file, tuned
 
     def fingerprint(parts):
         digest = hashlib.sha256()
@@ -107,7 +106,7 @@ def _plain_write_bytes() -> None:
     """write_file writes in place with Path.write_bytes."""
     import importlib
 
-    import depthlens.atomic as atomic
+    from depthlens import atomic
 
     def write_file(path, data):
         target = Path(path)
@@ -136,7 +135,7 @@ def _family_table_cut() -> None:
 
 def _no_chunking() -> None:
     """Trajectories decode all positions at once."""
-    import depthlens.analysis.cells as cells
+    from depthlens.analysis import cells
 
     cells.chunk_windows = lambda batch, seq, vocab, chunk_tokens=None: [slice(0, seq)]
 
@@ -181,9 +180,9 @@ def _muon_momentum() -> None:
 
 def _negative_layers() -> None:
     """The layer check lets negative layers through (they wrap around to the last states)."""
-    import depthlens.analysis.cells as cells
-    import depthlens.lenses.readout as readout
+    from depthlens.analysis import cells
     from depthlens.errors import LayerError, TrajectoryError
+    from depthlens.lenses import readout
 
     def check_layer(layer, num_layers):
         if layer > num_layers:
@@ -197,13 +196,13 @@ def _negative_layers() -> None:
 
     readout.check_layer = check_layer
     cells.layer_rows = layer_rows
-    import depthlens.analysis.trajectory as trajectory
+    from depthlens.analysis import trajectory
     trajectory.layer_rows = layer_rows
 
 
 def _one_model_named() -> None:
     """The 'trained for another model' error drops the lens's model name."""
-    import depthlens.lenses.tuned as tuned
+    from depthlens.lenses import tuned
 
     real = tuned._describe
     calls = {"n": 0}
@@ -221,7 +220,7 @@ def _evaluation_tab_crashes() -> None:
     """The evaluation chooser accepts any text, and the handler crashes on what it does not know."""
     import gradio as gr
 
-    import depthlens.apps.web as web
+    from depthlens.apps import web
 
     class Everything(dict):
         def __contains__(self, key):
@@ -271,7 +270,7 @@ def _queue_unbounded() -> None:
 
 def _table_every_ignored() -> None:
     """depthlens table ignores --every and --width."""
-    import depthlens.apps.cli as cli
+    from depthlens.apps import cli
 
     real = cli._table
 
@@ -308,7 +307,7 @@ PLANTS.update(LENS_PLANTS)
 PLANTS.update(TRAINING_PLANTS)
 
 
-def pytest_configure(config) -> None:  # noqa: ARG001 - pytest's hook signature
+def pytest_configure(config) -> None:
     name = os.environ.get("PLANT")
     if name:
         PLANTS[name][0]()
@@ -323,7 +322,8 @@ def main() -> int:
         tests = PLANTS[name][1]
         command = [sys.executable, "-m", "pytest", "-p", "planted_bugs", "-p", "no:cacheprovider", "-n", "0", "-q", "-x", *tests]
         began = time.monotonic()
-        done = subprocess.run(command, cwd=ROOT, env={**env, "PLANT": name}, capture_output=True, text=True)
+        done = subprocess.run(command, cwd=ROOT, env={**env, "PLANT": name}, capture_output=True, text=True,
+                              check=False)
         summary = (done.stdout.strip().splitlines() or ["?"])[-1]
         failed = [line.split(" - ")[0] for line in done.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
         caught[name] = done.returncode == 1 and bool(failed)

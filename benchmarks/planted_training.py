@@ -15,7 +15,7 @@ from pathlib import Path
 
 def _resume_from_scratch() -> None:
     """--resume checks the saved settings, then trains from scratch."""
-    import depthlens.training.train as train
+    from depthlens.training import train
 
     def load(directory, module, optimizers):
         saved = json.loads((Path(directory) / "state.json").read_text())["progress"]
@@ -27,7 +27,7 @@ def _resume_from_scratch() -> None:
 
 def _objective_ignored() -> None:
     """--objective ce is accepted but the KL is trained."""
-    import depthlens.training.train as train
+    from depthlens.training import train
 
     real = train.train_step
 
@@ -62,8 +62,8 @@ def _data_does_not_repeat() -> None:
     """Training stops (with an error) when the training split runs out under a time budget."""
     import itertools
 
-    import depthlens.training.train as train
     from depthlens.text.data import token_chunks
+    from depthlens.training import train
 
     def batches(source, tokenizer, config, skip):
         return itertools.islice(token_chunks(source, tokenizer, config.chunk_len, split="train"), skip, None)
@@ -73,7 +73,7 @@ def _data_does_not_repeat() -> None:
 
 def _minutes_half() -> None:
     """A time budget stops at half the minutes."""
-    import depthlens.training.train as train
+    from depthlens.training import train
 
     real = train._budget_used
 
@@ -88,7 +88,7 @@ def _muon_gets_everything() -> None:
     """--optimizer muon runs Adam on every parameter."""
     import torch
 
-    import depthlens.training.optim as optim
+    from depthlens.training import optim
 
     real = optim.make_optimizers
 
@@ -98,13 +98,13 @@ def _muon_gets_everything() -> None:
         return [torch.optim.Adam(lens.parameters(), lr=config.learning_rate)]
 
     optim.make_optimizers = make
-    import depthlens.training.train as train
+    from depthlens.training import train
     train.make_optimizers = make
 
 
 def _no_final_eval() -> None:
     """depthlens train skips the evaluation at the end."""
-    import depthlens.apps.cli as cli
+    from depthlens.apps import cli
 
     real = cli._train
 

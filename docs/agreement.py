@@ -14,6 +14,9 @@ the 95% interval the committed result states for it (:func:`stated_interval`):
   sources of variation, ``<key>_<source>_low``/``<key>_<source>_high`` for a source in
   :data:`SOURCES` (a causal-fidelity ρ over positions and over directions): the smallest interval
   holding all of them, since a rerun may differ by any of those sources;
+- an element of a ``[point, low, high]`` triple under a key of :data:`TRIPLES` (the injection's
+  ``benign``: the control's AUROC and its interval): that triple's ``low`` and ``high``, for the point
+  and for either end;
 - element ``i`` of a list ``key`` in a dict whose holder also has dicts ``low`` and ``high`` giving
   ``key`` lists of the same length (alignment's ``similarity``, ``low`` and ``high``, each
   ``{lens: [per layer]}``): elements ``i`` of those, for the point and for either end;
@@ -37,6 +40,8 @@ POINTS = {"value", "mean", "auroc", "rho", "point", "accuracy"}
 UNITS = ("_nats", "_bits")
 SOURCES = ("directions",)
 """Sources of variation a point may state an interval over beside its own (``rho_directions_low``)."""
+TRIPLES = ("benign",)
+"""Keys whose value is a ``[point, low, high]`` list (an injection method's benign-control AUROC)."""
 Where = tuple[Any, str, int | None, str]
 """Where a number sits: ``(its container, its key, its index in a list or None, the container's path)``;
 for an element of a nested list the container is the enclosing list and the key the nearest dict key
@@ -109,6 +114,8 @@ def _element_interval(container: list, parent: dict | None, key: str, index: int
                       ) -> tuple[float, float] | None:
     if len(container) == 2 and "interval" in path and _pair(*container):
         return _pair(*container)
+    if len(container) == 3 and key in TRIPLES and path.endswith(f".{key}"):
+        return _pair(container[1], container[2])
     if parent is None:
         return None
     stems = {key, *(key.removesuffix(unit) for unit in UNITS)}
@@ -202,4 +209,4 @@ def compare(committed: Any, fresh: Any) -> list[str]:
     return [line for verdict, line in judge(committed, fresh) if verdict == "problem"]
 
 
-__all__ = ["POINTS", "SOURCES", "TOLERANCE", "UNCOMPARED", "compare", "judge", "numbers", "stated_interval"]
+__all__ = ["POINTS", "SOURCES", "TOLERANCE", "TRIPLES", "UNCOMPARED", "compare", "judge", "numbers", "stated_interval"]

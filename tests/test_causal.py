@@ -257,7 +257,7 @@ def test_cli_resumes_an_interrupted_run_from_its_finished_layers(tiny_model_dir,
     import argparse
     import json
 
-    import depthlens.analysis.causal as causal
+    from depthlens.analysis import causal
     from depthlens.apps.cli_causal import add_parsers
 
     parser = argparse.ArgumentParser()

@@ -61,7 +61,7 @@ def test_the_interval_is_the_centred_quantile_range_of_the_draws(drift):
 
 
 def test_too_few_or_missing_groups_are_one_line_errors(drift):
-    model, lens, covariances, transfer = drift
+    model, lens, _covariances, transfer = drift
     with pytest.raises(DriftError, match="per-group sums"):
         rho_samples(stream_covariances(model, IDS), transfer)
     few = stream_covariances(model, IDS, groups=4)

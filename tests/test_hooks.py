@@ -48,9 +48,8 @@ def test_branches_add_up_to_the_next_residual_state(family):
 def test_a_family_without_an_mlp_module_says_so():
     parts = find_parts(tiny_model("opt"))
     assert "mlp.0" not in points(parts) and "attn.0" in points(parts)
-    with pytest.raises(EditError, match="exposes no mlp module"):
-        with hooked(parts, read=["mlp.0"]):
-            pass
+    with pytest.raises(EditError, match="exposes no mlp module"), hooked(parts, read=["mlp.0"]):
+        pass
 
 
 def test_capture_keeps_only_the_layers_asked_for(llama):
@@ -150,9 +149,8 @@ def test_a_once_edit_applies_to_the_first_forward_only(llama):
 )
 def test_bad_points_are_refused_before_any_hook(llama, point, message):
     before = _hooks(llama)
-    with pytest.raises(EditError, match=message):
-        with hooked(llama, read=["resid.1", point]):
-            pass
+    with pytest.raises(EditError, match=message), hooked(llama, read=["resid.1", point]):
+        pass
     assert _hooks(llama) == before
 
 

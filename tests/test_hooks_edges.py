@@ -107,9 +107,10 @@ def test_writes_at_branch_points_reach_the_output(llama):
 def test_a_missing_branch_message_names_the_family_table():
     from depthlens import find_parts
 
-    with pytest.raises(EditError, match=r"opt family exposes no mlp module \(record its path in FamilyRule.attention"):
-        with hooked(find_parts(tiny_model("opt")), read=["mlp.0"]):
-            pass
+    parts = find_parts(tiny_model("opt"))
+    message = r"opt family exposes no mlp module \(record its path in FamilyRule.attention"
+    with pytest.raises(EditError, match=message), hooked(parts, read=["mlp.0"]):
+        pass
 
 
 def test_erasure_defaults_to_the_mean_and_casts_basis_and_mean_to_the_states_dtype():

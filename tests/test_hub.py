@@ -16,10 +16,10 @@ from tiny_models import random_tuned_lens, tiny_model
 from depthlens import TunedLens
 from depthlens.analysis.evaluate import EvalReport
 from depthlens.apps.cli import main
+from depthlens.apps.hub_push import model_card, prepare_card
 from depthlens.errors import LensFileError
 from depthlens.lenses import hub
 from depthlens.lenses.hub import HubSpec, parse_hub_spec
-from depthlens.apps.hub_push import model_card, prepare_card
 from depthlens.lenses.registry import kind_of, load_readout, locate
 from depthlens.lenses.spec import load_lenses
 from depthlens.lenses.tuned_lens_format import export_tuned_lens
@@ -110,7 +110,7 @@ def test_commands_name_a_hub_readout_by_its_spec_not_its_cache_path(model, tmp_p
     random_tuned_lens(model, seed=1, std=0.1).save_pretrained(tmp_path / "snapshot")
     TunedLens(model).save_pretrained(tmp_path / "local")
     monkeypatch.setattr(huggingface_hub, "snapshot_download", _fake_snapshot(tmp_path / "snapshot", []))
-    lenses, sources = load_lenses(model, ["hf://me/lenses", tmp_path / "local"])
+    lenses, _sources = load_lenses(model, ["hf://me/lenses", tmp_path / "local"])
     assert list(lenses) == ["logit", "tuned (hf:/me/lenses)", f"tuned ({tmp_path / 'local'})"]
     assert isinstance(lenses["tuned (hf:/me/lenses)"], TunedLens)
 

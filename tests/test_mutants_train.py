@@ -7,9 +7,9 @@ shortlist estimate at mid states and against the per-layer learning rates.
 from __future__ import annotations
 
 import json
-from collections import Counter
 import random
 import re
+from collections import Counter
 from dataclasses import asdict, fields
 from pathlib import Path
 from types import SimpleNamespace

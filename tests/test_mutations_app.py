@@ -94,12 +94,12 @@ def test_requests_beyond_the_queue_are_turned_away(model, tiny_tokenizer, tmp_pa
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(Explorer, "trajectories", held)
-    with running_app(model, tiny_tokenizer, [], tmp_path, queue_size=2) as url:
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            futures = [pool.submit(_call_or_refusal, url, ["Fair is foul", "logit", "entropy", 5]) for _ in range(8)]
-            time.sleep(3.0)
-            gate.set()
-            answers = [future.result(timeout=120) for future in futures]
+    with (running_app(model, tiny_tokenizer, [], tmp_path, queue_size=2) as url,
+          ThreadPoolExecutor(max_workers=8) as pool):
+        futures = [pool.submit(_call_or_refusal, url, ["Fair is foul", "logit", "entropy", 5]) for _ in range(8)]
+        time.sleep(3.0)
+        gate.set()
+        answers = [future.result(timeout=120) for future in futures]
     events = [event for event, _ in answers]
     full = [data for event, data in answers if event == "refused"]
     # 2 running + 2 waiting at most; Gradio may hand a slot over late and refuse one more

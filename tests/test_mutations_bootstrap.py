@@ -220,7 +220,7 @@ def test_every_nats_metric_is_also_in_bits_per_byte(two_lens_report):
     assert report.tokens == 81 and report.bytes == sum(20 + i for i in range(9))
     factor = report.tokens / (report.bytes * np.log(2))
     rows = {(r["lens"], r["layer"], r["metric"], r["unit"]): r for r in report.table}
-    for (lens, layer, metric, unit), row in rows.items():
+    for lens, layer, metric, unit in rows:
         if metric == "top1":
             assert unit == "fraction"
             continue

@@ -24,8 +24,8 @@ from depthlens.training.config import TrainConfig
 from depthlens.training.optim import Float32Muon, make_optimizers
 from depthlens.training.train import train
 
-WORDS = ("fair foul when shall we three meet again in thunder lightning or rain hover through the fog and "
-         "filthy air to be not that is question").split()
+WORDS = ["fair", "foul", "when", "shall", "we", "three", "meet", "again", "in", "thunder", "lightning", "or", "rain",
+         "hover", "through", "the", "fog", "and", "filthy", "air", "to", "be", "not", "that", "is", "question"]
 
 
 def _every_step() -> dict:

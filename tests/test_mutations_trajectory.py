@@ -13,8 +13,8 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-import depthlens.analysis.cells as cells
 from depthlens import LogitLens, capture
+from depthlens.analysis import cells
 from depthlens.analysis.trajectory import Trajectory
 
 MIB = 2**20

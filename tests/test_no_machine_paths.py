@@ -31,7 +31,7 @@ UNTRACKED_DIRS = {".git", "__pycache__", "runs", "build", "dist", ".pytest_cache
 def _tracked_files() -> list[Path]:
     """The files git tracks, or, outside a git checkout (an unpacked copy), every file except
     those under virtual environments and the never-committed folders."""
-    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True)
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=False)
     if listed.returncode == 0:
         return [ROOT / name for name in listed.stdout.split("\0") if name]
     return [path for path in ROOT.rglob("*") if path.is_file() and not any(

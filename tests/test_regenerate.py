@@ -27,7 +27,7 @@ def _load_regenerate():
 
 
 regenerate = _load_regenerate()
-import agreement  # noqa: E402  (docs/, on the path now)
+import agreement  # docs/ is on the path now (_load_regenerate)
 
 
 @pytest.mark.parametrize("step", regenerate.STEPS, ids=lambda step: step.name)
@@ -147,6 +147,23 @@ def test_alignment_values_are_judged_by_the_low_and_high_dicts_beside_them():
         ".alignment.high.tuned[0]", ".alignment.low.tuned[1]"]
 
 
+def test_a_benign_control_triple_is_judged_by_its_own_interval():
+    """An injection method states its benign-control AUROC as ``[auroc, low, high]``: the AUROC and
+    either end move inside ``[low, high]``. Planted bugs: the triple not read (every moved value
+    counted outside), its first two numbers taken as the interval, or another key's triple read."""
+    committed = {"methods": [{"auroc": 0.99, "low": 0.98, "high": 1.0, "benign": [0.60, 0.50, 0.70],
+                              "per_seed": [0.60, 0.50, 0.70]}]}
+    fresh = {"methods": [{"auroc": 0.99, "low": 0.98, "high": 1.0, "benign": [0.65, 0.52, 0.69],
+                          "per_seed": [0.65, 0.50, 0.70]}]}
+    verdicts = {line: verdict for verdict, line in agreement.judge(committed, fresh)}
+    assert [verdicts[f".methods[0].benign[{i}]"] for i in range(3)] == ["interval"] * 3
+    assert agreement.compare(committed, fresh) == [".methods[0].per_seed[0]: 0.65 against 0.6"]
+    moved = {"methods": [{"auroc": 0.99, "low": 0.98, "high": 1.0, "benign": [0.71, 0.49, 0.70],
+                          "per_seed": [0.60, 0.50, 0.70]}]}
+    assert [line.split(":")[0] for line in agreement.compare(committed, moved)] == [
+        ".methods[0].benign[0]", ".methods[0].benign[1]"]
+
+
 def test_list_elements_and_interval_ends_are_judged_by_the_interval_they_belong_to():
     """Per-layer lists (``kl_nats`` beside ``kl_low``/``kl_high``), the ends of intervals and ``[low, high]``
     pairs: inside the committed interval passes, outside is a problem. Planted bugs: element ``i`` judged
@@ -157,7 +174,7 @@ def test_list_elements_and_interval_ends_are_judged_by_the_interval_they_belong_
     fresh = {"kl_nats": [0.26, 0.0124], "kl_low": [0.231, 0.0112], "kl_high": [0.268, 0.0139],
              "rho": 0.45, "rho_low": 0.385, "rho_high": 0.49, "interval_per_seed": {"tuned": [[0.321, 0.449], [0.38, 0.50]]},
              "rho_interval": [0.381, 0.5]}
-    verdicts = dict((line, verdict) for verdict, line in agreement.judge(committed, fresh))
+    verdicts = {line: verdict for verdict, line in agreement.judge(committed, fresh)}
     assert verdicts[".kl_nats[1]"] == verdicts[".kl_low[0]"] == verdicts[".rho_high"] == "interval"
     assert verdicts[".interval_per_seed.tuned[0][1]"] == verdicts[".rho_interval[0]"] == "interval"
     fresh["kl_nats"][1] = 0.25  # inside element 0's interval, outside its own
@@ -181,7 +198,7 @@ def test_a_point_estimate_is_judged_by_its_holders_interval_dict():
     fresh = {"rho_per_seed": {"logit": [0.40, 0.41]}, "interval_per_seed": {"logit": [[0.32, 0.45], [0.38, 0.50]]},
              "depth_per_seed": {"logit": [1.3, 1.45]},
              "runs": [{"rho": {"tuned": 0.45}, "interval": {"tuned": [0.36, 0.48]}, "depth": {"tuned": 0.55}}]}
-    verdicts = dict((line, verdict) for verdict, line in agreement.judge(committed, fresh))
+    verdicts = {line: verdict for verdict, line in agreement.judge(committed, fresh)}
     assert verdicts[".rho_per_seed.logit[0]"] == verdicts[".rho_per_seed.logit[1]"] == "interval"
     assert verdicts[".runs[0].rho.tuned"] == "interval"
     assert sorted(agreement.compare(committed, fresh)) == [".depth_per_seed.logit[1]: 1.45 against 1.4",
@@ -221,8 +238,8 @@ def test_a_check_counts_equal_and_interval_numbers_and_records_them_beside_earli
 def test_a_retrained_lens_is_compared_tensor_by_tensor_relative_to_each_tensors_scale(tmp_path, monkeypatch):
     """Planted bugs: an absolute tolerance (a tensor of scale 100 moved by 10⁻³ would pass, one of
     scale 10⁻³ moved by 10⁻⁵ would fail), or a fresh clone, which has no lens of its own, failing."""
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
     monkeypatch.setattr(regenerate, "ROOT", tmp_path)
     step = regenerate.Step("lens-toy", "lenses", ("train",), "runs/docs/toy")
     committed = {"big": torch.full((3,), 100.0), "wide": torch.linspace(-50, 50, 4), "small": torch.full((2,), 1e-3),

@@ -67,7 +67,7 @@ def _wheel(path, members: dict[str, bytes], damaged: str | None = None):
 
 def test_a_wheel_on_disk_is_read_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    poem = "Sing, Muse, of a tiny test\nthat reads one poem.\n".encode()
+    poem = b"Sing, Muse, of a tiny test\nthat reads one poem.\n"
     monkeypatch.setenv(verse.VERSE_WHEEL_ENV, str(_wheel(tmp_path / "p.whl", {f"{verse._INSIDE}/en.whitman.txt": poem})))
     path = verse.verse_file("en.whitman.txt")
     assert path.read_bytes() == poem and path.is_relative_to(tmp_path / "cache" / "depthlens" / "corpora")

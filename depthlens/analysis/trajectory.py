@@ -36,8 +36,16 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from depthlens.analysis.cells import CHUNK_ELEMENTS, STATISTICS, Cells, Statistic, kernel_wanted, layer_rows
-from depthlens.analysis.cells import position_mask, statistic
+from depthlens.analysis.cells import (
+    CHUNK_ELEMENTS,
+    STATISTICS,
+    Cells,
+    Statistic,
+    kernel_wanted,
+    layer_rows,
+    position_mask,
+    statistic,
+)
 from depthlens.atomic import write_file
 from depthlens.errors import DataError, TrajectoryError
 from depthlens.lenses.mid import check_site, site_of

@@ -271,4 +271,4 @@ class LogitStatistics:
         scores.log_normaliser[bad] = torch.logsumexp(rows - rows.amax(-1, keepdim=True), -1)
 
 
-__all__ = ["BLOCK_FLOATS", "LogitStatistics", "Scores", "TOP_K_WIDTH", "top_k"]
+__all__ = ["BLOCK_FLOATS", "TOP_K_WIDTH", "LogitStatistics", "Scores", "top_k"]

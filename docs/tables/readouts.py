@@ -78,5 +78,5 @@ def _check_cells(run: dict) -> list[str]:
     if "tensors" not in run:
         return [str(run["same"]), str(run["interval"]), str(len(run["problems"]))]
     return [f"{run['same']} of {run['tensors']} tensors", "(weights: no intervals)",
-            f"{run['tensors'] - run['same']} tensors (largest difference {run['largest_difference']:.1e} of the "
-            "tensor's largest entry)"]
+            (f"{run['tensors'] - run['same']} tensors (largest difference {run['largest_difference']:.1e} of the "
+             "tensor's largest entry)")]
